@@ -1,0 +1,1 @@
+"""The hospital role: ClientApp and the resident site runtime."""

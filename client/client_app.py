@@ -1,0 +1,56 @@
+"""The hospital's Flower ClientApp: thin wiring from messages to the site runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedtune.client.site import base_model_loads, round_seed, simulated_site
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedtune import wire
+from fedtune.runfolder import RunFolder
+
+app = ClientApp()
+
+
+def _site(context: Context):  # type: ignore[no-untyped-def]
+    run_dir = Path(str(context.run_config["run-dir"]))
+    cfg = RunFolder(run_dir).load_config()
+    partition = int(context.node_config["partition-id"])  # type: ignore[arg-type]
+    runtime, data = simulated_site(run_dir, partition, cfg)
+    return cfg, partition, runtime, data
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global adapter on this site's data; reply with the delta."""
+    cfg, partition, runtime, data = _site(context)
+    instruction = wire.unpack_instruction(msg.content)
+    seed = round_seed(cfg.run.seed, partition, instruction.server_round)
+    delta, result = runtime.train_round(instruction, data, cfg.train, seed=seed)
+    metrics = {
+        "train-loss": result.mean_loss,
+        "steps": result.steps,
+        "examples-seen": result.examples_seen,
+        "train-seconds": result.seconds,
+        "base-model-loads": base_model_loads(),
+    }
+    content = wire.pack_reply(runtime.identity(data.site), metrics, num_examples=len(data.train), delta=delta)
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global adapter on this site's held-out split."""
+    cfg, _, runtime, data = _site(context)
+    instruction = wire.unpack_instruction(msg.content)
+    result = runtime.evaluate(instruction.state, data, cfg.eval)
+    metrics = {
+        "loss-sum": result.loss_sum,
+        "tokens": result.tokens,
+        "metric-sum": result.metric_sum,
+        "exact-sum": result.exact_sum,
+    }
+    content = wire.pack_reply(runtime.identity(data.site), metrics, num_examples=result.n)
+    return Message(content, reply_to=msg)

@@ -1,0 +1,50 @@
+"""The hospital's resident runtime: base model loaded once per process, data tokenized once.
+
+Flower calls the ClientApp once per message; in simulation the same worker process
+serves many rounds (and several simulated sites). The base model with its LoRA layers
+stays resident here across rounds; each round only the adapter tensors are swapped in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedtune.config import ExperimentConfig, LoraSettings, ModelSettings
+from fedtune.runfolder import RunFolder
+from fedtune.runtime import SiteData, SiteRuntime, site_data
+
+_RUNTIMES: dict[tuple[ModelSettings, LoraSettings], SiteRuntime] = {}
+_DATA: dict[tuple[Path, str, int], SiteData] = {}
+_LOADS = {"base-model": 0}
+
+
+def runtime_for(model: ModelSettings, lora: LoraSettings) -> SiteRuntime:
+    """The process-wide resident runtime for this model and adapter shape."""
+    key = (model, lora)
+    if key not in _RUNTIMES:
+        _RUNTIMES.clear()  # a different model replaces the old one; never hold two
+        _RUNTIMES[key] = SiteRuntime(model, lora)
+        _LOADS["base-model"] += 1
+    return _RUNTIMES[key]
+
+
+def base_model_loads() -> int:
+    """How many times this process loaded a base model (1 when residency works)."""
+    return _LOADS["base-model"]
+
+
+def simulated_site(run_dir: Path, partition_id: int, cfg: ExperimentConfig) -> tuple[SiteRuntime, SiteData]:
+    """Runtime and data of simulated site ``partition_id`` of the run in ``run_dir``."""
+    runtime = runtime_for(cfg.model, cfg.lora)
+    key = (run_dir, cfg.model.source, partition_id)
+    if key not in _DATA:
+        folder = RunFolder(run_dir)
+        site = folder.sites()[partition_id]
+        train, evaluation = folder.read_site(site)
+        _DATA[key] = site_data(runtime, site, train, evaluation, cfg.train.max_length)
+    return runtime, _DATA[key]
+
+
+def round_seed(run_seed: int, partition_id: int, server_round: int) -> int:
+    """A distinct, reproducible batch-order seed per run, site and round."""
+    return (run_seed * 1_000_003 + partition_id * 10_007 + server_round) % (2**31)

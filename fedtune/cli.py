@@ -1,0 +1,128 @@
+"""The ``fedtune`` command. Every deliberate error is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedtune import __version__
+from fedtune.errors import ConfigError, FedTuneError
+
+
+def _value(text: str) -> Any:
+    """A --set value as TOML would read it (numbers, booleans, lists), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    flags = {
+        "hospitals": "data.hospitals",
+        "rounds": "federation.rounds",
+        "local_steps": "train.local_steps",
+        "partition": "data.partition",
+        "dirichlet_alpha": "data.dirichlet_alpha",
+        "model": "model.source",
+        "lora_rank": "lora.rank",
+        "lora_alpha": "lora.alpha",
+        "batch_size": "train.batch_size",
+        "lr": "train.lr",
+        "seed": "run.seed",
+        "name": "run.name",
+    }
+    out = {key: getattr(args, flag) for flag, key in flags.items() if getattr(args, flag) is not None}
+    if args.no_baselines:
+        out["run.baselines"] = False
+    for item in args.set or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} must look like section.field=value")
+        out[key.strip()] = _value(raw.strip())
+    return out
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from fedtune.config import load_config
+    from fedtune.simulate import prepare_run, resume_folder, run_simulation
+
+    if args.resume:
+        if args.config or _overrides(args):
+            raise ConfigError("--resume continues a run with its own config.toml; drop CONFIG and the other flags")
+        folder = resume_folder(Path(args.resume))
+    else:
+        # No CONFIG: the embedded defaults (simulations/default.toml spells them out).
+        cfg = load_config(Path(args.config) if args.config else None, _overrides(args))
+        folder = prepare_run(cfg, run_dir=Path(args.out) if args.out else None)
+    table = run_simulation(folder, say=lambda line: print(line, flush=True))
+    print("\n" + table, flush=True)
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from fedtune import clinical
+    from fedtune.data import write_records
+
+    out = Path(args.out)
+    sites = clinical.generate(args.hospitals, n_train=args.train, n_eval=args.eval, seed=args.seed)
+    for site, (train, held_out) in sites.items():
+        write_records(out / f"{site}.train.jsonl", train, style="instruction")
+        write_records(out / f"{site}.eval.jsonl", held_out, style="instruction")
+        print(f"{site}: {len(train)} train + {len(held_out)} held-out records -> {out / site}.*.jsonl")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtune", description="Federated LoRA fine-tuning for hospitals.")
+    parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="run a local multi-hospital federation with baselines, table and plots")
+    sim.add_argument("config", nargs="?", help="experiment TOML (default: the embedded defaults = simulations/default.toml)")
+    sim.add_argument("--hospitals", type=int, help="number of simulated hospitals")
+    sim.add_argument("--rounds", type=int, help="federated rounds")
+    sim.add_argument("--local-steps", type=int, help="optimizer steps per site per round")
+    sim.add_argument("--partition", choices=["natural", "iid", "dirichlet"], help="how records are split")
+    sim.add_argument("--dirichlet-alpha", type=float, help="label skew of the dirichlet partition")
+    sim.add_argument("--model", help="'smollm2', 'tiny', a local HF model folder or a .gguf file")
+    sim.add_argument("--lora-rank", type=int)
+    sim.add_argument("--lora-alpha", type=float)
+    sim.add_argument("--batch-size", type=int)
+    sim.add_argument("--lr", type=float)
+    sim.add_argument("--seed", type=int)
+    sim.add_argument("--name", help="run name (prefix of the run folder)")
+    sim.add_argument("--out", help="run folder to create (default: <run.output_dir>/<name>-<time>)")
+    sim.add_argument("--no-baselines", action="store_true", help="skip base / local-only / centralized")
+    sim.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="any other config field")
+    sim.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last round")
+    sim.set_defaults(func=_simulate)
+
+    data = sub.add_parser("data", help="write the embedded clinical dataset to disk (JSONL) to see the format")
+    data.add_argument("--out", default="fedtune-data", help="folder to write (default: fedtune-data)")
+    data.add_argument("--hospitals", type=int, default=3)
+    data.add_argument("--train", type=int, default=160, help="training records per hospital")
+    data.add_argument("--eval", type=int, default=16, help="held-out records per hospital")
+    data.add_argument("--seed", type=int, default=0)
+    data.set_defaults(func=_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FedTuneError as err:
+        print(f"fedtune: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedtune: interrupted; resume a simulation with `fedtune simulate --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

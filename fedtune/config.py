@@ -1,0 +1,318 @@
+"""Experiment configuration: frozen dataclasses, validated once, parsed at the edge.
+
+A config comes from a TOML file (``simulations/default.toml`` is the reference),
+from command-line overrides (``section.field=value``), or both. Nothing below the
+apps reads raw TOML: they receive an :class:`ExperimentConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedtune.errors import ConfigError
+
+PARTITIONS = ("natural", "iid", "dirichlet")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16")
+STRATEGIES = ("fedavg",)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Name, seed and where run folders go."""
+
+    name: str = "default"
+    seed: int = 0
+    output_dir: str = "runs"
+    baselines: bool = True
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name),
+            f"`run.name` must be letters, digits, '-', '_' or '.', got {self.name!r}",
+        )
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which base model, at which precision, on how many threads."""
+
+    source: str = "smollm2"
+    precision: str = "auto"
+    threads: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.source), "`model.source` must name a model: 'smollm2', 'tiny' or a path")
+        _require(
+            self.precision in PRECISIONS,
+            f"`model.precision` must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+        )
+        _require(self.threads >= 0, f"`model.threads` must be >= 0 (0: all cores), got {self.threads}")
+        _require(
+            self.device in ("auto", "cpu", "cuda"),
+            f"`model.device` must be auto, cpu or cuda, got {self.device!r}",
+        )
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter shape; everything here changes the adapter spec hash but dropout."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, f"`lora.rank` must be a positive integer, got {self.rank}")
+        _require(self.alpha > 0, f"`lora.alpha` must be positive, got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, f"`lora.dropout` must be in [0, 1), got {self.dropout}")
+        _require(
+            len(self.target_modules) > 0,
+            "`lora.target_modules` must list at least one module name, e.g. ['q_proj', 'v_proj']",
+        )
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The local training loop a site runs each round."""
+
+    local_steps: int = 8
+    local_epochs: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-3
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 192
+
+    def __post_init__(self) -> None:
+        _require(self.local_steps >= 1, f"`train.local_steps` must be >= 1, got {self.local_steps}")
+        _require(self.local_epochs >= 0, f"`train.local_epochs` must be >= 0, got {self.local_epochs}")
+        _require(self.batch_size >= 1, f"`train.batch_size` must be >= 1, got {self.batch_size}")
+        _require(self.grad_accum >= 1, f"`train.grad_accum` must be >= 1, got {self.grad_accum}")
+        _require(self.lr > 0, f"`train.lr` must be positive, got {self.lr}")
+        _require(
+            self.lr_schedule in LR_SCHEDULES,
+            f"`train.lr_schedule` must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
+        )
+        _require(self.warmup_steps >= 0, f"`train.warmup_steps` must be >= 0, got {self.warmup_steps}")
+        _require(self.weight_decay >= 0, f"`train.weight_decay` must be >= 0, got {self.weight_decay}")
+        _require(self.max_grad_norm > 0, f"`train.max_grad_norm` must be positive, got {self.max_grad_norm}")
+        _require(self.max_length >= 16, f"`train.max_length` must be >= 16, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where each site's records come from and how they are split between sites."""
+
+    source: str = "clinical"
+    files: tuple[str, ...] = ()
+    hospitals: int = 3
+    partition: str = "natural"
+    dirichlet_alpha: float = 0.5
+    train_per_hospital: int = 160
+    eval_per_hospital: int = 16
+    eval_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(
+            self.source in ("clinical", "files"),
+            f"`data.source` must be 'clinical' (embedded) or 'files', got {self.source!r}",
+        )
+        _require(
+            self.source != "files" or len(self.files) > 0,
+            "`data.files` must list one file per hospital when `data.source` is 'files'",
+        )
+        _require(self.hospitals >= 1, f"`data.hospitals` must be >= 1, got {self.hospitals}")
+        _require(
+            self.partition in PARTITIONS,
+            f"`data.partition` must be one of {', '.join(PARTITIONS)}, got {self.partition!r}",
+        )
+        _require(self.dirichlet_alpha > 0, f"`data.dirichlet_alpha` must be positive, got {self.dirichlet_alpha}")
+        _require(self.train_per_hospital >= 1, f"`data.train_per_hospital` must be >= 1, got {self.train_per_hospital}")
+        _require(self.eval_per_hospital >= 1, f"`data.eval_per_hospital` must be >= 1, got {self.eval_per_hospital}")
+        _require(0 < self.eval_fraction < 1, f"`data.eval_fraction` must be in (0, 1), got {self.eval_fraction}")
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """Rounds and who takes part in them."""
+
+    rounds: int = 4
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    min_clients: int = 0
+    round_timeout: float = 3600.0
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, f"`federation.rounds` must be >= 1, got {self.rounds}")
+        _require(
+            self.strategy in STRATEGIES,
+            f"`federation.strategy` must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}",
+        )
+        _require(0 < self.fraction_train <= 1, f"`federation.fraction_train` must be in (0, 1], got {self.fraction_train}")
+        _require(self.min_clients >= 0, f"`federation.min_clients` must be >= 0 (0: all), got {self.min_clients}")
+        _require(self.round_timeout > 0, f"`federation.round_timeout` must be positive, got {self.round_timeout}")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Held-out evaluation: teacher-forced loss and greedy generation for the task metric."""
+
+    batch_size: int = 16
+    max_new_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, f"`eval.batch_size` must be >= 1, got {self.batch_size}")
+        _require(self.max_new_tokens >= 1, f"`eval.max_new_tokens` must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything a simulated federation needs; one section per concern."""
+
+    run: RunSettings = field(default_factory=RunSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    federation: FederationSettings = field(default_factory=FederationSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def __post_init__(self) -> None:
+        if self.data.source == "files" and self.data.partition == "natural":
+            _require(
+                self.data.hospitals == len(self.data.files),
+                f"`data.hospitals` must equal the number of `data.files` ({len(self.data.files)}) "
+                f"with the natural partition, got {self.data.hospitals}",
+            )
+        _require(
+            self.federation.min_clients <= self.data.hospitals,
+            f"`federation.min_clients` ({self.federation.min_clients}) cannot exceed "
+            f"`data.hospitals` ({self.data.hospitals})",
+        )
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain TOML-ready dict (tuples become lists)."""
+        out: dict[str, dict[str, Any]] = {}
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            out[f.name] = {
+                k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()
+            }
+        return out
+
+    def to_toml(self) -> str:
+        """Serialize to TOML text that :func:`parse_config` reads back to an equal config."""
+        return tomli_w.dumps(self.to_dict())
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check one TOML value against a dataclass field type; ints widen to floats."""
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool):
+        ok = isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
+        _require(ok, f"`{where}` must be {annotation.__name__}, got {value!r}")
+        return value
+    if typing.get_origin(annotation) is tuple:
+        _require(
+            isinstance(value, list | tuple) and all(isinstance(v, str) for v in value),
+            f"`{where}` must be a list of strings, got {value!r}",
+        )
+        return tuple(value)
+    raise ConfigError(f"`{where}` has an unsupported type {annotation!r}")  # pragma: no cover
+
+
+def _section(cls: type, table: Mapping[str, Any], name: str) -> Any:
+    _require(isinstance(table, Mapping), f"`{name}` must be a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        py_key = key.replace("-", "_")
+        if py_key not in known:
+            raise ConfigError(
+                f"unknown field `{name}.{key}`; known fields: {', '.join(sorted(known))}"
+            )
+        kwargs[py_key] = _coerce(value, hints[py_key], f"{name}.{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> ExperimentConfig:
+    """Build and validate a config from a nested dict (TOML tables)."""
+    sections = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+    kwargs: dict[str, Any] = {}
+    for name, table in data.items():
+        if name not in sections:
+            raise ConfigError(f"unknown section `[{name}]`; known sections: {', '.join(sections)}")
+        cls = typing.get_type_hints(ExperimentConfig)[name]
+        kwargs[name] = _section(cls, table, name)
+    return ExperimentConfig(**kwargs)
+
+
+def parse_config(text: str, *, source: str = "<config>") -> ExperimentConfig:
+    """Parse TOML text; errors name the source file."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source}: not valid TOML ({err}); fix the syntax") from err
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from err
+
+
+def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Load a TOML config (or the defaults when ``path`` is None) and apply overrides.
+
+    ``overrides`` maps dotted keys (``"train.local_steps"``) to values.
+    """
+    data: dict[str, dict[str, Any]] = {}
+    source = "<defaults and command line>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"{p}: cannot read config ({err.strerror}); check the path") from err
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{p}: not valid TOML ({err}); fix the syntax") from err
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        _require(bool(key), f"override `{dotted}` must look like section.field")
+        data.setdefault(section, {})[key] = value
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from err
+
+
+def replace(cfg: ExperimentConfig, **sections: Mapping[str, Any]) -> ExperimentConfig:
+    """Copy ``cfg`` with some fields of some sections changed (validated again)."""
+    kwargs: dict[str, Any] = {}
+    for name, changes in sections.items():
+        kwargs[name] = dataclasses.replace(getattr(cfg, name), **changes)
+    return dataclasses.replace(cfg, **kwargs)
+

@@ -1,0 +1,35 @@
+"""One exception root for everything fedtune raises on purpose.
+
+A user sees ``str(error)`` as a one-line message and a non-zero exit (see
+``fedtune.cli``); a traceback means a bug in fedtune, not in the user's input.
+"""
+
+from __future__ import annotations
+
+
+class FedTuneError(Exception):
+    """Root of every error fedtune raises deliberately."""
+
+
+class ConfigError(FedTuneError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+class DataError(FedTuneError):
+    """A site's data file is unreadable or a record is malformed."""
+
+
+class ModelError(FedTuneError):
+    """A base model cannot be found or loaded."""
+
+
+class ModelMismatchError(FedTuneError):
+    """An adapter or update was made for a different base model or adapter spec."""
+
+
+class UpdateRejected(FedTuneError):
+    """A client's update failed validation and is kept out of the merge."""
+
+
+class CheckpointError(FedTuneError):
+    """A checkpoint or run folder is missing, corrupt or from another run."""

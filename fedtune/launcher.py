@@ -1,0 +1,180 @@
+"""Run the fedtune apps on Flower's deployment engine locally: a SuperLink in simulation
+mode plus ``flwr run``, with all Flower and Ray state inside the run folder.
+
+The SuperLink listens on loopback only, never installs dependencies at run time,
+has telemetry off, and is stopped (SIGINT, by process id) whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import tomli_w
+
+from fedtune.errors import FedTuneError
+from fedtune.runfolder import RunFolder
+
+APP_NAME = "fedtune-run"
+CONNECTION = "fedtune-local"
+
+
+def _bin(name: str) -> str:
+    """A console script of this environment (not whatever is first on PATH)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ray_tmpdir(folder: RunFolder) -> Path:
+    """Ray puts Unix sockets under RAY_TMPDIR and those paths must stay under ~107 bytes;
+    a deep run folder gets a short symlink in the system temp dir pointing into it."""
+    folder.ray_dir.mkdir(parents=True, exist_ok=True)
+    if len(str(folder.ray_dir)) <= 40:
+        return folder.ray_dir
+    digest = hashlib.sha256(str(folder.ray_dir.resolve()).encode()).hexdigest()[:10]
+    link = Path(tempfile.gettempdir()) / f"ftray-{digest}"
+    if link.is_symlink() and Path(os.readlink(link)) != folder.ray_dir.resolve():
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(folder.ray_dir.resolve(), target_is_directory=True)
+    return link
+
+
+def flower_env(folder: RunFolder) -> dict[str, str]:
+    """Environment for Flower processes: state in the run folder, nothing fetched."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(folder.flwr_home),
+            "RAY_TMPDIR": str(_ray_tmpdir(folder)),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONUNBUFFERED": "1",
+            # Flower starts its helpers (flower-superexec, flwr-simulation) by name.
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        }
+    )
+    return env
+
+
+def write_app(folder: RunFolder) -> None:
+    """The Flower App bundle: only a pyproject naming the installed fedtune apps."""
+    folder.app_dir.mkdir(parents=True, exist_ok=True)
+    project = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {
+            "name": APP_NAME,
+            "version": "1.0.0",
+            "description": "A fedtune federation (apps installed with the fedtune package).",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedtune",
+                    "components": {
+                        "serverapp": "fedtune.server.server_app:app",
+                        "clientapp": "fedtune.client.client_app:app",
+                    },
+                    "config": {"run-dir": str(folder.root.resolve())},
+                }
+            }
+        },
+    }
+    (folder.app_dir / "pyproject.toml").write_text(tomli_w.dumps(project))
+
+
+@contextlib.contextmanager
+def local_superlink(folder: RunFolder, env: dict[str, str]) -> Iterator[int]:
+    """Start a loopback SuperLink in simulation mode; yield its port; always stop it."""
+    port = free_port()
+    folder.flwr_home.mkdir(parents=True, exist_ok=True)
+    folder.logs_dir.mkdir(parents=True, exist_ok=True)
+    connection = {"superlink": {"default": CONNECTION, CONNECTION: {"address": f"127.0.0.1:{port}", "insecure": True}}}
+    (folder.flwr_home / "config.toml").write_text(tomli_w.dumps(connection))
+    cmd = [
+        _bin("flower-superlink"), "--simulation", "--insecure", "--isolation", "subprocess",
+        "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
+    ]
+    with open(folder.logs_dir / "superlink.log", "ab") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder.root)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise FedTuneError(f"SuperLink exited with code {proc.returncode}; see {folder.logs_dir / 'superlink.log'}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise FedTuneError("SuperLink did not become ready within 60 s; see logs/superlink.log") from None
+                time.sleep(0.3)
+        yield port
+    finally:
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes], *, grace: float = 20.0) -> None:
+    """SIGINT, wait, then SIGKILL: Flower processes shut down cleanly on SIGINT."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def flwr_run(
+    folder: RunFolder,
+    *,
+    num_supernodes: int,
+    cpus_per_client: int,
+    gpus_per_client: float,
+    on_poll: Callable[[], None] | None = None,
+) -> None:
+    """Launch the run with ``flwr run`` against a fresh local SuperLink and wait for it."""
+    env = flower_env(folder)
+    write_app(folder)
+    federation = (
+        f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client} "
+        f"client-resources-num-gpus={gpus_per_client}"
+    )
+    with local_superlink(folder, env):
+        cmd = [_bin("flwr"), "run", str(folder.app_dir), CONNECTION, "--stream", "--federation-config", federation]
+        with open(folder.logs_dir / "flower.log", "ab") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder.root)
+            try:
+                while proc.poll() is None:
+                    if on_poll is not None:
+                        on_poll()
+                    time.sleep(1.0)
+            finally:
+                stop_process(proc, grace=10)
+        if on_poll is not None:
+            on_poll()

@@ -1,0 +1,128 @@
+"""Turn a run folder into what a researcher reads: per-round lines, a table, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fedtune.checkpoint import MetricsLog, atomic_write_bytes, atomic_write_json
+from fedtune.runfolder import RunFolder
+
+
+def round_line(record: dict[str, Any], rounds: int) -> str:
+    """One progress line for a finished round."""
+    losses = [m.get("train-loss", math.nan) for m in record["train"].values()]
+    train_loss = sum(losses) / len(losses) if losses else math.nan
+    pooled = record["eval"]["pooled"]
+    sites = "  ".join(f"{s} {v['metric']:.3f}" for s, v in record["eval"].items() if s != "pooled")
+    rejected = f"  rejected {len(record['rejected'])}" if record.get("rejected") else ""
+    return (
+        f"round {record['round']}/{rounds}  train loss {train_loss:.3f}  eval loss {pooled['loss']:.3f}  "
+        f"field acc {pooled['metric']:.3f}  [{sites}]{rejected}  {record['seconds']:.0f}s"
+    )
+
+
+def round_records(folder: RunFolder) -> list[dict[str, Any]]:
+    return [r for r in MetricsLog(folder.metrics_path).read() if r.get("kind") == "round"]
+
+
+def summary_rows(rounds: list[dict[str, Any]], baselines: dict[str, Any], sites: list[str]) -> list[dict[str, Any]]:
+    """One row per model: pooled metric and loss, own-site and unseen-site metric, per site."""
+
+    def row(name: str, per_site: dict[str, Any], own: str | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "model": name,
+            "pooled field acc": per_site["pooled"]["metric"],
+            "pooled exact": per_site["pooled"]["exact"],
+            "pooled loss": per_site["pooled"]["loss"],
+        }
+        if own is not None:
+            unseen = [per_site[s] for s in sites if s != own]
+            n = sum(u["n"] for u in unseen)
+            out["unseen sites field acc"] = sum(u["metric"] * u["n"] for u in unseen) / n if n else math.nan
+        out.update({s: per_site[s]["metric"] for s in sites if s in per_site})
+        return out
+
+    rows = []
+    if "base" in baselines:
+        rows.append(row("base model", baselines["base"]))
+    for site in sites:
+        if f"local:{site}" in baselines:
+            rows.append(row(f"local only: {site}", baselines[f"local:{site}"], own=site))
+    if rounds:
+        rows.append(row(f"federated ({rounds[-1]['round']} rounds)", rounds[-1]["eval"], own=None))
+    if "centralized" in baselines:
+        rows.append(row("centralized (pooled data)", baselines["centralized"]))
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no results)\n"
+    columns: list[str] = []
+    for r in rows:
+        columns += [c for c in r if c not in columns]
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "" if math.isnan(v) else f"{v:.3f}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_rounds(folder: RunFolder, rounds: list[dict[str, Any]], baselines: dict[str, Any]) -> list[Path]:
+    """metric.png and loss.png: per site and pooled per round, baselines as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.plots_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    xs = [r["round"] for r in rounds]
+    for key, title, name in (("metric", "field accuracy (held-out)", "metric"), ("loss", "eval loss", "loss")):
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        if rounds:
+            for site in [s for s in rounds[-1]["eval"] if s != "pooled"]:
+                ax.plot(xs, [r["eval"].get(site, {}).get(key, math.nan) for r in rounds], marker="o", alpha=0.6,
+                        label=f"federated @ {site}")
+            ax.plot(xs, [r["eval"]["pooled"][key] for r in rounds], marker="o", lw=2.5, color="black",
+                    label="federated (pooled)")
+        styles = {"base": ("base model", "tab:red"), "centralized": ("centralized", "tab:green")}
+        for b, (label, color) in styles.items():
+            if b in baselines:
+                ax.axhline(baselines[b]["pooled"][key], ls="--", color=color, label=label)
+        locals_ = [v["pooled"][key] for k, v in baselines.items() if k.startswith("local:")]
+        if locals_:
+            ax.axhline(sum(locals_) / len(locals_), ls=":", color="tab:purple", label="local only (mean)")
+        ax.set_xlabel("round")
+        ax.set_ylabel(title)
+        ax.set_title(f"{folder.root.name}: {title}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        path = folder.plots_dir / f"{name}.png"
+        tmp = path.with_suffix(".tmp.png")
+        fig.savefig(tmp)
+        plt.close(fig)
+        atomic_write_bytes(path, tmp.read_bytes())
+        tmp.unlink()
+        written.append(path)
+    return written
+
+
+def write_summary(folder: RunFolder) -> str:
+    """Write summary.md / summary.json and the plots; return the markdown table."""
+    rounds = round_records(folder)
+    baselines = json.loads(folder.baselines_path.read_text()) if folder.baselines_path.is_file() else {}
+    rows = summary_rows(rounds, baselines, folder.sites())
+    table = markdown_table(rows)
+    atomic_write_json(folder.root / "summary.json", rows)
+    atomic_write_bytes(folder.root / "summary.md", (f"# {folder.root.name}\n\n" + table).encode())
+    plot_rounds(folder, rounds, baselines)
+    return table

@@ -1,0 +1,100 @@
+"""The layout of a run folder: one place that knows where each file of a run lives.
+
+```
+<run>/config.toml            the resolved experiment config (the run's identity)
+<run>/data/sites.json        site ids in partition order
+<run>/data/<site>/{train,eval}.jsonl
+<run>/checkpoints/           round-NNNN.safetensors + latest.json
+<run>/metrics.jsonl          per round: per site and pooled
+<run>/adapter/               the final global adapter in PEFT format
+<run>/baselines.json         base / local-only / centralized results
+<run>/summary.md, plots/     the comparison table and PNG plots
+<run>/logs/                  Flower and SuperLink logs
+<run>/app/, flwr/, ray/      the Flower app bundle, FLWR_HOME, Ray's temp dir
+```
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.checkpoint import atomic_write_json
+from fedtune.config import ExperimentConfig, load_config
+from fedtune.data import Example, load_records, write_records
+from fedtune.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Paths inside one run folder."""
+
+    root: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def baselines_path(self) -> Path:
+        return self.root / "baselines.json"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def app_dir(self) -> Path:
+        return self.root / "app"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr"
+
+    @property
+    def ray_dir(self) -> Path:
+        return self.root / "ray"
+
+    def load_config(self) -> ExperimentConfig:
+        if not self.config_path.is_file():
+            raise CheckpointError(f"{self.root}: no config.toml; this is not a fedtune run folder")
+        return load_config(self.config_path)
+
+    def sites(self) -> list[str]:
+        path = self.data_dir / "sites.json"
+        try:
+            return list(json.loads(path.read_text())["sites"])
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{path}: missing or unreadable; the run folder is incomplete") from err
+
+    def write_sites(self, sites: dict[str, tuple[list[Example], list[Example]]]) -> None:
+        """Materialise each site's train/eval split, so every process reads the same data."""
+        for site, (train, evaluation) in sites.items():
+            (self.data_dir / site).mkdir(parents=True, exist_ok=True)
+            write_records(self.data_dir / site / "train.jsonl", train)
+            write_records(self.data_dir / site / "eval.jsonl", evaluation)
+        atomic_write_json(self.data_dir / "sites.json", {"sites": list(sites)})
+
+    def read_site(self, site: str) -> tuple[list[Example], list[Example]]:
+        folder = self.data_dir / site
+        return (
+            load_records(folder / "train.jsonl", site=site),
+            load_records(folder / "eval.jsonl", site=site),
+        )

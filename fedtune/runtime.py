@@ -1,0 +1,122 @@
+"""A site's training runtime: a base model with a LoRA adapter, kept in memory.
+
+The client daemon (``fedtune.client``) and the simulation's baselines both use it, so
+local training and evaluation are the same code in every role.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+
+from fedtune import adapter
+from fedtune.config import EvalSettings, LoraSettings, ModelSettings, TrainSettings
+from fedtune.data import Example, TokenizedExample, dataset_hash, tokenize
+from fedtune.delta import compute_delta
+from fedtune.evaluate import EvalResult, evaluate
+from fedtune.models import BaseModel, load_base_model, pick_device
+from fedtune.train import TrainResult, steps_per_round, train_local
+from fedtune.wire import Identity, RoundInstruction
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One site's records and their tokenization (computed once per process)."""
+
+    site: str
+    train: list[Example]
+    eval: list[Example]
+    train_tokens: list[TokenizedExample]
+    eval_tokens: list[TokenizedExample]
+    sha256: str
+
+
+class SiteRuntime:
+    """A base model with a LoRA adapter attached, kept in memory across rounds."""
+
+    def __init__(self, model: ModelSettings, lora: LoraSettings) -> None:
+        torch.set_num_threads(model.threads or os.cpu_count() or 1)
+        self.settings = model
+        self.base: BaseModel = load_base_model(model.source, device=pick_device(model.device))
+        self.model: PeftModel = adapter.attach_lora(self.base.model, lora)
+        self.lora = lora
+        self.spec_sha256 = adapter.spec_sha256(lora, adapter.get_state(self.model))
+
+    def identity(self, site: str) -> Identity:
+        return Identity(site=site, base_sha256=self.base.sha256, spec_sha256=self.spec_sha256)
+
+    def tokenize(self, examples: list[Example], max_length: int) -> list[TokenizedExample]:
+        return tokenize(examples, self.base.tokenizer, max_length=max_length)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """A copy of the adapter as it is now."""
+        return adapter.get_state(self.model)
+
+    def train_steps(
+        self,
+        start: dict[str, torch.Tensor],
+        data: SiteData,
+        settings: TrainSettings,
+        *,
+        steps: int,
+        seed: int,
+        step_offset: int = 0,
+        total_steps: int | None = None,
+    ) -> TrainResult:
+        """Load ``start`` into the adapter and train it for ``steps`` optimizer steps."""
+        adapter.set_state(self.model, start)
+        return train_local(
+            self.model,
+            data.train_tokens,
+            dataclasses.replace(settings, local_steps=steps, local_epochs=0.0),
+            pad_id=int(self.base.tokenizer.pad_token_id),
+            seed=seed,
+            precision=self.settings.precision,
+            step_offset=step_offset,
+            total_steps=total_steps,
+        )
+
+    def train_round(
+        self, instruction: RoundInstruction, data: SiteData, settings: TrainSettings, *, seed: int
+    ) -> tuple[dict[str, torch.Tensor], TrainResult]:
+        """Train the received global adapter for one round; return (delta, what happened)."""
+        # The LR schedule spans the whole federation: round r starts at (r-1)*steps.
+        steps = steps_per_round(settings, len(data.train_tokens))
+        result = self.train_steps(
+            instruction.state,
+            data,
+            settings,
+            steps=steps,
+            seed=seed,
+            step_offset=(instruction.server_round - 1) * steps,
+            total_steps=instruction.num_rounds * steps,
+        )
+        return compute_delta(self.state(), instruction.state), result
+
+    def evaluate(self, state: dict[str, torch.Tensor] | None, data: SiteData, settings: EvalSettings) -> EvalResult:
+        """Held-out loss and task metric with ``state`` loaded (None: the bare base model)."""
+        if state is None:
+            with self.model.disable_adapter():
+                return evaluate(self.model, self.base.tokenizer, data.eval, data.eval_tokens, settings,
+                                precision=self.settings.precision)
+        adapter.set_state(self.model, state)
+        return evaluate(self.model, self.base.tokenizer, data.eval, data.eval_tokens, settings,
+                        precision=self.settings.precision)
+
+
+
+def site_data(runtime: SiteRuntime, site: str, train: list[Example], evaluation: list[Example],
+              max_length: int) -> SiteData:
+    """Tokenize a site's records once for this runtime."""
+    return SiteData(
+        site=site,
+        train=train,
+        eval=evaluation,
+        train_tokens=runtime.tokenize(train, max_length),
+        eval_tokens=runtime.tokenize(evaluation, max_length),
+        sha256=dataset_hash(train + evaluation),
+    )

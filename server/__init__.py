@@ -1,0 +1,1 @@
+"""The coordinator role: ServerApp, strategy wrapper, checkpoints."""

@@ -1,0 +1,122 @@
+"""The coordinator's round loop: train, merge, evaluate, log, checkpoint; resumable.
+
+Flower's ``Strategy.start`` always begins at round 1, so the loop is ours; the
+strategy's own ``configure_*`` / ``aggregate_*`` do the sampling and merging. A round
+is done when its checkpoint is written; a restarted coordinator continues after the
+last checkpoint and drops any metrics line of a round that did not finish.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from fedtune.server.strategy import DeltaFedAvg
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+
+from fedtune import wire
+from fedtune.adapter import META_BASE, META_SPEC, export_peft, initial_state, spec_sha256
+from fedtune.checkpoint import Checkpoint, MetricsLog, latest_round, load_checkpoint, save_checkpoint
+from fedtune.config import ExperimentConfig
+from fedtune.errors import CheckpointError
+from fedtune.evaluate import EvalResult
+from fedtune.models import load_model_config, resolve_model_dir
+from fedtune.runfolder import RunFolder
+
+State = dict[str, torch.Tensor]
+
+
+def _start_state(folder: RunFolder, cfg: ExperimentConfig) -> tuple[int, State, dict[str, str]]:
+    """(last completed round, global adapter, checkpoint meta); writes round 0 when fresh."""
+    latest = latest_round(folder.root)
+    if latest is None:
+        state = initial_state(load_model_config(cfg.model.source), cfg.lora)
+        meta = {META_SPEC: spec_sha256(cfg.lora, state), META_BASE: ""}
+        save_checkpoint(folder.root, Checkpoint(0, state, meta))
+        return 0, state, meta
+    done, _ = latest
+    ckpt = load_checkpoint(folder.root, done)
+    if ckpt.meta.get(META_SPEC) != spec_sha256(cfg.lora, ckpt.state):
+        raise CheckpointError(f"{folder.root}: checkpoint does not match the run's `lora` settings; was config.toml edited?")
+    return done, ckpt.state, ckpt.meta
+
+
+def _eval_record(results: dict[str, EvalResult]) -> dict[str, Any]:
+    pooled = sum(results.values(), EvalResult())
+    record = {site: r.as_metrics() for site, r in sorted(results.items())}
+    record["pooled"] = pooled.as_metrics()
+    return record
+
+
+def run_federation(grid: Grid, folder: RunFolder, cfg: ExperimentConfig, *, say: Callable[[str], None] = print) -> State:
+    """Run (or finish) the rounds of the run in ``folder``; returns the final global adapter."""
+    done, state, meta = _start_state(folder, cfg)
+    metrics = MetricsLog(folder.metrics_path)
+    metrics.keep_rounds_up_to(done)
+    rounds = cfg.federation.rounds
+    if done:
+        say(f"resuming after round {done}/{rounds}")
+    nodes = cfg.data.hospitals
+    strategy = DeltaFedAvg(
+        spec_sha256=meta[META_SPEC],
+        base_sha256=meta[META_BASE],
+        min_updates=cfg.federation.min_clients or nodes,
+        num_nodes=nodes,
+    )
+    strategy.fraction_train = cfg.federation.fraction_train
+    strategy.min_train_nodes = max(1, min(nodes, cfg.federation.min_clients or nodes))
+    timeout = cfg.federation.round_timeout
+    for rnd in range(done + 1, rounds + 1):
+        start = time.perf_counter()
+        config = wire.instruction_config(num_rounds=rounds)
+        replies = grid.send_and_receive(
+            strategy.configure_train(rnd, wire.to_arrays(state), config, grid), timeout=timeout
+        )
+        arrays, _ = strategy.aggregate_train(rnd, replies)
+        assert arrays is not None  # aggregate_train raises instead of returning None
+        state = wire.from_arrays(arrays)
+        train_seconds = time.perf_counter() - start
+        eval_replies = grid.send_and_receive(
+            strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(config)), grid), timeout=timeout
+        )
+        evaluation = _eval_record(strategy.evaluate_replies(rnd, eval_replies))
+        report = strategy.report
+        metrics.append(
+            {
+                "kind": "round",
+                "round": rnd,
+                "train": report.accepted,
+                "rejected": report.rejected,
+                "eval": evaluation,
+                "download-bytes": report.download_bytes,
+                "train-seconds": train_seconds,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+        meta = {**meta, META_BASE: strategy.base_sha256}
+        save_checkpoint(folder.root, Checkpoint(rnd, state, meta))
+        say(_progress_line(rnd, rounds, report.accepted, evaluation, time.perf_counter() - start))
+    export_peft(
+        folder.adapter_dir,
+        state,
+        cfg.lora,
+        base_model_path=str(resolve_model_dir(cfg.model.source)),
+        base_sha256=meta[META_BASE],
+    )
+    say(f"exported the global adapter (PEFT format) to {folder.adapter_dir}")
+    return state
+
+
+def _progress_line(rnd: int, rounds: int, train: dict[str, dict[str, float]], evaluation: dict[str, Any],
+                   seconds: float) -> str:
+    losses = [m.get("train-loss", float("nan")) for m in train.values()]
+    train_loss = sum(losses) / len(losses) if losses else float("nan")
+    pooled = evaluation["pooled"]
+    sites = "  ".join(f"{s} {v['metric']:.3f}" for s, v in evaluation.items() if s != "pooled")
+    return (
+        f"round {rnd}/{rounds}  train loss {train_loss:.3f}  eval loss {pooled['loss']:.3f}  "
+        f"field acc {pooled['metric']:.3f}  [{sites}]  {seconds:.0f}s"
+    )

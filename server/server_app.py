@@ -1,0 +1,26 @@
+"""The coordinator's Flower ServerApp: thin wiring from the run config to the round loop."""
+
+from __future__ import annotations
+
+from logging import INFO
+from pathlib import Path
+
+from fedtune.server.federation import run_federation
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from fedtune.runfolder import RunFolder
+
+app = ServerApp()
+
+
+def _say(line: str) -> None:
+    log(INFO, "%s", line)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation described by the run folder named in the run config."""
+    folder = RunFolder(Path(str(context.run_config["run-dir"])))
+    run_federation(grid, folder, folder.load_config(), say=_say)
