@@ -150,6 +150,43 @@ def stop_process(proc: subprocess.Popen[bytes], *, grace: float = 20.0) -> None:
         proc.wait()
 
 
+def run_processes(folder: RunFolder) -> list[int]:
+    """Process ids started for this run folder (they carry its FLWR_HOME), on Linux."""
+    marker = f"FLWR_HOME={folder.flwr_home}".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if int(entry.name) != os.getpid() and marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def kill_run_processes(folder: RunFolder, *, timeout: float = 10.0) -> int:
+    """Stop every process of this run folder still alive (orphans of a crashed run, or
+    Flower helpers started detached): SIGINT first, SIGKILL after ``timeout``."""
+    pids = run_processes(folder)
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (pids := [p for p in pids if Path(f"/proc/{p}").exists()
+                                                         and not _zombie(p)]):
+            time.sleep(0.2)
+        if not pids:
+            break
+    return len(pids)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def flwr_run(
     folder: RunFolder,
     *,
@@ -161,6 +198,7 @@ def flwr_run(
     """Launch the run with ``flwr run`` against a fresh local SuperLink and wait for it."""
     env = flower_env(folder)
     write_app(folder)
+    kill_run_processes(folder)  # leftovers of a crashed earlier attempt would race this one
     federation = (
         f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client} "
         f"client-resources-num-gpus={gpus_per_client}"
@@ -176,5 +214,6 @@ def flwr_run(
                     time.sleep(1.0)
             finally:
                 stop_process(proc, grace=10)
-        if on_poll is not None:
-            on_poll()
+    kill_run_processes(folder)  # Flower starts some helpers detached; stop them too
+    if on_poll is not None:
+        on_poll()

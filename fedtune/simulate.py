@@ -89,6 +89,8 @@ def run_simulation(folder: RunFolder, *, say: Say = print) -> str:
         latest = latest_round(folder.root)
         if latest is not None:
             shown = {r for r in shown if r <= latest[0]}
+        if latest is not None and latest[0] > 0:
+            say(f"resuming after round {latest[0]}/{total}")
         say(f"federating {len(folder.sites())} sites for {total} rounds on Flower's simulation engine "
             f"(logs: {folder.logs_dir / 'flower.log'})")
 

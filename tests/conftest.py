@@ -1,0 +1,62 @@
+"""Shared fixtures: a private model cache and the tiny LLaMA-style model built in code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Nothing in the tests may reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tests build the tiny model into their own cache; SmolLM2 tests reuse the user's cache."""
+    cache = tmp_path_factory.mktemp("fedtune-cache")
+    os.environ["FEDTUNE_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(model_cache: Path) -> Path:
+    from fedtune.models import TINY, resolve_model_dir
+
+    return resolve_model_dir(TINY)
+
+
+@pytest.fixture()
+def tiny_cfg():  # type: ignore[no-untyped-def]
+    """A config small enough for a federation of the tiny model in seconds."""
+    from fedtune.config import load_config
+
+    return load_config(
+        None,
+        {
+            "model.source": "tiny",
+            "model.threads": 1,
+            "model.precision": "fp32",
+            "data.hospitals": 2,
+            "data.train_per_hospital": 24,
+            "data.eval_per_hospital": 4,
+            "train.local_steps": 2,
+            "train.batch_size": 4,
+            "train.max_length": 256,
+            "federation.rounds": 2,
+            "eval.max_new_tokens": 4,
+            "run.baselines": False,
+        },
+    )

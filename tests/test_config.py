@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedtune.config import ExperimentConfig, load_config, parse_config
+from fedtune.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_toml_spells_out_the_embedded_defaults() -> None:
+    assert load_config(ROOT / "simulations" / "default.toml") == ExperimentConfig()
+
+
+def test_toml_round_trip() -> None:
+    cfg = load_config(None, {"train.local_steps": 3, "lora.target_modules": ["q_proj"], "data.partition": "iid"})
+    assert parse_config(cfg.to_toml()) == cfg
+    assert cfg.lora.target_modules == ("q_proj",)
+
+
+def test_int_widens_to_float() -> None:
+    assert load_config(None, {"train.lr": 1}).train.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        ({"train.lr": -1.0}, r"`train.lr` must be positive, got -1.0"),
+        ({"train.bogus": 1}, r"unknown field `train.bogus`"),
+        ({"dp.epsilon": 1.0}, r"unknown section `\[dp\]`"),
+        ({"data.partition": "random"}, r"`data.partition` must be one of natural, iid, dirichlet, got 'random'"),
+        ({"train.local_steps": "8"}, r"`train.local_steps` must be int, got '8'"),
+        ({"train.local_steps": True}, r"`train.local_steps` must be int"),
+        ({"lora.rank": 0}, r"`lora.rank` must be a positive integer, got 0"),
+        ({"lora.target_modules": "q_proj"}, r"`lora.target_modules` must be a list of strings"),
+        ({"federation.min_clients": 9}, r"`federation.min_clients` \(9\) cannot exceed `data.hospitals` \(3\)"),
+        ({"data.source": "files"}, r"`data.files` must list one file per hospital"),
+        ({"model.precision": "fp8"}, r"`model.precision` must be one of auto, fp32, bf16"),
+    ],
+)
+def test_bad_values_name_the_field(overrides: dict[str, object], pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, overrides)
+
+
+def test_bad_toml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text("[train\nlr = 1")
+    with pytest.raises(ConfigError, match=rf"{path}: not valid TOML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.toml")
+    path.write_text("[train]\nlr = -2.0\n")
+    with pytest.raises(ConfigError, match=rf"{path}: `train.lr` must be positive"):
+        load_config(path)

@@ -1,0 +1,101 @@
+"""The strategy wrapper: replies are unpacked, validated and merged as a weighted mean of deltas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from fedtune import wire
+from fedtune.aggregate import weighted_mean
+from fedtune.delta import apply_delta
+from fedtune.errors import FedTuneError
+from fedtune.server.strategy import DeltaFedAvg
+
+@pytest.fixture(autouse=True)
+def _flower_run_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages outside a Flower run need a run id to be built."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for field in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1)
+
+
+GLOBAL = {"l.lora_A.weight": torch.ones(2, 3), "l.lora_B.weight": torch.zeros(3, 2)}
+
+
+def _reply(site: str, delta: dict[str, torch.Tensor] | None, *, n: int = 10, spec: str = "spec",
+           base: str = "base") -> Message:
+    content = wire.pack_reply(wire.Identity(site, base, spec), {"train-loss": 1.0}, num_examples=n, delta=delta)
+    return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+
+def _delta(value: float) -> dict[str, torch.Tensor]:
+    return {k: torch.full_like(v, value) for k, v in GLOBAL.items()}
+
+
+def _strategy(min_updates: int = 1) -> DeltaFedAvg:
+    s = DeltaFedAvg(spec_sha256="spec", base_sha256="", min_updates=min_updates, num_nodes=3)
+    s.current = {k: v.clone() for k, v in GLOBAL.items()}
+    return s
+
+
+def test_merge_is_global_plus_weighted_mean_delta() -> None:
+    s = _strategy()
+    arrays, metrics = s.aggregate_train(1, [_reply("a", _delta(1.0), n=10), _reply("b", _delta(4.0), n=30)])
+    merged = wire.from_arrays(arrays)
+    expected = apply_delta(GLOBAL, weighted_mean([_delta(1.0), _delta(4.0)], [10.0, 30.0]))
+    for k in GLOBAL:
+        torch.testing.assert_close(merged[k], expected[k])
+        torch.testing.assert_close(merged[k], GLOBAL[k] + 3.25)  # (1*10 + 4*30) / 40
+    assert metrics["accepted"] == 2 and metrics["rejected"] == 0
+    assert set(s.report.accepted) == {"a", "b"} and s.base_sha256 == "base"
+
+
+def test_bad_replies_are_rejected_counted_and_kept_out_of_the_mean() -> None:
+    s = _strategy()
+    nan = _delta(0.0)
+    nan["l.lora_A.weight"][0, 0] = float("nan")
+    wrong_shape = _delta(0.0)
+    wrong_shape["l.lora_B.weight"] = torch.zeros(2, 2)
+    no_identity = _reply("x", _delta(100.0))
+    del no_identity.content.config_records[wire.IDENTITY]
+    replies = [
+        _reply("good", _delta(2.0)),
+        _reply("nan", nan),
+        _reply("shape", wrong_shape),
+        _reply("spec", _delta(100.0), spec="other"),
+        _reply("nodelta", None),
+        _reply("zero-examples", _delta(100.0), n=0),
+        no_identity,
+        _reply("otherbase", _delta(100.0), base="other"),
+    ]
+    arrays, metrics = s.aggregate_train(1, replies)
+    merged = wire.from_arrays(arrays)
+    for k in GLOBAL:
+        torch.testing.assert_close(merged[k], GLOBAL[k] + 2.0)  # only "good" counted
+    reasons = {r["site"]: r["reason"] for r in s.report.rejected}
+    assert metrics["rejected"] == 7 == len(reasons)
+    assert "NaN or Inf" in reasons["nan"]
+    assert "shape" in reasons["shape"]
+    assert "adapter spec differs" in reasons["spec"]
+    assert "no delta" in reasons["nodelta"]
+    assert "positive integer" in reasons["zero-examples"]
+    assert "trained on base model" in reasons["otherbase"]
+
+
+def test_too_few_valid_updates_fail_the_round_clearly() -> None:
+    s = _strategy(min_updates=2)
+    bad = _delta(0.0)
+    bad["l.lora_A.weight"][0, 0] = float("inf")
+    with pytest.raises(FedTuneError, match=r"round 3: only 1 valid update\(s\), the round needs 2"):
+        s.aggregate_train(3, [_reply("a", _delta(1.0)), _reply("b", bad)])
+
+
+def test_instruction_round_trip() -> None:
+    content = RecordDict({wire.GLOBAL: wire.to_arrays(GLOBAL), wire.CONFIG: wire.instruction_config(num_rounds=5)})
+    content.config_records[wire.CONFIG]["server-round"] = 2
+    got = wire.unpack_instruction(content)
+    assert (got.server_round, got.num_rounds) == (2, 5)
+    assert all(torch.equal(got.state[k], GLOBAL[k]) for k in GLOBAL)
+    assert isinstance(content.config_records[wire.CONFIG], ConfigRecord)
