@@ -71,8 +71,8 @@ def _data(args: argparse.Namespace) -> int:
     out = Path(args.out)
     sites = clinical.generate(args.hospitals, n_train=args.train, n_eval=args.eval, seed=args.seed)
     for site, (train, held_out) in sites.items():
-        write_records(out / f"{site}.train.jsonl", train, style="instruction")
-        write_records(out / f"{site}.eval.jsonl", held_out, style="instruction")
+        write_records(out / f"{site}.train.jsonl", train)
+        write_records(out / f"{site}.eval.jsonl", held_out)
         print(f"{site}: {len(train)} train + {len(held_out)} held-out records -> {out / site}.*.jsonl")
     return 0
 

@@ -92,16 +92,16 @@ class LoraSettings:
 class TrainSettings:
     """The local training loop a site runs each round."""
 
-    local_steps: int = 8
+    local_steps: int = 5
     local_epochs: float = 0.0
-    batch_size: int = 8
+    batch_size: int = 4
     grad_accum: int = 1
     lr: float = 2e-3
     lr_schedule: str = "cosine"
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    max_length: int = 192
+    max_length: int = 256
 
     def __post_init__(self) -> None:
         _require(self.local_steps >= 1, f"`train.local_steps` must be >= 1, got {self.local_steps}")
@@ -129,7 +129,7 @@ class DataSettings:
     partition: str = "natural"
     dirichlet_alpha: float = 0.5
     train_per_hospital: int = 160
-    eval_per_hospital: int = 16
+    eval_per_hospital: int = 10
     eval_fraction: float = 0.1
 
     def __post_init__(self) -> None:
@@ -156,7 +156,7 @@ class DataSettings:
 class FederationSettings:
     """Rounds and who takes part in them."""
 
-    rounds: int = 4
+    rounds: int = 3
     strategy: str = "fedavg"
     fraction_train: float = 1.0
     min_clients: int = 0
@@ -177,8 +177,8 @@ class FederationSettings:
 class EvalSettings:
     """Held-out evaluation: teacher-forced loss and greedy generation for the task metric."""
 
-    batch_size: int = 16
-    max_new_tokens: int = 48
+    batch_size: int = 10
+    max_new_tokens: int = 44
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"`eval.batch_size` must be >= 1, got {self.batch_size}")

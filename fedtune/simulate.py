@@ -59,6 +59,7 @@ def prepare_run(cfg: ExperimentConfig, *, run_dir: Path | None = None) -> RunFol
         run_dir = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}"
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run folder {run_dir} already exists and is not empty; use --resume or another --out")
+    resolve_model_dir(cfg.model.source)  # a bad model source fails before anything is written
     folder = RunFolder(run_dir.resolve())
     folder.root.mkdir(parents=True, exist_ok=True)
     splits = site_splits(cfg)
