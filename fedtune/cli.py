@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="run a local multi-hospital federation with baselines, table and plots")
-    sim.add_argument("config", nargs="?", help="experiment TOML (default: the embedded defaults = simulations/default.toml)")
+    sim.add_argument(
+        "config", nargs="?", help="experiment TOML (default: the embedded defaults = simulations/default.toml)"
+    )
     sim.add_argument("--hospitals", type=int, help="number of simulated hospitals")
     sim.add_argument("--rounds", type=int, help="federated rounds")
     sim.add_argument("--local-steps", type=int, help="optimizer steps per site per round")
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--dirichlet-alpha", type=float, help="label skew of the dirichlet partition")
     sim.add_argument("--model", help="'smollm2', 'tiny', a local HF model folder or a .gguf file")
     sim.add_argument("--lora-rank", type=int)
-    sim.add_argument("--lora-alpha", type=float)
+    sim.add_argument("--lora-alpha", type=int)
     sim.add_argument("--batch-size", type=int)
     sim.add_argument("--lr", type=float)
     sim.add_argument("--seed", type=int)

@@ -73,14 +73,14 @@ class LoraSettings:
     """LoRA adapter shape; everything here changes the adapter spec hash but dropout."""
 
     rank: int = 8
-    alpha: float = 16.0
+    alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     init_seed: int = 0
 
     def __post_init__(self) -> None:
         _require(self.rank >= 1, f"`lora.rank` must be a positive integer, got {self.rank}")
-        _require(self.alpha > 0, f"`lora.alpha` must be positive, got {self.alpha}")
+        _require(self.alpha > 0, f"`lora.alpha` must be a positive integer, got {self.alpha}")
         _require(0.0 <= self.dropout < 1.0, f"`lora.dropout` must be in [0, 1), got {self.dropout}")
         _require(
             len(self.target_modules) > 0,
@@ -168,7 +168,9 @@ class FederationSettings:
             self.strategy in STRATEGIES,
             f"`federation.strategy` must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}",
         )
-        _require(0 < self.fraction_train <= 1, f"`federation.fraction_train` must be in (0, 1], got {self.fraction_train}")
+        _require(
+            0 < self.fraction_train <= 1, f"`federation.fraction_train` must be in (0, 1], got {self.fraction_train}"
+        )
         _require(self.min_clients >= 0, f"`federation.min_clients` must be >= 0 (0: all), got {self.min_clients}")
         _require(self.round_timeout > 0, f"`federation.round_timeout` must be positive, got {self.round_timeout}")
 
@@ -215,9 +217,7 @@ class ExperimentConfig:
         out: dict[str, dict[str, Any]] = {}
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
-            out[f.name] = {
-                k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()
-            }
+            out[f.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
         return out
 
     def to_toml(self) -> str:
@@ -250,9 +250,7 @@ def _section(cls: type, table: Mapping[str, Any], name: str) -> Any:
     for key, value in table.items():
         py_key = key.replace("-", "_")
         if py_key not in known:
-            raise ConfigError(
-                f"unknown field `{name}.{key}`; known fields: {', '.join(sorted(known))}"
-            )
+            raise ConfigError(f"unknown field `{name}.{key}`; known fields: {', '.join(sorted(known))}")
         kwargs[py_key] = _coerce(value, hints[py_key], f"{name}.{key}")
     return cls(**kwargs)
 
@@ -315,4 +313,3 @@ def replace(cfg: ExperimentConfig, **sections: Mapping[str, Any]) -> ExperimentC
     for name, changes in sections.items():
         kwargs[name] = dataclasses.replace(getattr(cfg, name), **changes)
     return dataclasses.replace(cfg, **kwargs)
-

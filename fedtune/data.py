@@ -13,9 +13,7 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import random
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,17 +263,11 @@ def write_records(
     ``style="instruction"`` writes ``instruction``/``input``/``output``, splitting the user
     turn at its first blank line; it needs user + assistant pairs.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from fedtune.checkpoint import atomic_write_bytes
+
     lines = [json.dumps(_record(ex, style), ensure_ascii=False) + "\n" for ex in examples]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Patient records: readable by the owner only.
+    atomic_write_bytes(Path(path), "".join(lines).encode("utf-8"), mode=0o600)
 
 
 def dataset_hash(examples: Sequence[Example]) -> str:

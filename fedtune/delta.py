@@ -25,4 +25,7 @@ def apply_delta(state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Ten
 
 def l2_norm(delta: Mapping[str, torch.Tensor]) -> float:
     """Global L2 norm over all tensors (float64 accumulation)."""
-    return float(torch.sqrt(sum((v.double() ** 2).sum() for v in delta.values())))
+    total = torch.zeros((), dtype=torch.float64)
+    for v in delta.values():
+        total += (v.double() ** 2).sum()
+    return float(torch.sqrt(total))

@@ -12,14 +12,14 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from fedtune.config import EvalSettings
 from fedtune.data import Example, TokenizedExample, collate, prompt_ids
-from fedtune.train import autocast_dtype
+from fedtune.train import answer_nll, autocast_dtype
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def field_accuracy(prediction: str, reference: str) -> tuple[float, bool]:
 
 @torch.no_grad()
 def answer_loss(
-    model: PreTrainedModel, tokenized: Sequence[TokenizedExample], *, pad_id: int, batch_size: int, precision: str
+    model: torch.nn.Module, tokenized: Sequence[TokenizedExample], *, pad_id: int, batch_size: int, precision: str
 ) -> tuple[float, int]:
     """(sum of answer-token NLL, number of answer tokens)."""
     device = next(model.parameters()).device
@@ -97,19 +97,15 @@ def answer_loss(
     for i in range(0, len(tokenized), batch_size):
         batch = {k: v.to(device) for k, v in collate(tokenized[i : i + batch_size], pad_id=pad_id).items()}
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-        )
+            nll, n = answer_nll(model, batch)
         total += float(nll)
-        count += int((labels != -100).sum())
+        count += n
     return total, count
 
 
 @torch.no_grad()
 def generate_answers(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     *,
@@ -134,7 +130,7 @@ def generate_answers(
             ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]) :] = 1
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            out = model.generate(
+            out = cast(Any, model).generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens,
@@ -143,12 +139,12 @@ def generate_answers(
                 eos_token_id=stop,
             )
         for row, i in enumerate(idx):
-            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+            answers[i] = str(tokenizer.decode(out[row, width:], skip_special_tokens=True))
     return [answers[i] for i in range(len(examples))]
 
 
 def evaluate(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     tokenized: Sequence[TokenizedExample],

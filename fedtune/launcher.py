@@ -116,8 +116,16 @@ def local_superlink(folder: RunFolder, env: dict[str, str]) -> Iterator[int]:
     connection = {"superlink": {"default": CONNECTION, CONNECTION: {"address": f"127.0.0.1:{port}", "insecure": True}}}
     (folder.flwr_home / "config.toml").write_text(tomli_w.dumps(connection))
     cmd = [
-        _bin("flower-superlink"), "--simulation", "--insecure", "--isolation", "subprocess",
-        "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
+        _bin("flower-superlink"),
+        "--simulation",
+        "--insecure",
+        "--isolation",
+        "subprocess",
+        "--disable-runtime-dependency-installation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
     ]
     with open(folder.logs_dir / "superlink.log", "ab") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder.root)
@@ -125,7 +133,9 @@ def local_superlink(folder: RunFolder, env: dict[str, str]) -> Iterator[int]:
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
-                raise FedTuneError(f"SuperLink exited with code {proc.returncode}; see {folder.logs_dir / 'superlink.log'}")
+                raise FedTuneError(
+                    f"SuperLink exited with code {proc.returncode}; see {folder.logs_dir / 'superlink.log'}"
+                )
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
                     break
@@ -172,8 +182,9 @@ def kill_run_processes(folder: RunFolder, *, timeout: float = 10.0) -> int:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and (pids := [p for p in pids if Path(f"/proc/{p}").exists()
-                                                         and not _zombie(p)]):
+        while time.monotonic() < deadline and (
+            pids := [p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)]
+        ):
             time.sleep(0.2)
         if not pids:
             break

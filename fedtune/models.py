@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import (
@@ -194,5 +194,5 @@ def load_base_model(source: str, *, device: torch.device | None = None) -> BaseM
     sha = json.loads(hash_file.read_text())["sha256"] if ours else state_sha256(model)
     model.eval()
     if device is not None:
-        model.to(device)
+        cast(Any, model).to(device)  # in place for modules; typed oddly by transformers
     return BaseModel(model=model, tokenizer=tokenizer, path=path, sha256=sha)

@@ -81,6 +81,7 @@ def plot_rounds(folder: RunFolder, rounds: list[dict[str, Any]], baselines: dict
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     folder.plots_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -89,10 +90,21 @@ def plot_rounds(folder: RunFolder, rounds: list[dict[str, Any]], baselines: dict
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
         if rounds:
             for site in [s for s in rounds[-1]["eval"] if s != "pooled"]:
-                ax.plot(xs, [r["eval"].get(site, {}).get(key, math.nan) for r in rounds], marker="o", alpha=0.6,
-                        label=f"federated @ {site}")
-            ax.plot(xs, [r["eval"]["pooled"][key] for r in rounds], marker="o", lw=2.5, color="black",
-                    label="federated (pooled)")
+                ax.plot(
+                    xs,
+                    [r["eval"].get(site, {}).get(key, math.nan) for r in rounds],
+                    marker="o",
+                    alpha=0.6,
+                    label=f"federated @ {site}",
+                )
+            ax.plot(
+                xs,
+                [r["eval"]["pooled"][key] for r in rounds],
+                marker="o",
+                lw=2.5,
+                color="black",
+                label="federated (pooled)",
+            )
         styles = {"base": ("base model", "tab:red"), "centralized": ("centralized", "tab:green")}
         for b, (label, color) in styles.items():
             if b in baselines:
@@ -100,6 +112,7 @@ def plot_rounds(folder: RunFolder, rounds: list[dict[str, Any]], baselines: dict
         locals_ = [v["pooled"][key] for k, v in baselines.items() if k.startswith("local:")]
         if locals_:
             ax.axhline(sum(locals_) / len(locals_), ls=":", color="tab:purple", label="local only (mean)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel(title)
         ax.set_title(f"{folder.root.name}: {title}")

@@ -87,7 +87,6 @@ class RunFolder:
     def write_sites(self, sites: dict[str, tuple[list[Example], list[Example]]]) -> None:
         """Materialise each site's train/eval split, so every process reads the same data."""
         for site, (train, evaluation) in sites.items():
-            (self.data_dir / site).mkdir(parents=True, exist_ok=True)
             write_records(self.data_dir / site / "train.jsonl", train)
             write_records(self.data_dir / site / "eval.jsonl", evaluation)
         atomic_write_json(self.data_dir / "sites.json", {"sites": list(sites)})

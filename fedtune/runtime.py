@@ -101,16 +101,23 @@ class SiteRuntime:
         """Held-out loss and task metric with ``state`` loaded (None: the bare base model)."""
         if state is None:
             with self.model.disable_adapter():
-                return evaluate(self.model, self.base.tokenizer, data.eval, data.eval_tokens, settings,
-                                precision=self.settings.precision)
+                return evaluate(
+                    self.model,
+                    self.base.tokenizer,
+                    data.eval,
+                    data.eval_tokens,
+                    settings,
+                    precision=self.settings.precision,
+                )
         adapter.set_state(self.model, state)
-        return evaluate(self.model, self.base.tokenizer, data.eval, data.eval_tokens, settings,
-                        precision=self.settings.precision)
+        return evaluate(
+            self.model, self.base.tokenizer, data.eval, data.eval_tokens, settings, precision=self.settings.precision
+        )
 
 
-
-def site_data(runtime: SiteRuntime, site: str, train: list[Example], evaluation: list[Example],
-              max_length: int) -> SiteData:
+def site_data(
+    runtime: SiteRuntime, site: str, train: list[Example], evaluation: list[Example], max_length: int
+) -> SiteData:
     """Tokenize a site's records once for this runtime."""
     return SiteData(
         site=site,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -41,21 +41,34 @@ def site_splits(cfg: ExperimentConfig) -> dict[str, tuple[list[Example], list[Ex
             site = path.stem
             if site in natural:
                 site = f"{site}-{i}"
-            natural[site] = split_train_eval(load_records(path, site=site), eval_fraction=data.eval_fraction,
-                                             seed=cfg.run.seed)
+            natural[site] = split_train_eval(
+                load_records(path, site=site), eval_fraction=data.eval_fraction, seed=cfg.run.seed
+            )
         label_fn = lambda e: e.target  # noqa: E731 - the answer text is the label of a generic record
     count = data.hospitals if data.partition != "natural" else len(natural)
-    train = partition({s: t for s, (t, _) in natural.items()}, scheme=data.partition, num_sites=count,
-                      seed=cfg.run.seed, alpha=data.dirichlet_alpha, label_fn=label_fn)
-    held = partition({s: e for s, (_, e) in natural.items()}, scheme=data.partition, num_sites=count,
-                     seed=cfg.run.seed + 1, alpha=data.dirichlet_alpha, label_fn=label_fn)
+    train = partition(
+        {s: t for s, (t, _) in natural.items()},
+        scheme=data.partition,
+        num_sites=count,
+        seed=cfg.run.seed,
+        alpha=data.dirichlet_alpha,
+        label_fn=label_fn,
+    )
+    held = partition(
+        {s: e for s, (_, e) in natural.items()},
+        scheme=data.partition,
+        num_sites=count,
+        seed=cfg.run.seed + 1,
+        alpha=data.dirichlet_alpha,
+        label_fn=label_fn,
+    )
     return {site: (train[site], held[site]) for site in train}
 
 
 def prepare_run(cfg: ExperimentConfig, *, run_dir: Path | None = None) -> RunFolder:
     """Create a new run folder with its config and materialised site data."""
     if run_dir is None:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         run_dir = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}"
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run folder {run_dir} already exists and is not empty; use --resume or another --out")
@@ -65,8 +78,10 @@ def prepare_run(cfg: ExperimentConfig, *, run_dir: Path | None = None) -> RunFol
     splits = site_splits(cfg)
     empty = [s for s, (t, e) in splits.items() if not t or not e]
     if empty:
-        raise ConfigError(f"sites {empty} got no training or no held-out records; use fewer `data.hospitals` "
-                          "or a larger `data.dirichlet_alpha`")
+        raise ConfigError(
+            f"sites {empty} got no training or no held-out records; use fewer `data.hospitals` "
+            "or a larger `data.dirichlet_alpha`"
+        )
     folder.write_sites(splits)
     atomic_write_bytes(folder.config_path, cfg.to_toml().encode())
     return folder
@@ -92,8 +107,10 @@ def run_simulation(folder: RunFolder, *, say: Say = print) -> str:
             shown = {r for r in shown if r <= latest[0]}
         if latest is not None and latest[0] > 0:
             say(f"resuming after round {latest[0]}/{total}")
-        say(f"federating {len(folder.sites())} sites for {total} rounds on Flower's simulation engine "
-            f"(logs: {folder.logs_dir / 'flower.log'})")
+        say(
+            f"federating {len(folder.sites())} sites for {total} rounds on Flower's simulation engine "
+            f"(logs: {folder.logs_dir / 'flower.log'})"
+        )
 
         def show_new_rounds() -> None:
             for record in round_records(folder):
@@ -103,11 +120,18 @@ def run_simulation(folder: RunFolder, *, say: Say = print) -> str:
 
         cpus = os.cpu_count() or 1
         gpus = 1.0 if torch.cuda.is_available() else 0.0
-        flwr_run(folder, num_supernodes=len(folder.sites()), cpus_per_client=cpus, gpus_per_client=gpus,
-                 on_poll=show_new_rounds)
+        flwr_run(
+            folder,
+            num_supernodes=len(folder.sites()),
+            cpus_per_client=cpus,
+            gpus_per_client=gpus,
+            on_poll=show_new_rounds,
+        )
         if not federation_done(folder, cfg):
-            raise FedTuneError(f"the federation stopped before round {total}: {_last_error(folder)}; "
-                               f"fix the cause and run `fedtune simulate --resume {folder.root}`")
+            raise FedTuneError(
+                f"the federation stopped before round {total}: {_last_error(folder)}; "
+                f"fix the cause and run `fedtune simulate --resume {folder.root}`"
+            )
     say(f"federation done in {time.perf_counter() - start:.0f}s; adapter: {folder.adapter_dir}")
     if cfg.run.baselines:
         from fedtune.baselines import run_baselines

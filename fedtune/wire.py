@@ -90,7 +90,11 @@ def unpack_instruction(content: RecordDict) -> RoundInstruction:
 
 
 def pack_reply(
-    identity: Identity, metrics: Mapping[str, float], *, num_examples: int, delta: Mapping[str, torch.Tensor] | None = None
+    identity: Identity,
+    metrics: Mapping[str, float],
+    *,
+    num_examples: int,
+    delta: Mapping[str, torch.Tensor] | None = None,
 ) -> RecordDict:
     """A train reply (with ``delta``) or an evaluate reply (without)."""
     record = RecordDict(

@@ -21,9 +21,10 @@ from fedtune import wire
 from fedtune.adapter import META_BASE, META_SPEC, export_peft, initial_state, spec_sha256
 from fedtune.checkpoint import Checkpoint, MetricsLog, latest_round, load_checkpoint, save_checkpoint
 from fedtune.config import ExperimentConfig
-from fedtune.errors import CheckpointError
+from fedtune.errors import CheckpointError, FedTuneError
 from fedtune.evaluate import EvalResult
 from fedtune.models import load_model_config, resolve_model_dir
+from fedtune.report import round_line
 from fedtune.runfolder import RunFolder
 
 State = dict[str, torch.Tensor]
@@ -40,7 +41,9 @@ def _start_state(folder: RunFolder, cfg: ExperimentConfig) -> tuple[int, State, 
     done, _ = latest
     ckpt = load_checkpoint(folder.root, done)
     if ckpt.meta.get(META_SPEC) != spec_sha256(cfg.lora, ckpt.state):
-        raise CheckpointError(f"{folder.root}: checkpoint does not match the run's `lora` settings; was config.toml edited?")
+        raise CheckpointError(
+            f"{folder.root}: checkpoint does not match the run's `lora` settings; was config.toml edited?"
+        )
     return done, ckpt.state, ckpt.meta
 
 
@@ -51,7 +54,9 @@ def _eval_record(results: dict[str, EvalResult]) -> dict[str, Any]:
     return record
 
 
-def run_federation(grid: Grid, folder: RunFolder, cfg: ExperimentConfig, *, say: Callable[[str], None] = print) -> State:
+def run_federation(
+    grid: Grid, folder: RunFolder, cfg: ExperimentConfig, *, say: Callable[[str], None] = print
+) -> State:
     """Run (or finish) the rounds of the run in ``folder``; returns the final global adapter."""
     done, state, meta = _start_state(folder, cfg)
     metrics = MetricsLog(folder.metrics_path)
@@ -76,7 +81,8 @@ def run_federation(grid: Grid, folder: RunFolder, cfg: ExperimentConfig, *, say:
             strategy.configure_train(rnd, wire.to_arrays(state), config, grid), timeout=timeout
         )
         arrays, _ = strategy.aggregate_train(rnd, replies)
-        assert arrays is not None  # aggregate_train raises instead of returning None
+        if arrays is None:  # DeltaFedAvg raises instead; a plain FedAvg would return None
+            raise FedTuneError(f"round {rnd}: no update could be merged")
         state = wire.from_arrays(arrays)
         train_seconds = time.perf_counter() - start
         eval_replies = grid.send_and_receive(
@@ -84,21 +90,20 @@ def run_federation(grid: Grid, folder: RunFolder, cfg: ExperimentConfig, *, say:
         )
         evaluation = _eval_record(strategy.evaluate_replies(rnd, eval_replies))
         report = strategy.report
-        metrics.append(
-            {
-                "kind": "round",
-                "round": rnd,
-                "train": report.accepted,
-                "rejected": report.rejected,
-                "eval": evaluation,
-                "download-bytes": report.download_bytes,
-                "train-seconds": train_seconds,
-                "seconds": time.perf_counter() - start,
-            }
-        )
+        record = {
+            "kind": "round",
+            "round": rnd,
+            "train": report.accepted,
+            "rejected": report.rejected,
+            "eval": evaluation,
+            "download-bytes": report.download_bytes,
+            "train-seconds": train_seconds,
+            "seconds": time.perf_counter() - start,
+        }
+        metrics.append(record)
         meta = {**meta, META_BASE: strategy.base_sha256}
         save_checkpoint(folder.root, Checkpoint(rnd, state, meta))
-        say(_progress_line(rnd, rounds, report.accepted, evaluation, time.perf_counter() - start))
+        say(round_line(record, rounds))
     export_peft(
         folder.adapter_dir,
         state,
@@ -108,15 +113,3 @@ def run_federation(grid: Grid, folder: RunFolder, cfg: ExperimentConfig, *, say:
     )
     say(f"exported the global adapter (PEFT format) to {folder.adapter_dir}")
     return state
-
-
-def _progress_line(rnd: int, rounds: int, train: dict[str, dict[str, float]], evaluation: dict[str, Any],
-                   seconds: float) -> str:
-    losses = [m.get("train-loss", float("nan")) for m in train.values()]
-    train_loss = sum(losses) / len(losses) if losses else float("nan")
-    pooled = evaluation["pooled"]
-    sites = "  ".join(f"{s} {v['metric']:.3f}" for s, v in evaluation.items() if s != "pooled")
-    return (
-        f"round {rnd}/{rounds}  train loss {train_loss:.3f}  eval loss {pooled['loss']:.3f}  "
-        f"field acc {pooled['metric']:.3f}  [{sites}]  {seconds:.0f}s"
-    )

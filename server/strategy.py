@@ -80,7 +80,9 @@ class DeltaFedAvg(FedAvg):
         if reply.identity.spec_sha256 != self.spec_sha256:
             raise UpdateRejected("adapter spec differs from the coordinator's (rank, alpha or target modules)")
         if self.base_sha256 and reply.identity.base_sha256 != self.base_sha256:
-            raise UpdateRejected(f"trained on base model {reply.identity.base_sha256[:12]}, expected {self.base_sha256[:12]}")
+            raise UpdateRejected(
+                f"trained on base model {reply.identity.base_sha256[:12]}, expected {self.base_sha256[:12]}"
+            )
         return reply
 
     def _pin_base(self, replies: list[Message]) -> None:
@@ -107,7 +109,8 @@ class DeltaFedAvg(FedAvg):
             node = str(msg.metadata.src_node_id)
             try:
                 reply = self._open(msg, expect_delta=True)
-                assert reply.delta is not None  # guaranteed by expect_delta
+                if reply.delta is None:  # unpack_reply already refuses this; keeps types honest
+                    raise UpdateRejected("train reply carries no delta")
                 validate_update(reply.delta, self.current)
             except UpdateRejected as err:
                 site = _site_of(msg) or f"node-{node}"
@@ -138,12 +141,20 @@ class DeltaFedAvg(FedAvg):
                 reply = self._open(msg, expect_delta=False)
                 m = reply.metrics
                 results[reply.identity.site] = EvalResult(
-                    loss_sum=m["loss-sum"], tokens=int(m["tokens"]), metric_sum=m["metric-sum"],
-                    exact_sum=m["exact-sum"], n=reply.num_examples,
+                    loss_sum=m["loss-sum"],
+                    tokens=int(m["tokens"]),
+                    metric_sum=m["metric-sum"],
+                    exact_sum=m["exact-sum"],
+                    n=reply.num_examples,
                 )
             except (UpdateRejected, KeyError) as err:
-                log(WARNING, "round %d: evaluation reply from %s ignored: %s", server_round,
-                    _site_of(msg) or msg.metadata.src_node_id, err)
+                log(
+                    WARNING,
+                    "round %d: evaluation reply from %s ignored: %s",
+                    server_round,
+                    _site_of(msg) or msg.metadata.src_node_id,
+                    err,
+                )
         return results
 
 

@@ -16,8 +16,10 @@ from fedtune.errors import UpdateRejected
 def _random_states(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
     rng = np.random.default_rng(seed)
     return [
-        {"a.lora_A.weight": torch.from_numpy(rng.normal(size=(4, 6)).astype(np.float32)),
-         "a.lora_B.weight": torch.from_numpy(rng.normal(size=(6, 4)).astype(np.float32))}
+        {
+            "a.lora_A.weight": torch.from_numpy(rng.normal(size=(4, 6)).astype(np.float32)),
+            "a.lora_B.weight": torch.from_numpy(rng.normal(size=(6, 4)).astype(np.float32)),
+        }
         for _ in range(n)
     ]
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fedtune.server.strategy import DeltaFedAvg
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedtune import wire
 from fedtune.aggregate import weighted_mean
 from fedtune.delta import apply_delta
 from fedtune.errors import FedTuneError
-from fedtune.server.strategy import DeltaFedAvg
+
 
 @pytest.fixture(autouse=True)
 def _flower_run_id(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -24,8 +25,9 @@ def _flower_run_id(monkeypatch: pytest.MonkeyPatch) -> None:
 GLOBAL = {"l.lora_A.weight": torch.ones(2, 3), "l.lora_B.weight": torch.zeros(3, 2)}
 
 
-def _reply(site: str, delta: dict[str, torch.Tensor] | None, *, n: int = 10, spec: str = "spec",
-           base: str = "base") -> Message:
+def _reply(
+    site: str, delta: dict[str, torch.Tensor] | None, *, n: int = 10, spec: str = "spec", base: str = "base"
+) -> Message:
     content = wire.pack_reply(wire.Identity(site, base, spec), {"train-loss": 1.0}, num_examples=n, delta=delta)
     return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
 

@@ -1,0 +1,134 @@
+"""What does federation cost on top of local training? And what travels per round?
+
+For each model (the tiny test model and SmolLM2-135M) this runs a real federation
+(``flwr run`` against a local SuperLink in simulation mode, 3 sites, 2 rounds) and, in
+the same run, the same local training steps alone in one process. It prints:
+
+- the train phase of a federated round (server wall time: send, train on every site,
+  receive, validate, merge) against the same sites' local steps run back to back;
+- the bytes one client receives and sends per round against the full model's bytes
+  (what FedAvg over all weights would move);
+- for SmolLM2, the step time with bf16 autocast against float32 on this CPU.
+
+Usage: python benchmarks/round_overhead.py [--models tiny smollm2] [--steps 3]
+Writes benchmarks/results/round_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fedtune.config import load_config
+from fedtune.report import round_records
+from fedtune.runtime import SiteData, SiteRuntime, site_data
+from fedtune.simulate import prepare_run, run_simulation
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _config(model: str, steps: int, batch: int):  # type: ignore[no-untyped-def]
+    return load_config(
+        None,
+        {
+            "model.source": model,
+            "data.hospitals": 3,
+            "data.train_per_hospital": 64,
+            "data.eval_per_hospital": 2,
+            "eval.max_new_tokens": 4,
+            "train.local_steps": steps,
+            "train.batch_size": batch,
+            "federation.rounds": 2,
+            "run.baselines": False,
+        },
+    )
+
+
+def measure(model: str, steps: int, batch: int, workdir: Path) -> dict[str, float]:
+    cfg = _config(model, steps, batch)
+    folder = prepare_run(cfg, run_dir=workdir / f"fed-{model}")
+    run_simulation(folder, say=lambda line: print(f"  [{model}] {line}", flush=True))
+    rounds = round_records(folder)
+    steady = rounds[-1]  # round 1 also loads the model in the worker
+
+    # The same local steps, alone, in this process, on the same sites and data.
+    runtime = SiteRuntime(cfg.model, cfg.lora)
+    sites = [site_data(runtime, s, *folder.read_site(s), cfg.train.max_length) for s in folder.sites()]
+    start_state = runtime.state()
+    runtime.train_steps(start_state, sites[0], cfg.train, steps=1, seed=0)  # warm-up
+    t0 = time.perf_counter()
+    for i, data in enumerate(sites):
+        runtime.train_steps(start_state, data, cfg.train, steps=steps, seed=i)
+    local_seconds = time.perf_counter() - t0
+
+    full_bytes = sum(p.numel() * p.element_size() for p in runtime.base.model.parameters())
+    upload = sum(m["upload-bytes"] for m in steady["train"].values()) / len(steady["train"])
+    out = {
+        "federated_round_train_s": steady["train-seconds"],
+        "local_alone_s": local_seconds,
+        "round_over_local": steady["train-seconds"] / local_seconds,
+        "download_bytes_per_client": float(steady["download-bytes"]),
+        "upload_bytes_per_client": upload,
+        "full_model_bytes": float(full_bytes),
+        "upload_over_full_model": upload / full_bytes,
+    }
+    if model == "smollm2":
+        out.update(_precision(runtime, sites[0], cfg, steps))
+    return out
+
+
+def _precision(runtime: SiteRuntime, data: SiteData, cfg, steps: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    times = {}
+    start = runtime.state()
+    for precision in ("fp32", "bf16"):
+        runtime.settings = dataclasses.replace(runtime.settings, precision=precision)
+        runtime.train_steps(start, data, cfg.train, steps=1, seed=0)
+        t0 = time.perf_counter()
+        runtime.train_steps(start, data, cfg.train, steps=steps, seed=0)
+        times[precision] = (time.perf_counter() - t0) / steps
+    return {"step_fp32_s": times["fp32"], "step_bf16_s": times["bf16"], "bf16_over_fp32": times["bf16"] / times["fp32"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"])
+    parser.add_argument("--steps", type=int, default=3, help="local steps per site per round")
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="fedtune-bench-") as tmp:
+        for model in args.models:
+            print(f"== {model}: 3 sites x {args.steps} steps x batch {args.batch_size}, 2 rounds", flush=True)
+            results[model] = measure(model, args.steps, args.batch_size, Path(tmp))
+    print()
+    print(
+        f"{'model':8} {'fed round (train) s':>20} {'local alone s':>14} {'ratio':>6} "
+        f"{'down B/client':>14} {'up B/client':>12} {'full model B':>13} {'up/full':>8}"
+    )
+    for model, r in results.items():
+        print(
+            f"{model:8} {r['federated_round_train_s']:20.2f} {r['local_alone_s']:14.2f} {r['round_over_local']:6.2f} "
+            f"{r['download_bytes_per_client']:14.0f} {r['upload_bytes_per_client']:12.0f} "
+            f"{r['full_model_bytes']:13.0f} {r['upload_over_full_model']:8.4f}"
+        )
+    if "smollm2" in results:
+        r = results["smollm2"]
+        print(
+            f"\nSmolLM2 step time: fp32 {r['step_fp32_s']:.2f}s, bf16 autocast {r['step_bf16_s']:.2f}s, "
+            f"bf16/fp32 = {r['bf16_over_fp32']:.2f}"
+        )
+    RESULTS.mkdir(exist_ok=True)
+    meta = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "steps": args.steps, "batch": args.batch_size}
+    (RESULTS / "round_overhead.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    print(f"\nwrote {RESULTS / 'round_overhead.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The command line: one-line errors with a non-zero exit, and `fedtune data`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedtune.cli import main
+from fedtune.data import load_records
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["simulate", "--set", "train.lr=-1"], "`train.lr` must be positive, got -1.0"),
+        (["simulate", "--set", "nonsense"], "must look like section.field=value"),
+        (["simulate", "--set", "train.warp=9"], "unknown field `train.warp`"),
+        (["simulate", "/no/such/config.toml"], "cannot read config"),
+        (["simulate", "--resume", "/no/such/run"], "not a fedtune run folder"),
+        (["simulate", "--model", "org/some-hub-model", "--no-baselines"], "never downloaded from a hub"),
+    ],
+)
+def test_errors_are_one_line_with_exit_2(
+    argv: list[str], pattern: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    if argv[0] == "simulate" and "--resume" not in argv:
+        argv = [*argv, "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedtune: error: ") and err.count("\n") == 1
+    assert pattern in err
+
+
+def test_resume_refuses_extra_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--resume", str(tmp_path), "--rounds", "2"]) == 2
+    assert "--resume continues a run with its own config.toml" in capsys.readouterr().err
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "keep.txt").write_text("precious")
+    assert main(["simulate", "--out", str(tmp_path)]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_data_command_writes_loadable_files(tmp_path: Path) -> None:
+    assert main(["data", "--out", str(tmp_path), "--hospitals", "2", "--train", "5", "--eval", "2"]) == 0
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == [
+        "northgate-general.eval.jsonl",
+        "northgate-general.train.jsonl",
+        "st-elsewhere.eval.jsonl",
+        "st-elsewhere.train.jsonl",
+    ]
+    records = load_records(tmp_path / "st-elsewhere.train.jsonl")
+    assert len(records) == 5 and records[0].target.startswith('{"age": ')
+
+
+def test_console_script_entry_point() -> None:
+    out = subprocess.run([sys.executable, "-m", "fedtune", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("fedtune ")
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = [line.strip() for line in readme.split("```")[1].strip().splitlines() if line.strip()]
+    assert len(commands) == 2, "the README opens with exactly two commands"
+    assert commands[1] in (ROOT / ".ci" / "run").read_text()
+    assert commands[0].endswith("fedtune simulate") and commands[1].endswith("python -m pytest")
