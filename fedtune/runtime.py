@@ -6,6 +6,7 @@ local training and evaluation are the same code in every role.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -99,20 +100,13 @@ class SiteRuntime:
 
     def evaluate(self, state: dict[str, torch.Tensor] | None, data: SiteData, settings: EvalSettings) -> EvalResult:
         """Held-out loss and task metric with ``state`` loaded (None: the bare base model)."""
-        if state is None:
-            with self.model.disable_adapter():
-                return evaluate(
-                    self.model,
-                    self.base.tokenizer,
-                    data.eval,
-                    data.eval_tokens,
-                    settings,
-                    precision=self.settings.precision,
-                )
-        adapter.set_state(self.model, state)
-        return evaluate(
-            self.model, self.base.tokenizer, data.eval, data.eval_tokens, settings, precision=self.settings.precision
-        )
+        if state is not None:
+            adapter.set_state(self.model, state)
+        bare = self.model.disable_adapter() if state is None else contextlib.nullcontext()
+        with bare:
+            return evaluate(
+                self.model, self.base.tokenizer, data.eval, data.eval_tokens, settings, precision=self.settings.precision
+            )
 
 
 def site_data(

@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tests build the tiny model into their own cache; SmolLM2 tests reuse the user's cache."""
+    """Every model a test needs is built or converted into a private cache (SmolLM2: ~20 s)."""
     cache = tmp_path_factory.mktemp("fedtune-cache")
     os.environ["FEDTUNE_CACHE"] = str(cache)
     return cache

@@ -97,3 +97,21 @@ def test_exported_adapter_refuses_another_base(tiny_peft, tmp_path: Path) -> Non
     adapter.load_exported(model, out, base_sha256=base.sha256)  # same base: fine
     with pytest.raises(ModelMismatchError, match="trained on base model .* load the same base model"):
         adapter.load_exported(model, out, base_sha256="0" * 64)
+
+
+def test_smollm2_export_gives_the_same_logits_in_plain_peft(tmp_path: Path) -> None:
+    """The acceptance check on the real default model (converted from the wheel's GGUF)."""
+    base = load_base_model("smollm2")
+    model = adapter.attach_lora(base.model, LoraSettings())
+    state = _randomize(model, 3)
+    for k in state:  # scale down: realistic adapter magnitudes keep logits in range
+        state[k] *= 0.05
+    adapter.set_state(model, state)
+    out = tmp_path / "adapter"
+    adapter.export_peft(out, state, LoraSettings(), base_model_path=str(base.path), base_sha256=base.sha256)
+    ids = base.tokenizer("BP 142/88 mmHg, HR 96 bpm. Assessment: pneumonia.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base.path), str(out)).eval()
+        theirs = plain(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
