@@ -173,19 +173,22 @@ def run_processes(folder: RunFolder) -> list[int]:
     return found
 
 
-def kill_run_processes(folder: RunFolder, *, timeout: float = 10.0) -> int:
-    """Stop every process of this run folder still alive (orphans of a crashed run, or
-    Flower helpers started detached): SIGINT first, SIGKILL after ``timeout``."""
+def kill_run_processes(folder: RunFolder, *, graceful: bool = True, timeout: float = 10.0) -> int:
+    """Stop every process of this run folder still alive; return how many would not die.
+
+    ``graceful``: SIGINT first and SIGKILL after ``timeout`` (Flower helpers started
+    detached, at the end of a run). Otherwise SIGKILL at once: orphans of a crashed run
+    must not finish another round into the folder while they are asked nicely.
+    """
     pids = run_processes(folder)
-    for sig in (signal.SIGINT, signal.SIGKILL):
+    for sig in (signal.SIGINT, signal.SIGKILL) if graceful else (signal.SIGKILL,):
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and (
-            pids := [p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)]
-        ):
-            time.sleep(0.2)
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)]
+            time.sleep(0.1)
         if not pids:
             break
     return len(pids)
@@ -209,7 +212,7 @@ def flwr_run(
     """Launch the run with ``flwr run`` against a fresh local SuperLink and wait for it."""
     env = flower_env(folder)
     write_app(folder)
-    kill_run_processes(folder)  # leftovers of a crashed earlier attempt would race this one
+    kill_run_processes(folder, graceful=False)  # orphans of a crashed attempt would race this one
     federation = (
         f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client} "
         f"client-resources-num-gpus={gpus_per_client}"

@@ -105,7 +105,12 @@ class SiteRuntime:
         bare = self.model.disable_adapter() if state is None else contextlib.nullcontext()
         with bare:
             return evaluate(
-                self.model, self.base.tokenizer, data.eval, data.eval_tokens, settings, precision=self.settings.precision
+                self.model,
+                self.base.tokenizer,
+                data.eval,
+                data.eval_tokens,
+                settings,
+                precision=self.settings.precision,
             )
 
 

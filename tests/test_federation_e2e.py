@@ -69,7 +69,8 @@ def _wait_for_round(folder: RunFolder, k: int, proc: subprocess.Popen[bytes], ti
 
 
 def test_killed_simulation_resumes_without_losing_or_repeating_rounds(tiny_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    cfg = replace(tiny_cfg, federation={"rounds": 4}, train={"local_steps": 4})
+    # enough local steps that a tiny-model round takes seconds, so the crash lands mid-run
+    cfg = replace(tiny_cfg, federation={"rounds": 4}, train={"local_steps": 150, "batch_size": 8})
     folder = prepare_run(cfg, run_dir=tmp_path / "run")
     cmd = [sys.executable, "-m", "fedtune", "simulate", "--resume", str(folder.root)]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -80,7 +81,7 @@ def test_killed_simulation_resumes_without_losing_or_repeating_rounds(tiny_cfg, 
         proc.wait()
     # Flower's helpers survive their parent and would go on with the rounds: resume stops
     # them first; stopping them here too makes the crash point observable.
-    kill_run_processes(folder)
+    kill_run_processes(folder, graceful=False)
     assert run_processes(folder) == []
     crashed_at = latest_round(folder.root)
     assert crashed_at is not None and crashed_at[0] < 4
