@@ -37,6 +37,7 @@ def summary_rows(rounds: list[dict[str, Any]], baselines: dict[str, Any], sites:
             "pooled field acc": per_site["pooled"]["metric"],
             "pooled exact": per_site["pooled"]["exact"],
             "pooled loss": per_site["pooled"]["loss"],
+            "unseen sites field acc": math.nan,  # only for a model trained at one site
         }
         if own is not None:
             unseen = [per_site[s] for s in sites if s != own]
@@ -52,7 +53,8 @@ def summary_rows(rounds: list[dict[str, Any]], baselines: dict[str, Any], sites:
         if f"local:{site}" in baselines:
             rows.append(row(f"local only: {site}", baselines[f"local:{site}"], own=site))
     if rounds:
-        rows.append(row(f"federated ({rounds[-1]['round']} rounds)", rounds[-1]["eval"], own=None))
+        n = rounds[-1]["round"]
+        rows.append(row(f"federated ({n} round{'s' if n != 1 else ''})", rounds[-1]["eval"], own=None))
     if "centralized" in baselines:
         rows.append(row("centralized (pooled data)", baselines["centralized"]))
     return rows

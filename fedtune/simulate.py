@@ -73,15 +73,15 @@ def prepare_run(cfg: ExperimentConfig, *, run_dir: Path | None = None) -> RunFol
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run folder {run_dir} already exists and is not empty; use --resume or another --out")
     resolve_model_dir(cfg.model.source)  # a bad model source fails before anything is written
-    folder = RunFolder(run_dir.resolve())
-    folder.root.mkdir(parents=True, exist_ok=True)
-    splits = site_splits(cfg)
+    splits = site_splits(cfg)  # bad data files fail before anything is written
     empty = [s for s, (t, e) in splits.items() if not t or not e]
     if empty:
         raise ConfigError(
             f"sites {empty} got no training or no held-out records; use fewer `data.hospitals` "
             "or a larger `data.dirichlet_alpha`"
         )
+    folder = RunFolder(run_dir.resolve())
+    folder.root.mkdir(parents=True, exist_ok=True)
     folder.write_sites(splits)
     atomic_write_bytes(folder.config_path, cfg.to_toml().encode())
     return folder
