@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 import tomllib
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
