@@ -47,7 +47,7 @@ def test_pooled_partitions_deal_every_record_once(scheme: str) -> None:
 
 def test_files_source_one_file_per_hospital(tmp_path: Path) -> None:
     paths = []
-    for i, (site, (train, _)) in enumerate(clinical.generate(2, n_train=20, n_eval=1, seed=0).items()):
+    for site, (train, _) in clinical.generate(2, n_train=20, n_eval=1, seed=0).items():
         paths.append(tmp_path / f"{site}.jsonl")
         write_records(paths[-1], train)
     cfg = load_config(
