@@ -21,6 +21,7 @@ from fedtune.errors import ConfigError
 
 PARTITIONS = ("natural", "iid", "dirichlet")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
 STRATEGIES = ("fedavg",)
 
@@ -97,6 +98,7 @@ class TrainSettings:
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 2e-3
+    optimizer: str = "adamw"
     lr_schedule: str = "cosine"
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -109,6 +111,10 @@ class TrainSettings:
         _require(self.batch_size >= 1, f"`train.batch_size` must be >= 1, got {self.batch_size}")
         _require(self.grad_accum >= 1, f"`train.grad_accum` must be >= 1, got {self.grad_accum}")
         _require(self.lr > 0, f"`train.lr` must be positive, got {self.lr}")
+        _require(
+            self.optimizer in OPTIMIZERS,
+            f"`train.optimizer` must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
+        )
         _require(
             self.lr_schedule in LR_SCHEDULES,
             f"`train.lr_schedule` must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",

@@ -77,8 +77,9 @@ def _batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
             yield order[i : i + batch_size]
 
 
-def answer_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of negative log-likelihood over answer tokens, number of answer tokens).
+def answer_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token negative log-likelihood of the answer tokens, shape (batch, positions),
+    zero off the answer, and the matching 0/1 mask.
 
     Only positions that predict an answer token need logits: the batch keeps the last
     ``width - first + 1`` positions (``first`` = earliest answer token in the batch), so
@@ -89,15 +90,29 @@ def answer_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
     labels = batch["labels"]
     answer = (labels != -100).any(dim=0).nonzero()
     if answer.numel() == 0:
-        return labels.new_zeros((), dtype=torch.float32), 0
+        empty = labels.new_zeros((labels.shape[0], 0), dtype=torch.float32)
+        return empty, empty
     first = max(1, int(answer[0]))
     keep = labels.shape[1] - first + 1
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
     target = labels[:, first:]
     nll = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return nll, int((target != -100).sum())
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(target.shape)
+    return nll, (target != -100).float()
+
+
+def answer_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of negative log-likelihood over the batch's answer tokens, their number)."""
+    nll, mask = answer_token_nll(model, batch)
+    return nll.sum(), int(mask.sum())
+
+
+def make_optimizer(settings: TrainSettings, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The local optimizer over the adapter's parameters, fresh each round."""
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -129,7 +144,7 @@ def train_local(
     steps = steps_per_round(settings, len(examples))
     total = total_steps if total_steps is not None else step_offset + steps
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = make_optimizer(settings, params)
     batches = _batches(len(examples), settings.batch_size, seed)
     model.train()
     losses: list[float] = []
