@@ -114,14 +114,14 @@ def train_local_dp(
                 # An empty Poisson sample is still a step: the update is pure noise. Opacus
                 # would skip the noise if no parameter had a per-sample gradient.
                 for p in params:
-                    p.grad_sample = torch.zeros((1, *p.shape), device=p.device, dtype=p.dtype)
+                    p.grad_sample = torch.zeros((1, *p.shape), device=p.device, dtype=p.dtype)  # type: ignore[attr-defined]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     finally:
         gsm._close()  # remove Opacus's hooks: the resident model serves non-DP work too
         for p in params:
             p.grad = None
-            p.grad_sample = None
+            p.grad_sample = None  # type: ignore[attr-defined]
     model.eval()
     result = TrainResult(
         steps=steps,
