@@ -193,6 +193,47 @@ class EvalSettings:
         _require(self.max_new_tokens >= 1, f"`eval.max_new_tokens` must be >= 1, got {self.max_new_tokens}")
 
 
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("hooks", "functorch")
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """Sample-level DP-SGD at each site (Opacus), accounted in the site's privacy ledger.
+
+    Exactly one of ``noise_multiplier`` (fixed noise) and ``target_epsilon`` (noise
+    computed so the planned rounds spend at most this epsilon) is set when enabled.
+    """
+
+    enabled: bool = False
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    grad_sample_mode: str = "hooks"
+
+    def __post_init__(self) -> None:
+        _require(self.noise_multiplier >= 0, f"`dp.noise_multiplier` must be >= 0, got {self.noise_multiplier}")
+        _require(self.target_epsilon >= 0, f"`dp.target_epsilon` must be >= 0, got {self.target_epsilon}")
+        if self.enabled:
+            _require(
+                (self.noise_multiplier > 0) != (self.target_epsilon > 0),
+                "set exactly one of `dp.noise_multiplier` and `dp.target_epsilon` when `dp.enabled` is true, got "
+                f"noise_multiplier={self.noise_multiplier}, target_epsilon={self.target_epsilon}",
+            )
+        _require(0 < self.delta < 1, f"`dp.delta` must be in (0, 1), got {self.delta}")
+        _require(self.max_grad_norm > 0, f"`dp.max_grad_norm` must be positive, got {self.max_grad_norm}")
+        _require(
+            self.accountant in ACCOUNTANTS,
+            f"`dp.accountant` must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}",
+        )
+        _require(
+            self.grad_sample_mode in GRAD_SAMPLE_MODES,
+            f"`dp.grad_sample_mode` must be one of {', '.join(GRAD_SAMPLE_MODES)}, got {self.grad_sample_mode!r}",
+        )
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Everything a simulated federation needs; one section per concern."""
@@ -204,6 +245,7 @@ class ExperimentConfig:
     data: DataSettings = field(default_factory=DataSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    dp: DPSettings = field(default_factory=DPSettings)
 
     def __post_init__(self) -> None:
         if self.data.source == "files" and self.data.partition == "natural":

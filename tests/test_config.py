@@ -29,7 +29,7 @@ def test_int_widens_to_float() -> None:
     [
         ({"train.lr": -1.0}, r"`train.lr` must be positive, got -1.0"),
         ({"train.bogus": 1}, r"unknown field `train.bogus`"),
-        ({"dp.epsilon": 1.0}, r"unknown section `\[dp\]`"),
+        ({"secagg.on": True}, r"unknown section `\[secagg\]`"),
         ({"data.partition": "random"}, r"`data.partition` must be one of natural, iid, dirichlet, got 'random'"),
         ({"train.local_steps": "8"}, r"`train.local_steps` must be int, got '8'"),
         ({"train.local_steps": True}, r"`train.local_steps` must be int"),
@@ -55,3 +55,19 @@ def test_bad_toml_names_the_file(tmp_path: Path) -> None:
     path.write_text("[train]\nlr = -2.0\n")
     with pytest.raises(ConfigError, match=rf"{path}: `train.lr` must be positive"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        ({"dp.enabled": True}, r"set exactly one of `dp.noise_multiplier` and `dp.target_epsilon`"),
+        ({"dp.enabled": True, "dp.noise_multiplier": 1.0, "dp.target_epsilon": 3.0}, "set exactly one of"),
+        ({"dp.delta": 0.0}, r"`dp.delta` must be in \(0, 1\), got 0.0"),
+        ({"dp.accountant": "gdp"}, r"`dp.accountant` must be one of rdp, prv, got 'gdp'"),
+        ({"dp.grad_sample_mode": "ghost"}, r"`dp.grad_sample_mode` must be one of hooks, functorch"),
+    ],
+)
+def test_dp_settings_are_validated(overrides: dict[str, object], pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, overrides)
+    assert load_config(None, {"dp.enabled": True, "dp.target_epsilon": 4.0}).dp.target_epsilon == 4.0
