@@ -72,6 +72,13 @@ def prepare_run(cfg: ExperimentConfig, *, run_dir: Path | None = None) -> RunFol
         run_dir = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}"
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run folder {run_dir} already exists and is not empty; use --resume or another --out")
+    if cfg.dp.enabled:
+        # Refuse rather than run without the guarantee: DP-SGD exists (fedtune.dpsgd) but the
+        # privacy ledger and budget check that make it a hospital-grade promise do not yet.
+        raise ConfigError(
+            "`dp.enabled` = true is not supported in federations yet (no privacy ledger or budget "
+            "enforcement); set it to false"
+        )
     resolve_model_dir(cfg.model.source)  # a bad model source fails before anything is written
     splits = site_splits(cfg)  # bad data files fail before anything is written
     empty = [s for s, (t, e) in splits.items() if not t or not e]

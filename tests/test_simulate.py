@@ -84,3 +84,10 @@ def test_prepare_run_writes_config_and_sites(tmp_path: Path) -> None:
     assert json.loads((folder.data_dir / "sites.json").read_text())["sites"] == folder.sites()
     with pytest.raises(ConfigError, match="already exists and is not empty"):
         prepare_run(cfg, run_dir=folder.root)
+
+
+def test_dp_is_refused_until_the_ledger_exists(tmp_path: Path) -> None:
+    cfg = load_config(None, {**SMALL, "dp.enabled": True, "dp.noise_multiplier": 1.0})
+    with pytest.raises(ConfigError, match="`dp.enabled` = true is not supported in federations yet"):
+        prepare_run(cfg, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
