@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedtune.config import ExperimentConfig, LoraSettings, ModelSettings
+from fedtune.config import DPSettings, ExperimentConfig, LoraSettings, ModelSettings
 from fedtune.runfolder import RunFolder
 from fedtune.runtime import SiteData, SiteRuntime, site_data
 
@@ -48,3 +48,13 @@ def simulated_site(run_dir: Path, partition_id: int, cfg: ExperimentConfig) -> t
 def round_seed(run_seed: int, partition_id: int, server_round: int) -> int:
     """A distinct, reproducible batch-order seed per run, site and round."""
     return (run_seed * 1_000_003 + partition_id * 10_007 + server_round) % (2**31)
+
+
+def simulated_ledger_path(run_dir: Path, site: str, dp: DPSettings) -> Path:
+    """Where simulated hospital ``site`` keeps its privacy ledger: one file per hospital.
+
+    ``dp.ledger_dir`` (absolute once the run is prepared) lets ledgers outlive a run, as a
+    real hospital's does; the default keeps them in the run folder.
+    """
+    folder = Path(dp.ledger_dir) if dp.ledger_dir else run_dir / "privacy"
+    return folder / f"{site}.json"

@@ -202,7 +202,9 @@ class DPSettings:
     """Sample-level DP-SGD at each site (Opacus), accounted in the site's privacy ledger.
 
     Exactly one of ``noise_multiplier`` (fixed noise) and ``target_epsilon`` (noise
-    computed so the planned rounds spend at most this epsilon) is set when enabled.
+    computed so the run's planned rounds spend at most this epsilon) is set when enabled.
+    ``budget_epsilon`` is each hospital's lifetime budget per record, across all runs; in
+    a simulation every simulated hospital keeps its ledger in ``ledger_dir``.
     """
 
     enabled: bool = False
@@ -212,6 +214,8 @@ class DPSettings:
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     grad_sample_mode: str = "hooks"
+    budget_epsilon: float = 10.0
+    ledger_dir: str = ""
 
     def __post_init__(self) -> None:
         _require(self.noise_multiplier >= 0, f"`dp.noise_multiplier` must be >= 0, got {self.noise_multiplier}")
@@ -221,6 +225,11 @@ class DPSettings:
                 (self.noise_multiplier > 0) != (self.target_epsilon > 0),
                 "set exactly one of `dp.noise_multiplier` and `dp.target_epsilon` when `dp.enabled` is true, got "
                 f"noise_multiplier={self.noise_multiplier}, target_epsilon={self.target_epsilon}",
+            )
+            _require(
+                self.target_epsilon <= self.budget_epsilon,
+                f"`dp.target_epsilon` ({self.target_epsilon}) is above `dp.budget_epsilon` ({self.budget_epsilon}): "
+                "the run would be refused before its last round; lower the target or raise the budget",
             )
         _require(0 < self.delta < 1, f"`dp.delta` must be in (0, 1), got {self.delta}")
         _require(self.max_grad_norm > 0, f"`dp.max_grad_norm` must be positive, got {self.max_grad_norm}")
@@ -232,6 +241,31 @@ class DPSettings:
             self.grad_sample_mode in GRAD_SAMPLE_MODES,
             f"`dp.grad_sample_mode` must be one of {', '.join(GRAD_SAMPLE_MODES)}, got {self.grad_sample_mode!r}",
         )
+        _require(self.budget_epsilon > 0, f"`dp.budget_epsilon` must be positive, got {self.budget_epsilon}")
+
+
+@dataclass(frozen=True)
+class ClientDPSettings:
+    """Client-level DP at the coordinator: each site's update clipped, Gaussian noise on the mean.
+
+    Protects whole hospitals (every record of a site at once) against whoever sees the
+    global adapter; the coordinator itself sees the clipped, un-noised updates.
+    ``max_epsilon`` > 0 stops the federation before a round that would exceed it.
+    """
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 0.1
+    delta: float = 1e-5
+    max_epsilon: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(
+            self.noise_multiplier > 0, f"`client_dp.noise_multiplier` must be positive, got {self.noise_multiplier}"
+        )
+        _require(self.clipping_norm > 0, f"`client_dp.clipping_norm` must be positive, got {self.clipping_norm}")
+        _require(0 < self.delta < 1, f"`client_dp.delta` must be in (0, 1), got {self.delta}")
+        _require(self.max_epsilon >= 0, f"`client_dp.max_epsilon` must be >= 0 (0: no limit), got {self.max_epsilon}")
 
 
 @dataclass(frozen=True)
@@ -246,6 +280,7 @@ class ExperimentConfig:
     federation: FederationSettings = field(default_factory=FederationSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     dp: DPSettings = field(default_factory=DPSettings)
+    client_dp: ClientDPSettings = field(default_factory=ClientDPSettings)
 
     def __post_init__(self) -> None:
         if self.data.source == "files" and self.data.partition == "natural":

@@ -280,6 +280,24 @@ def dataset_hash(examples: Sequence[Example]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def record_digests(examples: Sequence[Example]) -> list[bytes]:
+    """SHA-256 of each record's canonical JSON, deduplicated and sorted.
+
+    The privacy ledger accounts per record: a record's digest is the same in every file
+    and order it appears in, so a dataset that grows keeps its old records' spend.
+    """
+    out = set()
+    for ex in examples:
+        canonical = json.dumps([list(turn) for turn in ex.messages], ensure_ascii=False, separators=(",", ":"))
+        out.add(hashlib.sha256(canonical.encode("utf-8")).digest())
+    return sorted(out)
+
+
+def dataset_id(digests: Sequence[bytes]) -> str:
+    """Content id of a set of records (order-insensitive): SHA-256 hex of the sorted digests."""
+    return hashlib.sha256(b"".join(sorted(set(digests)))).hexdigest()
+
+
 # --------------------------------------------------------------------------- splits
 
 

@@ -33,3 +33,11 @@ class UpdateRejected(FedTuneError):
 
 class CheckpointError(FedTuneError):
     """A checkpoint or run folder is missing, corrupt or from another run."""
+
+
+class PrivacyError(FedTuneError):
+    """A privacy ledger is unreadable or unsafe, or a privacy target cannot be met."""
+
+
+class FederationStopped(FedTuneError):
+    """The federation cannot go on (privacy budgets are spent); it ends after its last completed round."""

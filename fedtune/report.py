@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -13,23 +14,41 @@ from fedtune.runfolder import RunFolder
 
 def round_line(record: dict[str, Any], rounds: int) -> str:
     """One progress line for a finished round."""
-    losses = [m.get("train-loss", math.nan) for m in record["train"].values()]
+    losses = [m["train-loss"] for m in record["train"].values() if "train-loss" in m]
     train_loss = sum(losses) / len(losses) if losses else math.nan
     pooled = record["eval"]["pooled"]
     sites = "  ".join(f"{s} {v['metric']:.3f}" for s, v in record["eval"].items() if s != "pooled")
     rejected = f"  rejected {len(record['rejected'])}" if record.get("rejected") else ""
+    refused = f"  refused {len(record['refused'])}" if record.get("refused") else ""
+    privacy = ""
+    spent = site_epsilons(record)
+    if spent:
+        privacy += f"  DP eps max {max(spent.values()):.2f}"
+    if "client-dp" in record:
+        privacy += f"  client-level eps {record['client-dp']['epsilon']:.2f}"
+    loss = "" if math.isnan(train_loss) else f"train loss {train_loss:.3f}  "  # DP replies carry no loss
     return (
-        f"round {record['round']}/{rounds}  train loss {train_loss:.3f}  eval loss {pooled['loss']:.3f}  "
-        f"field acc {pooled['metric']:.3f}  [{sites}]{rejected}  {record['seconds']:.0f}s"
+        f"round {record['round']}/{rounds}  {loss}eval loss {pooled['loss']:.3f}  "
+        f"field acc {pooled['metric']:.3f}  [{sites}]{privacy}{rejected}{refused}  {record['seconds']:.0f}s"
     )
+
+
+def site_epsilons(record: dict[str, Any]) -> dict[str, float]:
+    """Each training site's cumulative sample-level epsilon after the round (DP runs only)."""
+    return {s: m["dp-epsilon"] for s, m in record.get("train", {}).items() if "dp-epsilon" in m}
 
 
 def round_records(folder: RunFolder) -> list[dict[str, Any]]:
     return [r for r in MetricsLog(folder.metrics_path).read() if r.get("kind") == "round"]
 
 
-def summary_rows(rounds: list[dict[str, Any]], baselines: dict[str, Any], sites: list[str]) -> list[dict[str, Any]]:
-    """One row per model: pooled metric and loss, own-site and unseen-site metric, per site."""
+def summary_rows(
+    rounds: list[dict[str, Any]], baselines: dict[str, Any], sites: list[str], *, private: bool = False
+) -> list[dict[str, Any]]:
+    """One row per model: pooled metric and loss, own-site and unseen-site metric, per site.
+
+    ``private``: the federation ran with DP, the trained baselines did not; their labels say so.
+    """
 
     def row(name: str, per_site: dict[str, Any], own: str | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -54,9 +73,19 @@ def summary_rows(rounds: list[dict[str, Any]], baselines: dict[str, Any], sites:
             rows.append(row(f"local only: {site}", baselines[f"local:{site}"], own=site))
     if rounds:
         n = rounds[-1]["round"]
-        rows.append(row(f"federated ({n} round{'s' if n != 1 else ''})", rounds[-1]["eval"], own=None))
+        label = f"federated ({n} round{'s' if n != 1 else ''}"
+        spent = [e for r in rounds for e in site_epsilons(r).values()]
+        if spent:
+            label += f", DP eps {max(spent):.2f}"
+        if "client-dp" in rounds[-1]:
+            label += f", client-level eps {rounds[-1]['client-dp']['epsilon']:.2f}"
+        rows.append(row(label + ")", rounds[-1]["eval"], own=None))
     if "centralized" in baselines:
         rows.append(row("centralized (pooled data)", baselines["centralized"]))
+    if private:
+        for r in rows[1:]:
+            if not r["model"].startswith("federated"):
+                r["model"] += " (no DP)"
     return rows
 
 
@@ -119,25 +148,67 @@ def plot_rounds(folder: RunFolder, rounds: list[dict[str, Any]], baselines: dict
         ax.set_ylabel(title)
         ax.set_title(f"{folder.root.name}: {title}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        path = folder.plots_dir / f"{name}.png"
-        tmp = path.with_suffix(".tmp.png")
-        fig.savefig(tmp)
-        plt.close(fig)
-        atomic_write_bytes(path, tmp.read_bytes())
-        tmp.unlink()
-        written.append(path)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+        written.append(save_figure(fig, folder.plots_dir / f"{name}.png"))
     return written
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def plot_epsilon(folder: RunFolder, rounds: list[dict[str, Any]]) -> Path | None:
+    """epsilon.png: each site's cumulative sample-level epsilon (and the client-level one) per round."""
+    per_site: dict[str, list[tuple[int, float]]] = {}
+    for r in rounds:
+        for site, eps in site_epsilons(r).items():
+            per_site.setdefault(site, []).append((r["round"], eps))
+    client = [(r["round"], r["client-dp"]["epsilon"]) for r in rounds if "client-dp" in r]
+    if not per_site and not client:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    cfg = folder.load_config()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for site, points in sorted(per_site.items()):
+        ax.plot(*zip(*points, strict=True), marker="o", label=f"{site} (per record, delta {cfg.dp.delta:g})")
+    if client:
+        ax.plot(
+            *zip(*client, strict=True), marker="s", color="black", label=f"client-level (delta {cfg.client_dp.delta:g})"
+        )
+    if per_site:
+        ax.axhline(cfg.dp.budget_epsilon, ls="--", color="tab:red", label="hospital budget")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("cumulative epsilon")
+    ax.set_title(f"{folder.root.name}: privacy spent")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return save_figure(fig, folder.plots_dir / "epsilon.png")
 
 
 def write_summary(folder: RunFolder) -> str:
     """Write summary.md / summary.json and the plots; return the markdown table."""
     rounds = round_records(folder)
     baselines = json.loads(folder.baselines_path.read_text()) if folder.baselines_path.is_file() else {}
-    rows = summary_rows(rounds, baselines, folder.sites())
+    cfg = folder.load_config()
+    rows = summary_rows(rounds, baselines, folder.sites(), private=cfg.dp.enabled or cfg.client_dp.enabled)
     table = markdown_table(rows)
     atomic_write_json(folder.root / "summary.json", rows)
     atomic_write_bytes(folder.root / "summary.md", (f"# {folder.root.name}\n\n" + table).encode())
     plot_rounds(folder, rounds, baselines)
+    plot_epsilon(folder, rounds)
     return table

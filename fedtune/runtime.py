@@ -18,8 +18,10 @@ from fedtune import adapter
 from fedtune.config import EvalSettings, LoraSettings, ModelSettings, TrainSettings
 from fedtune.data import Example, TokenizedExample, dataset_hash, tokenize
 from fedtune.delta import compute_delta
+from fedtune.dpsgd import train_local_dp
 from fedtune.evaluate import EvalResult, evaluate
 from fedtune.models import BaseModel, load_base_model, pick_device
+from fedtune.privacy import Mechanism
 from fedtune.train import TrainResult, steps_per_round, train_local
 from fedtune.wire import Identity, RoundInstruction
 
@@ -97,6 +99,39 @@ class SiteRuntime:
             total_steps=instruction.num_rounds * steps,
         )
         return compute_delta(self.state(), instruction.state), result
+
+    def train_round_dp(
+        self,
+        instruction: RoundInstruction,
+        data: SiteData,
+        settings: TrainSettings,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        grad_sample_mode: str,
+    ) -> tuple[dict[str, torch.Tensor], TrainResult, Mechanism]:
+        """One round of DP-SGD on the received global adapter: (delta, what happened, its mechanism).
+
+        Sampling and noise are seeded from the OS's CSPRNG, never from the run's seed.
+        """
+        steps = steps_per_round(settings, len(data.train_tokens))
+        adapter.set_state(self.model, instruction.state)
+        result, mechanism = train_local_dp(
+            self.model,
+            data.train_tokens,
+            settings,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            steps=steps,
+            pad_id=int(self.base.tokenizer.pad_token_id),
+            precision=self.settings.precision,
+            grad_sample_mode=grad_sample_mode,
+            step_offset=(instruction.server_round - 1) * steps,
+            total_steps=instruction.num_rounds * steps,
+        )
+        if mechanism is None:
+            raise ValueError("train_round_dp needs a positive noise_multiplier")
+        return compute_delta(self.state(), instruction.state), result, mechanism
 
     def evaluate(self, state: dict[str, torch.Tensor] | None, data: SiteData, settings: EvalSettings) -> EvalResult:
         """Held-out loss and task metric with ``state`` loaded (None: the bare base model)."""

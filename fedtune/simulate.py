@@ -14,7 +14,7 @@ import torch
 
 from fedtune import clinical
 from fedtune.checkpoint import atomic_write_bytes, latest_round
-from fedtune.config import ExperimentConfig
+from fedtune.config import ExperimentConfig, replace
 from fedtune.data import Example, load_records, partition, split_train_eval
 from fedtune.errors import CheckpointError, ConfigError, FedTuneError
 from fedtune.launcher import flwr_run
@@ -72,13 +72,9 @@ def prepare_run(cfg: ExperimentConfig, *, run_dir: Path | None = None) -> RunFol
         run_dir = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}"
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run folder {run_dir} already exists and is not empty; use --resume or another --out")
-    if cfg.dp.enabled:
-        # Refuse rather than run without the guarantee: DP-SGD exists (fedtune.dpsgd) but the
-        # privacy ledger and budget check that make it a hospital-grade promise do not yet.
-        raise ConfigError(
-            "`dp.enabled` = true is not supported in federations yet (no privacy ledger or budget "
-            "enforcement); set it to false"
-        )
+    if cfg.dp.ledger_dir:
+        # Flower's workers run elsewhere than the user's shell: the run keeps an absolute path.
+        cfg = replace(cfg, dp={"ledger_dir": str(Path(cfg.dp.ledger_dir).expanduser().resolve())})
     resolve_model_dir(cfg.model.source)  # a bad model source fails before anything is written
     splits = site_splits(cfg)  # bad data files fail before anything is written
     empty = [s for s, (t, e) in splits.items() if not t or not e]
@@ -95,8 +91,11 @@ def prepare_run(cfg: ExperimentConfig, *, run_dir: Path | None = None) -> RunFol
 
 
 def federation_done(folder: RunFolder, cfg: ExperimentConfig) -> bool:
+    """All rounds ran, or the federation stopped early (privacy budgets spent), and the adapter is out."""
     latest = latest_round(folder.root)
-    return latest is not None and latest[0] >= cfg.federation.rounds and folder.adapter_dir.is_dir()
+    if latest is None or not folder.adapter_dir.is_dir():
+        return False
+    return latest[0] >= cfg.federation.rounds or bool(latest[1].get("stopped"))
 
 
 def run_simulation(folder: RunFolder, *, say: Say = print) -> str:
@@ -139,6 +138,9 @@ def run_simulation(folder: RunFolder, *, say: Say = print) -> str:
                 f"the federation stopped before round {total}: {_last_error(folder)}; "
                 f"fix the cause and run `fedtune simulate --resume {folder.root}`"
             )
+    latest = latest_round(folder.root)
+    if latest is not None and latest[1].get("stopped"):
+        say(f"the federation stopped after round {latest[0]}/{total}: {latest[1]['stopped']}")
     say(f"federation done in {time.perf_counter() - start:.0f}s; adapter: {folder.adapter_dir}")
     if cfg.run.baselines:
         from fedtune.baselines import run_baselines

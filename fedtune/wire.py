@@ -7,7 +7,9 @@ Server -> client (train and evaluate): ``global`` (ArrayRecord, the adapter) and
 
 Client -> server: ``delta`` (ArrayRecord, train only), ``metrics`` (MetricRecord with
 ``num-examples`` and numbers only) and ``identity`` (ConfigRecord: ``site``,
-``base-sha256``, ``spec-sha256``).
+``base-sha256``, ``spec-sha256``). A hospital that will not train (its privacy budget is
+spent) answers with ``identity`` and ``refusal`` (ConfigRecord: ``kind``, ``reason``) only:
+no delta and no number computed from its data.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ CONFIG = "config"
 DELTA = "delta"
 METRICS = "metrics"
 IDENTITY = "identity"
+REFUSAL = "refusal"
 NUM_EXAMPLES = "num-examples"
+REFUSED_PRIVACY_BUDGET = "privacy-budget"
 
 State = dict[str, torch.Tensor]
 
@@ -106,6 +110,32 @@ def pack_reply(
     if delta is not None:
         record[DELTA] = to_arrays(delta)
     return record
+
+
+def pack_refusal(identity: Identity, *, kind: str, reason: str) -> RecordDict:
+    """A reply that says why this site sends nothing this round."""
+    return RecordDict({IDENTITY: identity.to_record(), REFUSAL: ConfigRecord({"kind": kind, "reason": reason})})
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A site's refusal to take part in a round."""
+
+    identity: Identity
+    kind: str
+    reason: str
+
+
+def unpack_refusal(content: RecordDict) -> Refusal | None:
+    """The refusal carried by a reply, or None for an ordinary reply."""
+    if REFUSAL not in content.config_records:
+        return None
+    try:
+        identity = Identity.from_record(content.config_records[IDENTITY])
+    except KeyError as err:
+        raise UpdateRejected("refusal lacks the identity record") from err
+    record = content.config_records[REFUSAL]
+    return Refusal(identity, str(record.get("kind", "")), str(record.get("reason", ""))[:2000])
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from fedtune.server.client_dp import ClientLevelDP
 from fedtune.server.strategy import DeltaFedAvg
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
@@ -21,30 +22,31 @@ from fedtune import wire
 from fedtune.adapter import META_BASE, META_SPEC, export_peft, initial_state, spec_sha256
 from fedtune.checkpoint import Checkpoint, MetricsLog, latest_round, load_checkpoint, save_checkpoint
 from fedtune.config import ExperimentConfig
-from fedtune.errors import CheckpointError, FedTuneError
+from fedtune.errors import CheckpointError, FederationStopped, FedTuneError
 from fedtune.evaluate import EvalResult
 from fedtune.models import load_model_config, resolve_model_dir
+from fedtune.privacy import BudgetExceeded
 from fedtune.report import round_line
 from fedtune.runfolder import RunFolder
 
 State = dict[str, torch.Tensor]
 
 
-def _start_state(folder: RunFolder, cfg: ExperimentConfig) -> tuple[int, State, dict[str, str]]:
-    """(last completed round, global adapter, checkpoint meta); writes round 0 when fresh."""
+def _start_state(folder: RunFolder, cfg: ExperimentConfig) -> tuple[int, State, dict[str, str], dict[str, Any]]:
+    """(last completed round, global adapter, checkpoint meta, strategy state); writes round 0 when fresh."""
     latest = latest_round(folder.root)
     if latest is None:
         state = initial_state(load_model_config(cfg.model.source), cfg.lora)
         meta = {META_SPEC: spec_sha256(cfg.lora, state), META_BASE: ""}
         save_checkpoint(folder.root, Checkpoint(0, state, meta))
-        return 0, state, meta
-    done, _ = latest
+        return 0, state, meta, {}
+    done, extra = latest
     ckpt = load_checkpoint(folder.root, done)
     if ckpt.meta.get(META_SPEC) != spec_sha256(cfg.lora, ckpt.state):
         raise CheckpointError(
             f"{folder.root}: checkpoint does not match the run's `lora` settings; was config.toml edited?"
         )
-    return done, ckpt.state, ckpt.meta
+    return done, ckpt.state, ckpt.meta, extra
 
 
 def _eval_record(results: dict[str, EvalResult]) -> dict[str, Any]:
@@ -54,33 +56,65 @@ def _eval_record(results: dict[str, EvalResult]) -> dict[str, Any]:
     return record
 
 
+def _client_dp(cfg: ExperimentConfig, extra: dict[str, Any], num_sampled: int) -> ClientLevelDP | None:
+    if not cfg.client_dp.enabled:
+        return None
+    dp = ClientLevelDP(cfg.client_dp, num_sampled=num_sampled)
+    if "client_dp" in extra:
+        dp.load_state_dict(extra["client_dp"])
+    return dp
+
+
 def run_federation(
     grid: Grid, folder: RunFolder, cfg: ExperimentConfig, *, say: Callable[[str], None] = print
 ) -> State:
-    """Run (or finish) the rounds of the run in ``folder``; returns the final global adapter."""
-    done, state, meta = _start_state(folder, cfg)
+    """Run (or finish) the rounds of the run in ``folder``; returns the final global adapter.
+
+    When the sites' privacy budgets (or the client-level DP limit) do not allow another
+    round, the federation stops after its last completed round, says why, records the
+    stop in ``latest.json`` and exports that round's adapter.
+    """
+    done, state, meta, extra = _start_state(folder, cfg)
     metrics = MetricsLog(folder.metrics_path)
     metrics.keep_rounds_up_to(done)
     rounds = cfg.federation.rounds
-    if done:
-        say(f"resuming after round {done}/{rounds}")
     nodes = cfg.data.hospitals
+    min_train = max(1, min(nodes, cfg.federation.min_clients or nodes))
+    # Flower's FedAvg samples max(int(N * fraction_train), min_train_nodes) nodes a round.
+    client_dp = _client_dp(cfg, extra, max(int(nodes * cfg.federation.fraction_train), min_train))
     strategy = DeltaFedAvg(
         spec_sha256=meta[META_SPEC],
         base_sha256=meta[META_BASE],
         min_updates=cfg.federation.min_clients or nodes,
         num_nodes=nodes,
+        client_dp=client_dp,
     )
     strategy.fraction_train = cfg.federation.fraction_train
-    strategy.min_train_nodes = max(1, min(nodes, cfg.federation.min_clients or nodes))
+    strategy.min_train_nodes = min_train
     timeout = cfg.federation.round_timeout
+    stopped = str(extra.get("stopped", ""))
+    if stopped:
+        say(f"the federation stopped after round {done}/{rounds}: {stopped}")
+    elif done:
+        say(f"resuming after round {done}/{rounds}")
     for rnd in range(done + 1, rounds + 1):
+        if stopped:
+            break
         start = time.perf_counter()
         config = wire.instruction_config(num_rounds=rounds)
-        replies = grid.send_and_receive(
-            strategy.configure_train(rnd, wire.to_arrays(state), config, grid), timeout=timeout
-        )
-        arrays, _ = strategy.aggregate_train(rnd, replies)
+        try:
+            if client_dp is not None:
+                client_dp.check_next(rnd)
+            replies = grid.send_and_receive(
+                strategy.configure_train(rnd, wire.to_arrays(state), config, grid), timeout=timeout
+            )
+            arrays, _ = strategy.aggregate_train(rnd, replies)
+        except (FederationStopped, BudgetExceeded) as stop:
+            stopped = str(stop)
+            state_extra = {"client_dp": client_dp.state_dict()} if client_dp is not None else {}
+            save_checkpoint(folder.root, Checkpoint(done, state, meta), extra={**state_extra, "stopped": stopped})
+            say(f"stopping after round {done}/{rounds}: {stopped}")
+            break
         if arrays is None:  # DeltaFedAvg raises instead; a plain FedAvg would return None
             raise FedTuneError(f"round {rnd}: no update could be merged")
         state = wire.from_arrays(arrays)
@@ -90,19 +124,24 @@ def run_federation(
         )
         evaluation = _eval_record(strategy.evaluate_replies(rnd, eval_replies))
         report = strategy.report
-        record = {
+        record: dict[str, Any] = {
             "kind": "round",
             "round": rnd,
             "train": report.accepted,
             "rejected": report.rejected,
+            "refused": report.refused,
             "eval": evaluation,
             "download-bytes": report.download_bytes,
             "train-seconds": train_seconds,
             "seconds": time.perf_counter() - start,
         }
+        if report.client_dp:
+            record["client-dp"] = report.client_dp
         metrics.append(record)
         meta = {**meta, META_BASE: strategy.base_sha256}
-        save_checkpoint(folder.root, Checkpoint(rnd, state, meta))
+        state_extra = {"client_dp": client_dp.state_dict()} if client_dp is not None else {}
+        save_checkpoint(folder.root, Checkpoint(rnd, state, meta), extra=state_extra)
+        done = rnd
         say(round_line(record, rounds))
     export_peft(
         folder.adapter_dir,

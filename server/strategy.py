@@ -3,7 +3,11 @@
 Flower's FedAvg averages whole ArrayRecords and trusts them; here each reply is
 unpacked, checked (identity, keys, shapes, dtypes, finiteness) and only then merged:
 ``global + weighted_mean(deltas)`` (the pattern Flower's own DP wrappers use). A rejected
-reply is logged with its site and reason, counted, and kept out of the mean.
+reply is logged with its site and reason, counted, and kept out of the mean. A site that
+refuses a round (its privacy budget is spent) is counted apart; when refusals leave too
+few updates, the federation stops cleanly after its last completed round. With
+client-level DP the merge is :class:`~fedtune.server.client_dp.ClientLevelDP`'s noisy
+clipped mean instead of the weighted mean.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import torch
+from fedtune.server.client_dp import ClientLevelDP
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -22,7 +27,7 @@ from flwr.supercore import log
 from fedtune import wire
 from fedtune.aggregate import validate_update, weighted_mean
 from fedtune.delta import apply_delta, l2_norm
-from fedtune.errors import FedTuneError, UpdateRejected
+from fedtune.errors import FederationStopped, FedTuneError, UpdateRejected
 from fedtune.evaluate import EvalResult
 
 State = dict[str, torch.Tensor]
@@ -34,7 +39,9 @@ class TrainReport:
 
     accepted: dict[str, dict[str, float]] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)
+    refused: list[dict[str, str]] = field(default_factory=list)
     download_bytes: int = 0
+    client_dp: dict[str, float] = field(default_factory=dict)
 
 
 class DeltaFedAvg(FedAvg):
@@ -48,9 +55,19 @@ class DeltaFedAvg(FedAvg):
         Hash of the base model, or "" to adopt the most common one in the first round.
     min_updates
         Valid updates a round needs; fewer fails the round with a clear error.
+    client_dp
+        Client-level DP merge, or None for the plain weighted mean.
     """
 
-    def __init__(self, *, spec_sha256: str, base_sha256: str, min_updates: int, num_nodes: int) -> None:
+    def __init__(
+        self,
+        *,
+        spec_sha256: str,
+        base_sha256: str,
+        min_updates: int,
+        num_nodes: int,
+        client_dp: ClientLevelDP | None = None,
+    ) -> None:
         super().__init__(
             min_train_nodes=num_nodes,
             min_evaluate_nodes=num_nodes,
@@ -64,6 +81,7 @@ class DeltaFedAvg(FedAvg):
         self.min_updates = max(1, min_updates)
         self.current: State = {}
         self.report = TrainReport()
+        self.client_dp = client_dp
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -108,6 +126,10 @@ class DeltaFedAvg(FedAvg):
         for msg in replies:
             node = str(msg.metadata.src_node_id)
             try:
+                refusal = None if msg.has_error() else wire.unpack_refusal(msg.content)
+                if refusal is not None:
+                    self._refused(server_round, refusal)
+                    continue
                 reply = self._open(msg, expect_delta=True)
                 if reply.delta is None:  # unpack_reply already refuses this; keeps types honest
                     raise UpdateRejected("train reply carries no delta")
@@ -126,12 +148,30 @@ class DeltaFedAvg(FedAvg):
                 "upload-bytes": float(wire.message_bytes(msg.content)),
             }
         if len(deltas) < self.min_updates:
+            if self.report.refused:
+                sites = ", ".join(f"{r['site']}: {r['kind']}" for r in self.report.refused)
+                raise FederationStopped(
+                    f"round {server_round}: {len(self.report.refused)} site(s) refused to train ({sites}), "
+                    f"leaving {len(deltas)} valid update(s) of the {self.min_updates} a round needs"
+                )
             raise FedTuneError(
                 f"round {server_round}: only {len(deltas)} valid update(s), the round needs "
                 f"{self.min_updates} (`federation.min_clients`); rejected: {self.report.rejected}"
             )
-        merged = apply_delta(self.current, weighted_mean(deltas, weights))
-        return wire.to_arrays(merged), MetricRecord({"accepted": len(deltas), "rejected": len(self.report.rejected)})
+        if self.client_dp is not None:
+            mean, self.report.client_dp = self.client_dp.release(deltas)
+        else:
+            mean = weighted_mean(deltas, weights)
+        merged = apply_delta(self.current, mean)
+        counts = MetricRecord(
+            {"accepted": len(deltas), "rejected": len(self.report.rejected), "refused": len(self.report.refused)}
+        )
+        return wire.to_arrays(merged), counts
+
+    def _refused(self, server_round: int, refusal: wire.Refusal) -> None:
+        site = refusal.identity.site
+        log(WARNING, "round %d: %s refused to train: %s", server_round, site, refusal.reason)
+        self.report.refused.append({"site": site, "kind": refusal.kind, "reason": refusal.reason})
 
     def evaluate_replies(self, server_round: int, replies: Iterable[Message]) -> dict[str, EvalResult]:
         """Per-site evaluation sums from evaluate replies (bad ones are logged and skipped)."""

@@ -98,3 +98,43 @@ def test_noisy_steps_move_the_adapter_report_the_mechanism_and_unhook(setup) -> 
     assert result.steps == 3
     # Opacus's hooks are gone: the resident model trains normally afterwards
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in rt.model.parameters())
+
+
+def _dp_delta(rt, state, tokens, settings: TrainSettings, *, noise: float, seed: int | None):  # type: ignore[no-untyped-def]
+    from fedtune import adapter
+
+    adapter.set_state(rt.model, state)
+    train_local_dp(
+        rt.model,
+        tokens,
+        settings,
+        noise_multiplier=noise,
+        max_grad_norm=C,
+        steps=2,
+        pad_id=int(rt.base.tokenizer.pad_token_id),
+        seed=seed,
+        precision="fp32",
+    )
+    return compute_delta(adapter.get_state(rt.model), state)
+
+
+def test_a_logical_batch_in_physical_chunks_equals_one_batch(setup) -> None:  # type: ignore[no-untyped-def]
+    rt, state, normal, _ = setup
+    base = TrainSettings(lr=LR, optimizer="sgd", lr_schedule="constant")
+    # sample rate 1 both ways (logical batch 8 >= 6 records): the same records every step
+    one = _dp_delta(rt, state, normal, dataclasses.replace(base, batch_size=8), noise=0.0, seed=0)
+    chunked = _dp_delta(rt, state, normal, dataclasses.replace(base, batch_size=2, grad_accum=4), noise=0.0, seed=0)
+    for k in one:
+        torch.testing.assert_close(chunked[k], one[k], rtol=1e-4, atol=1e-7)
+    assert l2_norm(one) > 0
+
+
+def test_noise_is_fresh_unless_a_test_seeds_it(setup) -> None:  # type: ignore[no-untyped-def]
+    rt, state, normal, _ = setup
+    settings = TrainSettings(lr=LR, optimizer="sgd", lr_schedule="constant", batch_size=2)
+    a = _dp_delta(rt, state, normal, settings, noise=1.0, seed=None)
+    b = _dp_delta(rt, state, normal, settings, noise=1.0, seed=None)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the coordinator cannot replay the noise
+    c = _dp_delta(rt, state, normal, settings, noise=1.0, seed=7)
+    d = _dp_delta(rt, state, normal, settings, noise=1.0, seed=7)
+    assert all(torch.equal(c[k], d[k]) for k in c)
