@@ -41,6 +41,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out = {key: getattr(args, flag) for flag, key in flags.items() if getattr(args, flag) is not None}
     if args.no_baselines:
         out["run.baselines"] = False
+    for flag, key in (("target_epsilon", "dp.target_epsilon"), ("noise_multiplier", "dp.noise_multiplier")):
+        if getattr(args, flag, None) is not None:
+            out["dp.enabled"] = True
+            out[key] = getattr(args, flag)
     for item in args.set or []:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -52,11 +56,22 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _simulate(args: argparse.Namespace) -> int:
     from fedtune.config import load_config
     from fedtune.simulate import prepare_run, resume_folder, run_simulation
+    from fedtune.sweep import is_sweep, parse_epsilons, prepare_sweep, run_sweep
 
     if args.resume:
-        if args.config or _overrides(args):
+        if args.config or _overrides(args) or args.epsilons:
             raise ConfigError("--resume continues a run with its own config.toml; drop CONFIG and the other flags")
+        if is_sweep(Path(args.resume)):
+            table = run_sweep(Path(args.resume).resolve(), say=lambda line: print(line, flush=True))
+            print("\n" + table, flush=True)
+            return 0
         folder = resume_folder(Path(args.resume))
+    elif args.epsilons:
+        cfg = load_config(Path(args.config) if args.config else None, _overrides(args))
+        root = prepare_sweep(cfg, parse_epsilons(args.epsilons), root=Path(args.out) if args.out else None)
+        table = run_sweep(root, say=lambda line: print(line, flush=True))
+        print("\n" + table, flush=True)
+        return 0
     else:
         # No CONFIG: the embedded defaults (simulations/default.toml spells them out).
         cfg = load_config(Path(args.config) if args.config else None, _overrides(args))
@@ -76,6 +91,69 @@ def _data(args: argparse.Namespace) -> int:
         write_records(out / f"{site}.train.jsonl", train)
         write_records(out / f"{site}.eval.jsonl", held_out)
         print(f"{site}: {len(train)} train + {len(held_out)} held-out records -> {out / site}.*.jsonl")
+    return 0
+
+
+def _client_privacy(args: argparse.Namespace) -> int:
+    import json
+
+    from fedtune.client.ledger import PrivacyLedger
+    from fedtune.privacy import Mechanism, epsilon_spent
+    from fedtune.report import markdown_table
+
+    path = Path(args.ledger)
+    paths = sorted(p for p in path.glob("*.json")) if path.is_dir() else [path]
+    if not paths:
+        raise ConfigError(f"{path}: no privacy ledgers (*.json) in this folder; pass a ledger file or its folder")
+    out: dict[str, list[dict[str, Any]]] = {}
+    for p in paths:
+        ledger = PrivacyLedger.open(p)
+        rows = ledger.report()
+        out[str(p)] = rows
+        if args.json:
+            continue
+        pol = ledger.policy
+        print(f"privacy ledger {p}")
+        print(
+            f"budget: epsilon {pol.budget_epsilon:g} per record at delta {pol.delta:g} ({pol.accountant} accountant); "
+            "epsilon is that of each dataset's worst record over everything released"
+        )
+        shown = [
+            {
+                "dataset": r["dataset"][:12],
+                "label": r["label"],
+                "records": r["records"],
+                "releases": r["releases"],
+                "runs": r["runs"],
+                "epsilon": r["epsilon"],
+                "remaining": r["remaining"],
+                "last release": r["last release"][:19],
+            }
+            for r in rows
+        ]
+        print(markdown_table(shown))
+        if args.history:
+            for r in rows:
+                releases = ledger.history(r["dataset"])
+                steps = [Mechanism(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in releases]
+                history = [
+                    {
+                        "time": e["time"][:19],
+                        "run": e["run_id"],
+                        "round": e["server_round"],
+                        "noise": e["noise_multiplier"],
+                        "sample rate": e["sample_rate"],
+                        "steps": e["steps"],
+                        "epsilon (this dataset)": epsilon_spent(
+                            steps[: i + 1], delta=pol.delta, accountant=pol.accountant
+                        ),
+                    }
+                    for i, e in enumerate(releases)
+                ]
+                print(f"releases of dataset {r['dataset'][:12]} ({r['label'] or 'no label'}):")
+                print(markdown_table(history))
+    if args.json:
+        print(json.dumps(out, indent=2))
     return 0
 
 
@@ -103,7 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", help="run folder to create (default: <run.output_dir>/<name>-<time>)")
     sim.add_argument("--no-baselines", action="store_true", help="skip base / local-only / centralized")
     sim.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="any other config field")
-    sim.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last round")
+    sim.add_argument(
+        "--epsilons",
+        metavar="E1,E2,...",
+        help="privacy-utility sweep: the federation without DP and with DP-SGD at each target epsilon",
+    )
+    sim.add_argument("--target-epsilon", type=float, help="DP-SGD with noise so the run spends at most this epsilon")
+    sim.add_argument("--noise-multiplier", type=float, help="DP-SGD with this fixed noise multiplier")
+    sim.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (or sweep) from its last round")
     sim.set_defaults(func=_simulate)
 
     data = sub.add_parser("data", help="write the embedded clinical dataset to disk (JSONL) to see the format")
@@ -113,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--eval", type=int, default=16, help="held-out records per hospital")
     data.add_argument("--seed", type=int, default=0)
     data.set_defaults(func=_data)
+
+    client = sub.add_parser("client", help="the hospital's side: its privacy ledger")
+    client_sub = client.add_subparsers(dest="client_command", required=True)
+    privacy = client_sub.add_parser(
+        "privacy", help="what the hospital's privacy ledger says: per dataset, epsilon spent and left"
+    )
+    privacy.add_argument("ledger", help="a privacy ledger file, or a folder of them (a simulation's <run>/privacy)")
+    privacy.add_argument("--history", action="store_true", help="also list every release")
+    privacy.add_argument("--json", action="store_true", help="print the report as JSON")
+    privacy.set_defaults(func=_client_privacy)
     return parser
 
 

@@ -23,6 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
         (["simulate", "/no/such/config.toml"], "cannot read config"),
         (["simulate", "--resume", "/no/such/run"], "not a fedtune run folder"),
         (["simulate", "--model", "org/some-hub-model", "--no-baselines"], "never downloaded from a hub"),
+        (["simulate", "--target-epsilon", "20"], "`dp.target_epsilon` (20.0) is above `dp.budget_epsilon`"),
+        (["simulate", "--set", "dp.enabled=true"], "set exactly one of `dp.noise_multiplier` and `dp.target_epsilon`"),
+        (["simulate", "--epsilons", "1,-2"], "--epsilons must list positive numbers"),
+        (["simulate", "--set", "client_dp.clipping_norm=0"], "`client_dp.clipping_norm` must be positive"),
+        (["client", "privacy", "/no/such/ledger.json"], "no privacy ledger at /no/such/ledger.json"),
     ],
 )
 def test_errors_are_one_line_with_exit_2(
@@ -72,3 +77,27 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert len(commands) == 2, "the README opens with exactly two commands"
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
     assert commands[0].endswith("fedtune simulate") and commands[1].endswith("python -m pytest")
+
+
+def test_client_privacy_reports_and_refuses_an_open_ledger(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import hashlib
+    import json
+
+    from fedtune.client.ledger import Policy, PrivacyLedger
+
+    from fedtune.privacy import Mechanism
+
+    path = tmp_path / "st-elsewhere.json"
+    ledger = PrivacyLedger(path, Policy(8.0, 1e-5))
+    ds = ledger.register([hashlib.sha256(b"record").digest()], label="st-elsewhere")
+    spent = ledger.record(ds, Mechanism(1.0, 0.1, 10), release_id="r1", run_id="run-a", server_round=1)
+    assert main(["client", "privacy", str(tmp_path), "--history"]) == 0
+    out = capsys.readouterr().out
+    assert "epsilon 8 per record at delta 1e-05" in out and ds[:12] in out and "run-a" in out
+    assert f"{spent:.3f}" in out and f"{8.0 - spent:.3f}" in out
+    assert main(["client", "privacy", str(path), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)[str(path)]
+    assert row["releases"] == 1 and row["label"] == "st-elsewhere"
+    path.chmod(0o644)
+    assert main(["client", "privacy", str(path)]) == 2
+    assert f"run `chmod 600 {path}`" in capsys.readouterr().err

@@ -101,3 +101,51 @@ def test_instruction_round_trip() -> None:
     assert (got.server_round, got.num_rounds) == (2, 5)
     assert all(torch.equal(got.state[k], GLOBAL[k]) for k in GLOBAL)
     assert isinstance(content.config_records[wire.CONFIG], ConfigRecord)
+
+
+def _refusal(site: str) -> Message:
+    content = wire.pack_refusal(
+        wire.Identity(site, "base", "spec"), kind=wire.REFUSED_PRIVACY_BUDGET, reason=f"{site}: budget spent"
+    )
+    return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+
+def test_refusals_are_counted_apart_and_the_round_goes_on_without_them() -> None:
+    s = _strategy(min_updates=1)
+    arrays, metrics = s.aggregate_train(2, [_reply("a", _delta(1.0)), _refusal("b")])
+    for k, v in wire.from_arrays(arrays).items():
+        torch.testing.assert_close(v, GLOBAL[k] + 1.0)  # the refusing site is not in the mean
+    assert metrics["refused"] == 1 and metrics["rejected"] == 0
+    assert s.report.refused == [{"site": "b", "kind": "privacy-budget", "reason": "b: budget spent"}]
+    assert set(s.report.accepted) == {"a"}
+
+
+def test_refusals_that_leave_too_few_updates_stop_the_federation() -> None:
+    from fedtune.errors import FederationStopped
+
+    s = _strategy(min_updates=2)
+    with pytest.raises(FederationStopped, match=r"round 4: 2 site\(s\) refused to train \(a: privacy-budget, b:"):
+        s.aggregate_train(4, [_refusal("a"), _refusal("b"), _reply("c", _delta(1.0))])
+
+
+def test_a_refusal_without_identity_is_rejected() -> None:
+    s = _strategy()
+    bad = _refusal("x")
+    del bad.content.config_records[wire.IDENTITY]
+    s.aggregate_train(1, [bad, _reply("a", _delta(1.0))])
+    assert s.report.refused == [] and len(s.report.rejected) == 1
+
+
+def test_client_level_dp_replaces_the_weighted_mean() -> None:
+    from fedtune.server.client_dp import ClientLevelDP, clip
+
+    from fedtune.config import ClientDPSettings
+
+    s = _strategy()
+    s.client_dp = ClientLevelDP(ClientDPSettings(enabled=True, noise_multiplier=1e-9, clipping_norm=0.5), num_sampled=2)
+    arrays, _ = s.aggregate_train(1, [_reply("a", _delta(1.0), n=10), _reply("b", _delta(0.01), n=1000)])
+    merged = wire.from_arrays(arrays)
+    big, small = clip(_delta(1.0), 0.5)[0], _delta(0.01)
+    for k in GLOBAL:  # uniform over the sampled hospitals, not weighted by examples; clipped
+        torch.testing.assert_close(merged[k], GLOBAL[k] + (big[k] + small[k]) / 2, rtol=1e-5, atol=1e-6)
+    assert s.report.client_dp["clipped"] == 1 and s.report.client_dp["epsilon"] > 0
