@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fedtune.checkpoint import atomic_write_json, load_checkpoint
@@ -32,8 +32,13 @@ def _evaluate_all(runtime: SiteRuntime, state: Any, sites: list[SiteData], cfg: 
     return out
 
 
-def run_baselines(folder: RunFolder, *, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Compute (or load) every baseline of the run; returns name -> per-site and pooled metrics."""
+def run_baselines(
+    folder: RunFolder, *, say: Callable[[str], None] = print, only: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Compute (or load) the baselines of the run (all, or those named in ``only``).
+
+    Returns name -> per-site and pooled metrics.
+    """
     cfg = folder.load_config()
     done: dict[str, Any] = json.loads(folder.baselines_path.read_text()) if folder.baselines_path.is_file() else {}
     runtime = SiteRuntime(cfg.model, cfg.lora)
@@ -44,6 +49,8 @@ def run_baselines(folder: RunFolder, *, say: Callable[[str], None] = print) -> d
     plan: list[tuple[str, list[SiteData] | None]] = [("base", None)]
     plan += [(f"local:{d.site}", [d]) for d in sites]
     plan.append(("centralized", sites))
+    if only is not None:
+        plan = [(name, train_on) for name, train_on in plan if name in only]
     for i, (name, train_on) in enumerate(plan, start=1):
         if name in done:
             continue

@@ -67,6 +67,8 @@ def _simulate(args: argparse.Namespace) -> int:
             return 0
         folder = resume_folder(Path(args.resume))
     elif args.epsilons:
+        if args.target_epsilon is not None or args.noise_multiplier is not None:
+            raise ConfigError("--epsilons sets each sweep run's DP noise; drop --target-epsilon and --noise-multiplier")
         cfg = load_config(Path(args.config) if args.config else None, _overrides(args))
         root = prepare_sweep(cfg, parse_epsilons(args.epsilons), root=Path(args.out) if args.out else None)
         table = run_sweep(root, say=lambda line: print(line, flush=True))
@@ -95,65 +97,9 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _client_privacy(args: argparse.Namespace) -> int:
-    import json
+    from fedtune.client.commands import privacy_report
 
-    from fedtune.client.ledger import PrivacyLedger
-    from fedtune.privacy import Mechanism, epsilon_spent
-    from fedtune.report import markdown_table
-
-    path = Path(args.ledger)
-    paths = sorted(p for p in path.glob("*.json")) if path.is_dir() else [path]
-    if not paths:
-        raise ConfigError(f"{path}: no privacy ledgers (*.json) in this folder; pass a ledger file or its folder")
-    out: dict[str, list[dict[str, Any]]] = {}
-    for p in paths:
-        ledger = PrivacyLedger.open(p)
-        rows = ledger.report()
-        out[str(p)] = rows
-        if args.json:
-            continue
-        pol = ledger.policy
-        print(f"privacy ledger {p}")
-        print(
-            f"budget: epsilon {pol.budget_epsilon:g} per record at delta {pol.delta:g} ({pol.accountant} accountant); "
-            "epsilon is that of each dataset's worst record over everything released"
-        )
-        shown = [
-            {
-                "dataset": r["dataset"][:12],
-                "label": r["label"],
-                "records": r["records"],
-                "releases": r["releases"],
-                "runs": r["runs"],
-                "epsilon": r["epsilon"],
-                "remaining": r["remaining"],
-                "last release": r["last release"][:19],
-            }
-            for r in rows
-        ]
-        print(markdown_table(shown))
-        if args.history:
-            for r in rows:
-                releases = ledger.history(r["dataset"])
-                steps = [Mechanism(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in releases]
-                history = [
-                    {
-                        "time": e["time"][:19],
-                        "run": e["run_id"],
-                        "round": e["server_round"],
-                        "noise": e["noise_multiplier"],
-                        "sample rate": e["sample_rate"],
-                        "steps": e["steps"],
-                        "epsilon (this dataset)": epsilon_spent(
-                            steps[: i + 1], delta=pol.delta, accountant=pol.accountant
-                        ),
-                    }
-                    for i, e in enumerate(releases)
-                ]
-                print(f"releases of dataset {r['dataset'][:12]} ({r['label'] or 'no label'}):")
-                print(markdown_table(history))
-    if args.json:
-        print(json.dumps(out, indent=2))
+    print(privacy_report(Path(args.ledger), history=args.history, as_json=args.json), end="")
     return 0
 
 

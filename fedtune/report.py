@@ -83,8 +83,8 @@ def summary_rows(
     if "centralized" in baselines:
         rows.append(row("centralized (pooled data)", baselines["centralized"]))
     if private:
-        for r in rows[1:]:
-            if not r["model"].startswith("federated"):
+        for r in rows:
+            if r["model"].startswith(("local only", "centralized")):
                 r["model"] += " (no DP)"
     return rows
 

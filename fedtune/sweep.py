@@ -9,7 +9,8 @@
 
 Every DP sub-run keeps its simulated hospitals' ledgers in its own folder, so the runs
 do not draw on each other's budget. The baselines (base model, local only,
-centralized) run once, in the non-private sub-run, if ``run.baselines`` is set.
+centralized) run once, in the non-private sub-run, if ``run.baselines`` is set; the base
+model is evaluated in any case.
 """
 
 from __future__ import annotations
@@ -91,6 +92,11 @@ def run_sweep(root: Path, *, say: Say = print) -> str:
         label = "without DP" if plan[name] is None else f"DP, target epsilon {plan[name]:g}"
         say(f"--- sweep run {i}/{len(plan)}: {name} ({label})")
         run_simulation(RunFolder(root / name), say=_prefixed(say, name))
+    no_dp = RunFolder(root / NO_DP)
+    if not no_dp.load_config().run.baselines:  # the base model's row costs one evaluation
+        from fedtune.baselines import run_baselines
+
+        run_baselines(no_dp, say=_prefixed(say, NO_DP), only=["base"])
     rows = privacy_utility_rows(root, plan)
     table = markdown_table(rows)
     atomic_write_json(root / "privacy_utility.json", rows)

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
         (["simulate", "--target-epsilon", "20"], "`dp.target_epsilon` (20.0) is above `dp.budget_epsilon`"),
         (["simulate", "--set", "dp.enabled=true"], "set exactly one of `dp.noise_multiplier` and `dp.target_epsilon`"),
         (["simulate", "--epsilons", "1,-2"], "--epsilons must list positive numbers"),
+        (["simulate", "--epsilons", "1", "--target-epsilon", "2"], "drop --target-epsilon and --noise-multiplier"),
         (["simulate", "--set", "client_dp.clipping_norm=0"], "`client_dp.clipping_norm` must be positive"),
         (["client", "privacy", "/no/such/ledger.json"], "no privacy ledger at /no/such/ledger.json"),
     ],

@@ -29,8 +29,8 @@ def test_sweep_table_plot_and_resume(tiny_cfg, tmp_path: Path, capsys: pytest.Ca
     printed = capsys.readouterr().out
     assert "--- sweep run 1/2: no-dp (without DP)" in printed and "[eps-3] round 2/2" in printed
     rows = json.loads((out / "privacy_utility.json").read_text())
-    assert [r["model"] for r in rows] == ["federated, no DP (2 rounds)", "federated, DP (2 rounds)"]
-    no_dp, dp = rows
+    assert [r["model"] for r in rows] == ["base model", "federated, no DP (2 rounds)", "federated, DP (2 rounds)"]
+    _, no_dp, dp = rows
     assert no_dp["epsilon spent (max site)"] is None
     assert dp["target epsilon"] == 3.0 and 0 < dp["epsilon spent (max site)"] <= 3.0
     assert dp["noise multiplier (mean)"] > 0

@@ -1,0 +1,68 @@
+"""The hospital's commands (``fedtune client ...``): what the daemon's operators run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedtune.client.ledger import PrivacyLedger
+
+from fedtune.errors import ConfigError
+from fedtune.privacy import Mechanism, epsilon_spent
+from fedtune.report import markdown_table
+
+
+def _ledger_text(path: Path, ledger: PrivacyLedger, rows: list[dict[str, Any]], *, history: bool) -> str:
+    pol = ledger.policy
+    lines = [
+        f"privacy ledger {path}",
+        f"budget: epsilon {pol.budget_epsilon:g} per record at delta {pol.delta:g} ({pol.accountant} accountant); "
+        "epsilon is that of each dataset's worst record over everything released",
+    ]
+    shown = [
+        {
+            "dataset": r["dataset"][:12],
+            "label": r["label"],
+            "records": r["records"],
+            "releases": r["releases"],
+            "runs": r["runs"],
+            "epsilon": r["epsilon"],
+            "remaining": r["remaining"],
+            "last release": r["last release"][:19],
+        }
+        for r in rows
+    ]
+    lines.append(markdown_table(shown))
+    for r in rows if history else []:
+        releases = ledger.history(r["dataset"])
+        steps = [Mechanism(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in releases]
+        table = [
+            {
+                "time": e["time"][:19],
+                "run": e["run_id"],
+                "round": e["server_round"],
+                "noise": e["noise_multiplier"],
+                "sample rate": e["sample_rate"],
+                "steps": e["steps"],
+                # this dataset's own releases only; the row above adds overlapping datasets
+                "epsilon (this dataset)": epsilon_spent(steps[: i + 1], delta=pol.delta, accountant=pol.accountant),
+            }
+            for i, e in enumerate(releases)
+        ]
+        lines += [f"releases of dataset {r['dataset'][:12]} ({r['label'] or 'no label'}):", markdown_table(table)]
+    return "\n".join(lines) + "\n"
+
+
+def privacy_report(path: Path, *, history: bool = False, as_json: bool = False) -> str:
+    """``fedtune client privacy``: every dataset's spend and what is left, for a ledger or a folder of them."""
+    paths = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    if not paths:
+        raise ConfigError(f"{path}: no privacy ledgers (*.json) in this folder; pass a ledger file or its folder")
+    texts, reports = [], {}
+    for p in paths:
+        ledger = PrivacyLedger.open(p)
+        rows = ledger.report()
+        reports[str(p)] = rows
+        texts.append(_ledger_text(p, ledger, rows, history=history))
+    return json.dumps(reports, indent=2) + "\n" if as_json else "\n".join(texts)
