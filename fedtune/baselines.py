@@ -41,6 +41,9 @@ def run_baselines(
     """
     cfg = folder.load_config()
     done: dict[str, Any] = json.loads(folder.baselines_path.read_text()) if folder.baselines_path.is_file() else {}
+    wanted = ["base", *(f"local:{s}" for s in folder.sites()), "centralized"]
+    if all(name in done for name in wanted if only is None or name in only):
+        return done  # nothing to compute: do not load the model
     runtime = SiteRuntime(cfg.model, cfg.lora)
     sites = [site_data(runtime, s, *folder.read_site(s), cfg.train.max_length) for s in folder.sites()]
     initial = load_checkpoint(folder.root, 0).state

@@ -164,8 +164,10 @@ def plot_privacy_utility(root: Path, rows: list[dict[str, Any]]) -> Path:
         ys = [r["pooled field acc"] for r in private]
         ax.plot(xs, ys, marker="o", lw=2, color="tab:blue", label="federated with DP-SGD")
         for x, y in zip(xs, ys, strict=True):
-            ax.annotate(f"eps {x:.2g}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7)
+            ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7)
         ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{x:.2g}" for x in xs])
+        ax.minorticks_off()
     for r in rows:
         if r["model"].startswith("federated, no DP"):
             ax.axhline(r["pooled field acc"], ls="--", color="tab:green", label="federated, no DP")

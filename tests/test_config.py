@@ -65,6 +65,11 @@ def test_bad_toml_names_the_file(tmp_path: Path) -> None:
         ({"dp.delta": 0.0}, r"`dp.delta` must be in \(0, 1\), got 0.0"),
         ({"dp.accountant": "gdp"}, r"`dp.accountant` must be one of rdp, prv, got 'gdp'"),
         ({"dp.grad_sample_mode": "ghost"}, r"`dp.grad_sample_mode` must be one of hooks, functorch"),
+        ({"dp.budget_epsilon": -1.0}, r"`dp.budget_epsilon` must be positive, got -1.0"),
+        ({"dp.enabled": True, "dp.target_epsilon": 12.0}, r"`dp.target_epsilon` \(12.0\) is above `dp.budget_epsilon`"),
+        ({"client_dp.noise_multiplier": 0.0}, r"`client_dp.noise_multiplier` must be positive"),
+        ({"client_dp.delta": 2.0}, r"`client_dp.delta` must be in \(0, 1\)"),
+        ({"client_dp.max_epsilon": -1.0}, r"`client_dp.max_epsilon` must be >= 0"),
     ],
 )
 def test_dp_settings_are_validated(overrides: dict[str, object], pattern: str) -> None:

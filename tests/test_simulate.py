@@ -86,8 +86,9 @@ def test_prepare_run_writes_config_and_sites(tmp_path: Path) -> None:
         prepare_run(cfg, run_dir=folder.root)
 
 
-def test_dp_is_refused_until_the_ledger_exists(tmp_path: Path) -> None:
-    cfg = load_config(None, {**SMALL, "dp.enabled": True, "dp.noise_multiplier": 1.0})
-    with pytest.raises(ConfigError, match="`dp.enabled` = true is not supported in federations yet"):
-        prepare_run(cfg, run_dir=tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+def test_a_relative_ledger_dir_is_stored_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Flower's workers do not run in the user's directory: the run must name the ledgers absolutely
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, {**SMALL, "dp.enabled": True, "dp.noise_multiplier": 1.0, "dp.ledger_dir": "ledgers"})
+    folder = prepare_run(cfg, run_dir=tmp_path / "run")
+    assert folder.load_config().dp.ledger_dir == str(tmp_path / "ledgers")
