@@ -177,7 +177,10 @@ class FederationSettings:
         _require(
             0 < self.fraction_train <= 1, f"`federation.fraction_train` must be in (0, 1], got {self.fraction_train}"
         )
-        _require(self.min_clients >= 0, f"`federation.min_clients` must be >= 0 (0: all), got {self.min_clients}")
+        _require(
+            self.min_clients >= 0,
+            f"`federation.min_clients` must be >= 0 (0: every sampled hospital), got {self.min_clients}",
+        )
         _require(self.round_timeout > 0, f"`federation.round_timeout` must be positive, got {self.round_timeout}")
 
 
@@ -289,11 +292,17 @@ class ExperimentConfig:
                 f"`data.hospitals` must equal the number of `data.files` ({len(self.data.files)}) "
                 f"with the natural partition, got {self.data.hospitals}",
             )
+        sampled = self.sampled_per_round()
         _require(
-            self.federation.min_clients <= self.data.hospitals,
-            f"`federation.min_clients` ({self.federation.min_clients}) cannot exceed "
-            f"`data.hospitals` ({self.data.hospitals})",
+            self.federation.min_clients <= sampled,
+            f"`federation.min_clients` ({self.federation.min_clients}) cannot exceed the hospitals sampled per "
+            f"round ({sampled} = `federation.fraction_train` {self.federation.fraction_train} x `data.hospitals` "
+            f"{self.data.hospitals}, at least 1); lower it or sample more",
         )
+
+    def sampled_per_round(self) -> int:
+        """Hospitals asked to train each round: int(hospitals x fraction_train), at least 1 (Flower's rule)."""
+        return max(1, int(self.data.hospitals * self.federation.fraction_train))
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain TOML-ready dict (tuples become lists)."""

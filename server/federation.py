@@ -79,18 +79,19 @@ def run_federation(
     metrics.keep_rounds_up_to(done)
     rounds = cfg.federation.rounds
     nodes = cfg.data.hospitals
-    min_train = max(1, min(nodes, cfg.federation.min_clients or nodes))
-    # Flower's FedAvg samples max(int(N * fraction_train), min_train_nodes) nodes a round.
-    client_dp = _client_dp(cfg, extra, max(int(nodes * cfg.federation.fraction_train), min_train))
+    # Flower's FedAvg samples max(int(N * fraction_train), min_train_nodes) nodes a round;
+    # a round needs `min_clients` valid updates, or every sampled hospital's (0).
+    sampled = cfg.sampled_per_round()
+    client_dp = _client_dp(cfg, extra, sampled)
     strategy = DeltaFedAvg(
         spec_sha256=meta[META_SPEC],
         base_sha256=meta[META_BASE],
-        min_updates=cfg.federation.min_clients or nodes,
+        min_updates=cfg.federation.min_clients or sampled,
         num_nodes=nodes,
         client_dp=client_dp,
     )
     strategy.fraction_train = cfg.federation.fraction_train
-    strategy.min_train_nodes = min_train
+    strategy.min_train_nodes = sampled
     timeout = cfg.federation.round_timeout
     stopped = str(extra.get("stopped", ""))
     if stopped:

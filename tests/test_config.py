@@ -35,7 +35,14 @@ def test_int_widens_to_float() -> None:
         ({"train.local_steps": True}, r"`train.local_steps` must be int"),
         ({"lora.rank": 0}, r"`lora.rank` must be a positive integer, got 0"),
         ({"lora.target_modules": "q_proj"}, r"`lora.target_modules` must be a list of strings"),
-        ({"federation.min_clients": 9}, r"`federation.min_clients` \(9\) cannot exceed `data.hospitals` \(3\)"),
+        (
+            {"federation.min_clients": 9},
+            r"`federation.min_clients` \(9\) cannot exceed the hospitals sampled per round \(3 ",
+        ),
+        (
+            {"federation.min_clients": 3, "federation.fraction_train": 0.5},
+            r"cannot exceed the hospitals sampled per round \(1 = `federation.fraction_train` 0.5 x `data.hospitals` 3",
+        ),
         ({"data.source": "files"}, r"`data.files` must list one file per hospital"),
         ({"model.precision": "fp8"}, r"`model.precision` must be one of auto, fp32, bf16"),
     ],
@@ -76,3 +83,9 @@ def test_dp_settings_are_validated(overrides: dict[str, object], pattern: str) -
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, overrides)
     assert load_config(None, {"dp.enabled": True, "dp.target_epsilon": 4.0}).dp.target_epsilon == 4.0
+
+
+def test_hospitals_sampled_per_round_follow_flowers_rule() -> None:
+    assert load_config(None, {"data.hospitals": 4, "federation.fraction_train": 0.5}).sampled_per_round() == 2
+    assert load_config(None, {"data.hospitals": 3, "federation.fraction_train": 0.7}).sampled_per_round() == 2
+    assert load_config(None, {"data.hospitals": 3, "federation.fraction_train": 0.1}).sampled_per_round() == 1

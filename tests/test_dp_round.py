@@ -101,11 +101,14 @@ def _crash_between_record_and_send(run_dir: str, cache: str) -> None:
 
 def test_a_crash_after_recording_and_before_sending_leaves_the_spend_counted(tiny_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = multiprocessing.get_context("fork").Process(
+    # spawn, not fork: a forked child of a process whose OpenMP pool already ran can hang in torch
+    proc = multiprocessing.get_context("spawn").Process(
         target=_crash_between_record_and_send, args=(str(run_dir), os.environ["FEDTUNE_CACHE"])
     )
     proc.start()
     proc.join(timeout=300)
+    if proc.exitcode is None:
+        proc.kill()
     assert proc.exitcode == 9  # it died at the send
     ledger = PrivacyLedger.open(run_dir / "privacy" / "st-elsewhere.json")
     (row,) = ledger.report()

@@ -169,7 +169,7 @@ def _record_many(path: str, worker: int) -> None:
 
 def test_processes_sharing_a_ledger_lose_no_spend(tmp_path: Path) -> None:
     path = tmp_path / "ledger.json"
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # fork after torch ran can hang the child
     procs = [ctx.Process(target=_record_many, args=(str(path), w)) for w in range(3)]
     for p in procs:
         p.start()

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_ruff() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "fedtune", "server", "client", "tests", "benchmarks"],
+        [sys.executable, "-m", "ruff", "check", "fedtune", "server", "client", "tests", "benchmarks", "simulations"],
         cwd=ROOT,
         capture_output=True,
         text=True,
