@@ -65,6 +65,22 @@ def _client_dp(cfg: ExperimentConfig, extra: dict[str, Any], num_sampled: int) -
     return dp
 
 
+def build_strategy(cfg: ExperimentConfig, meta: dict[str, str], client_dp: ClientLevelDP | None) -> DeltaFedAvg:
+    """The round's strategy: samples ``cfg.sampled_per_round()`` hospitals, needs ``min_clients`` or all of them."""
+    # Flower's FedAvg samples max(int(N * fraction_train), min_train_nodes) nodes a round.
+    sampled = cfg.sampled_per_round()
+    strategy = DeltaFedAvg(
+        spec_sha256=meta[META_SPEC],
+        base_sha256=meta[META_BASE],
+        min_updates=cfg.federation.min_clients or sampled,
+        num_nodes=cfg.data.hospitals,
+        client_dp=client_dp,
+    )
+    strategy.fraction_train = cfg.federation.fraction_train
+    strategy.min_train_nodes = sampled
+    return strategy
+
+
 def run_federation(
     grid: Grid, folder: RunFolder, cfg: ExperimentConfig, *, say: Callable[[str], None] = print
 ) -> State:
@@ -78,20 +94,8 @@ def run_federation(
     metrics = MetricsLog(folder.metrics_path)
     metrics.keep_rounds_up_to(done)
     rounds = cfg.federation.rounds
-    nodes = cfg.data.hospitals
-    # Flower's FedAvg samples max(int(N * fraction_train), min_train_nodes) nodes a round;
-    # a round needs `min_clients` valid updates, or every sampled hospital's (0).
-    sampled = cfg.sampled_per_round()
-    client_dp = _client_dp(cfg, extra, sampled)
-    strategy = DeltaFedAvg(
-        spec_sha256=meta[META_SPEC],
-        base_sha256=meta[META_BASE],
-        min_updates=cfg.federation.min_clients or sampled,
-        num_nodes=nodes,
-        client_dp=client_dp,
-    )
-    strategy.fraction_train = cfg.federation.fraction_train
-    strategy.min_train_nodes = sampled
+    client_dp = _client_dp(cfg, extra, cfg.sampled_per_round())
+    strategy = build_strategy(cfg, meta, client_dp)
     timeout = cfg.federation.round_timeout
     stopped = str(extra.get("stopped", ""))
     if stopped:

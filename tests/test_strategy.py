@@ -149,3 +149,24 @@ def test_client_level_dp_replaces_the_weighted_mean() -> None:
     for k in GLOBAL:  # uniform over the sampled hospitals, not weighted by examples; clipped
         torch.testing.assert_close(merged[k], GLOBAL[k] + (big[k] + small[k]) / 2, rtol=1e-5, atol=1e-6)
     assert s.report.client_dp["clipped"] == 1 and s.report.client_dp["epsilon"] > 0
+
+
+def test_fraction_train_samples_that_share_of_the_hospitals() -> None:
+    from fedtune.server.federation import build_strategy
+
+    from fedtune.adapter import META_BASE, META_SPEC
+    from fedtune.config import load_config
+
+    class FourNodes:
+        def get_node_ids(self) -> list[int]:
+            return [11, 12, 13, 14]
+
+    meta = {META_SPEC: "spec", META_BASE: ""}
+    half = build_strategy(load_config(None, {"data.hospitals": 4, "federation.fraction_train": 0.5}), meta, None)
+    config = wire.instruction_config(num_rounds=2)
+    messages = list(half.configure_train(1, wire.to_arrays(GLOBAL), config, FourNodes()))  # type: ignore[arg-type]
+    assert len(messages) == 2 and {m.metadata.dst_node_id for m in messages} <= {11, 12, 13, 14}
+    assert half.min_updates == 2  # min_clients = 0: every sampled hospital
+    every = build_strategy(load_config(None, {"data.hospitals": 4, "federation.min_clients": 3}), meta, None)
+    assert len(list(every.configure_train(1, wire.to_arrays(GLOBAL), config, FourNodes()))) == 4  # type: ignore[arg-type]
+    assert every.min_updates == 3
