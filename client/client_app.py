@@ -62,7 +62,9 @@ def _train_private(
         done = private_train_round(runtime, instruction, data, cfg.train, cfg.dp, ledger, run_id=run_dir.name)
     except BudgetExceeded as err:
         log(WARNING, "%s: round %d refused: %s", data.site, instruction.server_round, err)
-        refusal = wire.pack_refusal(runtime.identity(data.site), kind=wire.REFUSED_PRIVACY_BUDGET, reason=str(err))
+        # the full message (with the dataset's id) stays in the hospital's log
+        reason = err.public_reason()
+        refusal = wire.pack_refusal(runtime.identity(data.site), kind=wire.REFUSED_PRIVACY_BUDGET, reason=reason)
         return Message(refusal, reply_to=msg)
     metrics = {**done.metrics(), "base-model-loads": base_model_loads()}
     content = wire.pack_reply(runtime.identity(data.site), metrics, num_examples=len(data.train), delta=done.delta)

@@ -231,7 +231,10 @@ class PrivacyLedger:
                 f"{spent:.3f} of `budget_epsilon` = {self.policy.budget_epsilon:g} (delta {self.policy.delta:g}); "
                 f"this round (noise {mechanism.noise_multiplier:.3g}, rate {mechanism.sample_rate:.3g}, "
                 f"{mechanism.steps} steps) would bring it to {after:.3f}; nothing was sent; stop training on this "
-                "dataset, or have the privacy board raise the budget"
+                "dataset, or have the privacy board raise the budget",
+                spent=spent,
+                after=after,
+                budget=self.policy.budget_epsilon,
             )
         return after
 

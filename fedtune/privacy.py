@@ -29,7 +29,22 @@ NOISE_RTOL = 0.01
 
 
 class BudgetExceeded(PrivacyError):
-    """A release would push a dataset's (or the federation's) epsilon past its budget."""
+    """A release would push a dataset's (or the federation's) epsilon past its budget.
+
+    ``spent``, ``after`` and ``budget`` are the numbers behind the message; they derive
+    from mechanisms only, so :meth:`public_reason` may leave the hospital.
+    """
+
+    def __init__(self, message: str, *, spent: float, after: float, budget: float) -> None:
+        super().__init__(message)
+        self.spent, self.after, self.budget = spent, after, budget
+
+    def public_reason(self) -> str:
+        """What a refusal may tell the coordinator: the spend, nothing about the records."""
+        return (
+            f"privacy budget: this round would raise epsilon from {self.spent:.3f} to {self.after:.3f}, "
+            f"past the hospital's budget {self.budget:g}"
+        )
 
 
 @dataclass(frozen=True)

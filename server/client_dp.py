@@ -78,7 +78,10 @@ class ClientLevelDP:
             raise BudgetExceeded(
                 f"client-level DP: round {server_round} would raise epsilon from {self.epsilon():.3f} to "
                 f"{self.epsilon(extra_rounds=1):.3f}, past `client_dp.max_epsilon` = {limit:g} "
-                f"(delta {self.settings.delta:g})"
+                f"(delta {self.settings.delta:g})",
+                spent=self.epsilon(),
+                after=self.epsilon(extra_rounds=1),
+                budget=limit,
             )
 
     def release(self, deltas: list[State]) -> tuple[State, dict[str, float]]:

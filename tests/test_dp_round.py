@@ -53,12 +53,16 @@ def test_a_spent_budget_refuses_before_any_training(site, tmp_path: Path, monkey
     dp = DPSettings(enabled=True, noise_multiplier=1.0, budget_epsilon=4.0)
     ledger = open_ledger(tmp_path / "ledger.json", dp)
     rounds = 0
-    with pytest.raises(BudgetExceeded, match="nothing was sent"):
+    with pytest.raises(BudgetExceeded, match="nothing was sent") as info:
         for rnd in range(1, 50):
             private_train_round(rt, _instruction(rt, rnd, 50), data, TRAIN, dp, ledger, run_id="run-a")
             rounds += 1
     assert rounds >= 1
     ds = dataset_id(record_digests(data.train))
+    assert ds[:12] in str(info.value)  # the hospital's own log names the dataset ...
+    public = info.value.public_reason()  # ... what the refusal tells the coordinator does not
+    assert ds[:12] not in public and "st-elsewhere" not in public
+    assert f"{info.value.spent:.3f}" in public and info.value.after > 4.0 >= info.value.spent
     assert len(ledger.history(ds)) == rounds and ledger.spent(ds) <= 4.0
 
     def no_training(*args: object, **kwargs: object) -> None:
