@@ -54,3 +54,25 @@ def test_budgets_run_out_mid_federation_and_persist_across_runs(tiny_cfg, tmp_pa
         (row,) = PrivacyLedger.open(ledgers / f"{site}.json").report()
         assert row["releases"] == 2 and row["runs"] == 1 and row["epsilon"] == pytest.approx(two)
         assert math.isclose(row["remaining"], budget - two, rel_tol=1e-9)
+
+
+def test_client_level_dp_is_accounted_and_stops_at_its_limit(tiny_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from fedtune.server.client_dp import ClientLevelDP
+
+    from fedtune.config import ClientDPSettings
+
+    probe = ClientLevelDP(ClientDPSettings(enabled=True, noise_multiplier=3.0), num_sampled=2)
+    one, two = probe.epsilon(extra_rounds=1), probe.epsilon(extra_rounds=2)
+    client_dp = {"enabled": True, "noise_multiplier": 3.0, "clipping_norm": 0.05, "max_epsilon": (one + two) / 2}
+    folder = prepare_run(replace(tiny_cfg, federation={"rounds": 3}, client_dp=client_dp), run_dir=tmp_path / "run")
+    lines: list[str] = []
+    run_simulation(folder, say=lines.append)
+    (record,) = round_records(folder)  # round 2 would pass max_epsilon: the federation stopped
+    assert record["client-dp"]["epsilon"] == pytest.approx(one)
+    assert record["client-dp"]["noise-std"] == pytest.approx(3.0 * 0.05 / 2)
+    assert "train-loss" in next(iter(record["train"].values()))  # client-level DP alone: sites send their loss
+    latest = latest_round(folder.root)
+    assert latest is not None and latest[0] == 1
+    assert latest[1]["client_dp"] == {"releases": [3.0]} and "client_dp.max_epsilon" in latest[1]["stopped"]
+    assert any("stopped after round 1/3" in line for line in lines)
+    assert folder.adapter_dir.is_dir()
