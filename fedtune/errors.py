@@ -41,3 +41,14 @@ class PrivacyError(FedTuneError):
 
 class FederationStopped(FedTuneError):
     """The federation cannot go on (privacy budgets are spent); it ends after its last completed round."""
+
+
+class KeyFileError(FedTuneError):
+    """A key file is missing, damaged, or readable by others."""
+
+
+class InvalidEnvelope(FedTuneError):
+    """An envelope failed to parse, verify or decrypt. Deliberately says no more than that."""
+
+    def __init__(self) -> None:
+        super().__init__("invalid envelope")
