@@ -10,12 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedtune.config import DPSettings, ExperimentConfig, LoraSettings, ModelSettings
+from fedtune.keys import load_private, load_public
 from fedtune.runfolder import RunFolder
 from fedtune.runtime import SiteData, SiteRuntime, site_data
+from fedtune.wire import Sealer
 
 _RUNTIMES: dict[tuple[ModelSettings, LoraSettings], SiteRuntime] = {}
 _DATA: dict[tuple[Path, str, int], SiteData] = {}
 _LOADS = {"base-model": 0}
+_SEALERS: dict[tuple[Path, str], Sealer] = {}
 
 
 def runtime_for(model: ModelSettings, lora: LoraSettings) -> SiteRuntime:
@@ -58,3 +61,15 @@ def simulated_ledger_path(run_dir: Path, site: str, dp: DPSettings) -> Path:
     """
     folder = Path(dp.ledger_dir) if dp.ledger_dir else run_dir / "privacy"
     return folder / f"{site}.json"
+
+
+def simulated_sealer(run_dir: Path, site: str) -> Sealer:
+    """Simulated hospital ``site``'s keys and the coordinator's public identity, from the run folder."""
+    key = (run_dir, site)
+    if key not in _SEALERS:
+        folder = RunFolder(run_dir)
+        keys = load_private(folder.hospital_key(site))
+        if keys.name != site:
+            raise ValueError(f"{folder.hospital_key(site)} holds the key of {keys.name!r}, not {site!r}")
+        _SEALERS[key] = Sealer(keys, load_public(folder.coordinator_key.with_suffix(".pub")))
+    return _SEALERS[key]

@@ -272,6 +272,29 @@ class ClientDPSettings:
 
 
 @dataclass(frozen=True)
+class SecuritySettings:
+    """Sealed replies and the checks on every update beyond keys, shapes and finiteness.
+
+    ``norm_bound``: an update whose L2 norm is over this many times the median norm of the
+    round's other valid updates is rejected (0: off). ``max_update_norm``: an absolute bound
+    on one update's L2 norm (0: off).
+    """
+
+    seal: bool = True
+    norm_bound: float = 10.0
+    max_update_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(
+            self.norm_bound == 0 or self.norm_bound > 1,
+            f"`security.norm_bound` must be 0 (off) or above 1, got {self.norm_bound}",
+        )
+        _require(
+            self.max_update_norm >= 0, f"`security.max_update_norm` must be >= 0 (0: off), got {self.max_update_norm}"
+        )
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """Everything a simulated federation needs; one section per concern."""
 
@@ -284,6 +307,7 @@ class ExperimentConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
     dp: DPSettings = field(default_factory=DPSettings)
     client_dp: ClientDPSettings = field(default_factory=ClientDPSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
     def __post_init__(self) -> None:
         if self.data.source == "files" and self.data.partition == "natural":

@@ -166,4 +166,3 @@ def open_envelope(data: bytes, *, recipient: KeyPair, senders: AllowList) -> tup
     except (InvalidTag, ValueError) as err:  # ValueError: a low-order point gives an all-zero secret
         raise InvalidEnvelope() from err
     return header, payload
-

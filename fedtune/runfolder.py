@@ -11,6 +11,7 @@
 <run>/summary.md, plots/     the comparison table and PNG plots
 <run>/logs/                  Flower and SuperLink logs
 <run>/app/, flwr/, ray/      the Flower app bundle, FLWR_HOME, Ray's temp dir
+<run>/keys/                  coordinator.{key,pub}, hospitals/<site>.{key,pub}, allowlist/<site>.pub
 ```
 """
 
@@ -20,10 +21,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.checkpoint import atomic_write_json
+from fedtune.checkpoint import atomic_write_bytes, atomic_write_json
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.data import Example, load_records, write_records
 from fedtune.errors import CheckpointError
+from fedtune.keys import KeyPair, save_keys
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,33 @@ class RunFolder:
     @property
     def ray_dir(self) -> Path:
         return self.root / "ray"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def coordinator_key(self) -> Path:
+        return self.keys_dir / "coordinator.key"
+
+    @property
+    def allowlist_dir(self) -> Path:
+        return self.keys_dir / "allowlist"
+
+    def hospital_key(self, site: str) -> Path:
+        return self.keys_dir / "hospitals" / f"{site}.key"
+
+    def write_keys(self, sites: list[str]) -> None:
+        """Key pairs for the coordinator and every simulated hospital, and the coordinator's allow-list.
+
+        In a simulation every party's private key sits in this one folder; in a deployment each
+        stays on its own machine (``fedtune keys create``).
+        """
+        save_keys(KeyPair.generate("coordinator", "coordinator"), self.keys_dir)
+        for site in sites:
+            pair = KeyPair.generate(site, "hospital")
+            save_keys(pair, self.keys_dir / "hospitals")
+            atomic_write_bytes(self.allowlist_dir / f"{site}.pub", pair.public.to_json())
 
     def load_config(self) -> ExperimentConfig:
         if not self.config_path.is_file():

@@ -86,6 +86,8 @@ def prepare_run(cfg: ExperimentConfig, *, run_dir: Path | None = None) -> RunFol
     folder = RunFolder(run_dir.resolve())
     folder.root.mkdir(parents=True, exist_ok=True)
     folder.write_sites(splits)
+    if cfg.security.seal:
+        folder.write_keys(list(splits))
     atomic_write_bytes(folder.config_path, cfg.to_toml().encode())
     return folder
 

@@ -5,24 +5,42 @@ Both roles import the record keys from here, so the protocol is written down onc
 Server -> client (train and evaluate): ``global`` (ArrayRecord, the adapter) and
 ``config`` (ConfigRecord: ``server-round``, ``num-rounds``).
 
-Client -> server: ``delta`` (ArrayRecord, train only), ``metrics`` (MetricRecord with
-``num-examples`` and numbers only) and ``identity`` (ConfigRecord: ``site``,
-``base-sha256``, ``spec-sha256``). A hospital that will not train (its privacy budget is
-spent) answers with ``identity`` and ``refusal`` (ConfigRecord: ``kind``, ``reason``) only:
-no delta and no number computed from its data.
+Server -> client config also carries ``run-id`` and ``challenge`` (fresh random hex for
+every train and evaluate request): a sealed reply must echo both, so an envelope from an
+earlier round, attempt or run is refused.
+
+Client -> server, sealed (the default): one ConfigRecord ``envelope`` holding the bytes of
+a :mod:`fedtune.envelope`, whose header names the sender, run, round, kind, challenge and
+the adapter and base hashes, and whose encrypted payload is a safetensors blob: the delta's
+tensors (train only) with ``num-examples``, ``metrics`` and ``refusal`` in its metadata.
+
+Client -> server, plain (``security.seal = false``, research only): ``delta`` (ArrayRecord,
+train only), ``metrics`` (MetricRecord with ``num-examples`` and numbers only) and
+``identity`` (ConfigRecord: ``site``, ``base-sha256``, ``spec-sha256``).
+
+A hospital that will not train (its privacy budget is spent) sends a refusal (``kind``,
+``reason``): no delta and no number computed from its data.
 """
 
 from __future__ import annotations
 
+import json
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
-from fedtune.errors import UpdateRejected
+from fedtune.envelope import EnvelopeHeader, now_ms, open_envelope, seal
+from fedtune.errors import InvalidEnvelope, UpdateRejected
+from fedtune.keys import AllowList, KeyPair, PublicIdentity
 
 GLOBAL = "global"
 CONFIG = "config"
@@ -30,6 +48,7 @@ DELTA = "delta"
 METRICS = "metrics"
 IDENTITY = "identity"
 REFUSAL = "refusal"
+ENVELOPE = "envelope"
 NUM_EXAMPLES = "num-examples"
 REFUSED_PRIVACY_BUDGET = "privacy-budget"
 
@@ -77,11 +96,18 @@ class RoundInstruction:
     state: State
     server_round: int
     num_rounds: int
+    run_id: str = ""
+    challenge: str = ""
 
 
-def instruction_config(*, num_rounds: int) -> ConfigRecord:
-    """The round's config; Flower's strategy adds ``server-round`` itself."""
-    return ConfigRecord({"num-rounds": num_rounds})
+def instruction_config(*, num_rounds: int, run_id: str = "") -> ConfigRecord:
+    """The round's config; the strategy adds ``server-round`` and the ``challenge``."""
+    return ConfigRecord({"num-rounds": num_rounds, "run-id": run_id})
+
+
+def new_challenge() -> str:
+    """A fresh, unpredictable value a sealed reply must echo (128 bits)."""
+    return secrets.token_hex(16)
 
 
 def unpack_instruction(content: RecordDict) -> RoundInstruction:
@@ -90,7 +116,107 @@ def unpack_instruction(content: RecordDict) -> RoundInstruction:
         state=from_arrays(content.array_records[GLOBAL]),
         server_round=int(config["server-round"]),  # type: ignore[arg-type]
         num_rounds=int(config["num-rounds"]),  # type: ignore[arg-type]
+        run_id=str(config.get("run-id", "")),
+        challenge=str(config.get("challenge", "")),
     )
+
+
+@dataclass(frozen=True)
+class Sealer:
+    """A hospital's means to seal its replies: its keys and the coordinator's public identity."""
+
+    keys: KeyPair
+    coordinator: PublicIdentity
+
+
+@dataclass(frozen=True)
+class Opener:
+    """The coordinator's means to open replies: its keys and the hospitals it accepts."""
+
+    keys: KeyPair
+    senders: AllowList
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a reply's header must say to belong to this request."""
+
+    run: str
+    round: int
+    kind: str
+    challenge: str
+
+
+def encode_payload(
+    *,
+    metrics: Mapping[str, float],
+    num_examples: int,
+    delta: Mapping[str, torch.Tensor] | None = None,
+    refusal: Mapping[str, str] | None = None,
+) -> bytes:
+    """The plaintext inside an envelope: safetensors (no pickle), numbers in its metadata."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in (delta or {}).items()}
+    metadata = {
+        NUM_EXAMPLES: str(int(num_examples)),
+        METRICS: json.dumps({k: float(v) for k, v in metrics.items()}),
+        REFUSAL: json.dumps(dict(refusal or {})),
+    }
+    return bytes(save_safetensors(tensors, metadata=metadata))
+
+
+def decode_payload(data: bytes) -> tuple[State, int, dict[str, float], dict[str, str]]:
+    """(tensors, num-examples, metrics, refusal) from an opened payload; UpdateRejected if malformed."""
+    try:
+        tensors = load_safetensors(data)
+        size = int.from_bytes(data[:8], "little")
+        meta: Any = json.loads(data[8 : 8 + size]).get("__metadata__", {})
+        num = int(meta[NUM_EXAMPLES])
+        metrics = json.loads(meta[METRICS])
+        refusal = json.loads(meta[REFUSAL])
+    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UpdateRejected(f"sealed payload cannot be decoded ({type(err).__name__})") from err
+    ok = isinstance(metrics, dict) and all(isinstance(v, int | float) for v in metrics.values())
+    ok = ok and isinstance(refusal, dict) and all(isinstance(v, str) for v in refusal.values())
+    if not ok:
+        raise UpdateRejected("sealed payload metrics must be numbers and its refusal strings")
+    return tensors, num, {str(k): float(v) for k, v in metrics.items()}, refusal
+
+
+def _seal_content(
+    payload: bytes, identity: Identity, *, sealer: Sealer, instruction: RoundInstruction, kind: str
+) -> RecordDict:
+    header = EnvelopeHeader(
+        run=instruction.run_id,
+        round=instruction.server_round,
+        sender=identity.site,
+        kind=kind,
+        spec=identity.spec_sha256,
+        base=identity.base_sha256,
+        time_ms=now_ms(),
+        challenge=instruction.challenge,
+    )
+    envelope = seal(payload, header, sender=sealer.keys, recipient=sealer.coordinator)
+    return RecordDict({ENVELOPE: ConfigRecord({"data": envelope})})
+
+
+def open_content(content: RecordDict, *, opener: Opener, expected: Expected) -> Reply | Refusal:
+    """Open a sealed reply: InvalidEnvelope for anything cryptographic, UpdateRejected with the
+    reason when an authentic envelope answers another request or carries a bad payload."""
+    record = content.config_records.get(ENVELOPE)
+    data = record.get("data") if record is not None else None
+    if not isinstance(data, bytes):
+        raise InvalidEnvelope()
+    header, payload = open_envelope(data, recipient=opener.keys, senders=opener.senders)
+    for field, want in (("kind", expected.kind), ("run", expected.run), ("round", expected.round)):
+        if getattr(header, field) != want:
+            raise UpdateRejected(f"envelope is for {field} {getattr(header, field)!r}, expected {want!r}")
+    if not secrets.compare_digest(header.challenge, expected.challenge):
+        raise UpdateRejected("envelope answers another request (challenge differs): a replay")
+    identity = Identity(site=header.sender, base_sha256=header.base, spec_sha256=header.spec)
+    tensors, num, metrics, refusal = decode_payload(payload)
+    if refusal:
+        return Refusal(identity, refusal.get("kind", ""), refusal.get("reason", "")[:2000])
+    return _checked_reply(identity, num, metrics, tensors if expected.kind == "train" else None, expected.kind)
 
 
 def pack_reply(
@@ -99,8 +225,16 @@ def pack_reply(
     *,
     num_examples: int,
     delta: Mapping[str, torch.Tensor] | None = None,
+    sealer: Sealer | None = None,
+    instruction: RoundInstruction | None = None,
 ) -> RecordDict:
-    """A train reply (with ``delta``) or an evaluate reply (without)."""
+    """A train reply (with ``delta``) or an evaluate reply (without); sealed when ``sealer`` is given."""
+    if sealer is not None:
+        if instruction is None:
+            raise ValueError("a sealed reply needs the instruction it answers")
+        payload = encode_payload(metrics=metrics, num_examples=num_examples, delta=delta)
+        kind = "train" if delta is not None else "evaluate"
+        return _seal_content(payload, identity, sealer=sealer, instruction=instruction, kind=kind)
     record = RecordDict(
         {
             METRICS: MetricRecord({NUM_EXAMPLES: int(num_examples), **{k: float(v) for k, v in metrics.items()}}),
@@ -112,8 +246,20 @@ def pack_reply(
     return record
 
 
-def pack_refusal(identity: Identity, *, kind: str, reason: str) -> RecordDict:
-    """A reply that says why this site sends nothing this round."""
+def pack_refusal(
+    identity: Identity,
+    *,
+    kind: str,
+    reason: str,
+    sealer: Sealer | None = None,
+    instruction: RoundInstruction | None = None,
+) -> RecordDict:
+    """A reply that says why this site sends nothing this round (sealed when ``sealer`` is given)."""
+    if sealer is not None:
+        if instruction is None:
+            raise ValueError("a sealed refusal needs the instruction it answers")
+        payload = encode_payload(metrics={}, num_examples=0, refusal={"kind": kind, "reason": reason})
+        return _seal_content(payload, identity, sealer=sealer, instruction=instruction, kind="train")
     return RecordDict({IDENTITY: identity.to_record(), REFUSAL: ConfigRecord({"kind": kind, "reason": reason})})
 
 
@@ -148,8 +294,18 @@ class Reply:
     delta: State | None
 
 
+def _checked_reply(
+    identity: Identity, num: float | None, metrics: dict[str, float], delta: State | None, kind: str
+) -> Reply:
+    if num is None or num <= 0 or num != int(num):
+        raise UpdateRejected(f"reply `{NUM_EXAMPLES}` must be a positive integer, got {num}")
+    if kind == "train" and delta is None:
+        raise UpdateRejected("train reply carries no delta")
+    return Reply(identity=identity, num_examples=int(num), metrics=metrics, delta=delta)
+
+
 def unpack_reply(content: RecordDict, *, expect_delta: bool) -> Reply:
-    """Unpack a reply; anything malformed raises :class:`UpdateRejected` with the reason."""
+    """Unpack a plain reply; anything malformed raises :class:`UpdateRejected` with the reason."""
     try:
         identity = Identity.from_record(content.config_records[IDENTITY])
         metrics_record = content.metric_records[METRICS]
@@ -157,8 +313,6 @@ def unpack_reply(content: RecordDict, *, expect_delta: bool) -> Reply:
         raise UpdateRejected(f"reply lacks the {err} record") from err
     metrics = {k: float(v) for k, v in metrics_record.items() if isinstance(v, int | float)}  # type: ignore[arg-type]
     num = metrics.pop(NUM_EXAMPLES, None)
-    if num is None or num <= 0 or num != int(num):
-        raise UpdateRejected(f"reply `{NUM_EXAMPLES}` must be a positive integer, got {num}")
     delta = None
     if expect_delta:
         if DELTA not in content.array_records:
@@ -167,7 +321,7 @@ def unpack_reply(content: RecordDict, *, expect_delta: bool) -> Reply:
             delta = from_arrays(content.array_records[DELTA])
         except (ValueError, TypeError, OSError) as err:
             raise UpdateRejected(f"delta arrays cannot be decoded ({err})") from err
-    return Reply(identity=identity, num_examples=int(num), metrics=metrics, delta=delta)
+    return _checked_reply(identity, num, metrics, delta, "train" if expect_delta else "evaluate")
 
 
 def message_bytes(content: RecordDict) -> int:

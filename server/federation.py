@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from fedtune.server.client_dp import ClientLevelDP
-from fedtune.server.strategy import DeltaFedAvg
+from fedtune.server.strategy import DeltaFedAvg, NormBounds
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
@@ -65,7 +65,14 @@ def _client_dp(cfg: ExperimentConfig, extra: dict[str, Any], num_sampled: int) -
     return dp
 
 
-def build_strategy(cfg: ExperimentConfig, meta: dict[str, str], client_dp: ClientLevelDP | None) -> DeltaFedAvg:
+def build_strategy(
+    cfg: ExperimentConfig,
+    meta: dict[str, str],
+    client_dp: ClientLevelDP | None,
+    *,
+    opener: wire.Opener | None = None,
+    run_id: str = "",
+) -> DeltaFedAvg:
     """The round's strategy: samples ``cfg.sampled_per_round()`` hospitals, needs ``min_clients`` or all of them."""
     # Flower's FedAvg samples max(int(N * fraction_train), min_train_nodes) nodes a round.
     sampled = cfg.sampled_per_round()
@@ -75,6 +82,9 @@ def build_strategy(cfg: ExperimentConfig, meta: dict[str, str], client_dp: Clien
         min_updates=cfg.federation.min_clients or sampled,
         num_nodes=cfg.data.hospitals,
         client_dp=client_dp,
+        opener=opener,
+        run_id=run_id,
+        bounds=NormBounds(relative=cfg.security.norm_bound, absolute=cfg.security.max_update_norm),
     )
     strategy.fraction_train = cfg.federation.fraction_train
     strategy.min_train_nodes = sampled
@@ -82,7 +92,12 @@ def build_strategy(cfg: ExperimentConfig, meta: dict[str, str], client_dp: Clien
 
 
 def run_federation(
-    grid: Grid, folder: RunFolder, cfg: ExperimentConfig, *, say: Callable[[str], None] = print
+    grid: Grid,
+    folder: RunFolder,
+    cfg: ExperimentConfig,
+    *,
+    opener: wire.Opener | None = None,
+    say: Callable[[str], None] = print,
 ) -> State:
     """Run (or finish) the rounds of the run in ``folder``; returns the final global adapter.
 
@@ -95,7 +110,9 @@ def run_federation(
     metrics.keep_rounds_up_to(done)
     rounds = cfg.federation.rounds
     client_dp = _client_dp(cfg, extra, cfg.sampled_per_round())
-    strategy = build_strategy(cfg, meta, client_dp)
+    if cfg.security.seal and opener is None:
+        raise FedTuneError("`security.seal` is on but the coordinator has no keys to open envelopes with")
+    strategy = build_strategy(cfg, meta, client_dp, opener=opener, run_id=folder.root.name)
     timeout = cfg.federation.round_timeout
     stopped = str(extra.get("stopped", ""))
     if stopped:
@@ -106,7 +123,7 @@ def run_federation(
         if stopped:
             break
         start = time.perf_counter()
-        config = wire.instruction_config(num_rounds=rounds)
+        config = wire.instruction_config(num_rounds=rounds, run_id=folder.root.name)
         try:
             if client_dp is not None:
                 client_dp.check_next(rnd)

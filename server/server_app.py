@@ -10,6 +10,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from fedtune import wire
+from fedtune.keys import AllowList, load_private
 from fedtune.runfolder import RunFolder
 
 app = ServerApp()
@@ -23,4 +25,8 @@ def _say(line: str) -> None:
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run folder named in the run config."""
     folder = RunFolder(Path(str(context.run_config["run-dir"])))
-    run_federation(grid, folder, folder.load_config(), say=_say)
+    cfg = folder.load_config()
+    opener = None
+    if cfg.security.seal:
+        opener = wire.Opener(load_private(folder.coordinator_key), AllowList.from_folder(folder.allowlist_dir))
+    run_federation(grid, folder, cfg, opener=opener, say=_say)

@@ -1,17 +1,20 @@
-"""The strategy wrapper: open and validate every reply, then merge deltas into the global.
+"""The strategy wrapper: open, authenticate and validate every reply, then merge deltas.
 
-Flower's FedAvg averages whole ArrayRecords and trusts them; here each reply is
-unpacked, checked (identity, keys, shapes, dtypes, finiteness) and only then merged:
+Flower's FedAvg averages whole ArrayRecords and trusts them; here each reply is first
+opened (a sealed envelope: verified, decrypted, checked against this round's run, kind
+and challenge), then validated (adapter spec and base model hashes, keys, shapes, dtypes,
+finiteness, one update per hospital, norm bounds), and only then merged:
 ``global + weighted_mean(deltas)`` (the pattern Flower's own DP wrappers use). A rejected
-reply is logged with its site and reason, counted, and kept out of the mean. A site that
-refuses a round (its privacy budget is spent) is counted apart; when refusals leave too
-few updates, the federation stops cleanly after its last completed round. With
-client-level DP the merge is :class:`~fedtune.server.client_dp.ClientLevelDP`'s noisy
-clipped mean instead of the weighted mean.
+reply is logged with its site and reason, counted, and kept out of the mean; the round
+goes on with the valid ones if enough remain. A site that refuses a round (its privacy
+budget is spent) is counted apart; when refusals leave too few updates, the federation
+stops cleanly after its last completed round. With client-level DP the merge is
+:class:`~fedtune.server.client_dp.ClientLevelDP`'s noisy clipped mean.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,7 +30,8 @@ from flwr.supercore import log
 from fedtune import wire
 from fedtune.aggregate import validate_update, weighted_mean
 from fedtune.delta import apply_delta, l2_norm
-from fedtune.errors import FederationStopped, FedTuneError, UpdateRejected
+from fedtune.envelope import peek_header
+from fedtune.errors import FederationStopped, FedTuneError, InvalidEnvelope, UpdateRejected
 from fedtune.evaluate import EvalResult
 
 State = dict[str, torch.Tensor]
@@ -35,7 +39,7 @@ State = dict[str, torch.Tensor]
 
 @dataclass
 class TrainReport:
-    """What one training round accepted and rejected."""
+    """What one training round accepted, rejected and was refused."""
 
     accepted: dict[str, dict[str, float]] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)
@@ -44,8 +48,30 @@ class TrainReport:
     client_dp: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class NormBounds:
+    """``relative``: over this many times the median norm of the round's others (0: off);
+    ``absolute``: over this L2 norm (0: off)."""
+
+    relative: float = 0.0
+    absolute: float = 0.0
+
+    def violation(self, norm: float, others: list[float]) -> str:
+        """Why an update of L2 norm ``norm`` is out of bounds, or "" when it is not."""
+        if self.absolute and norm > self.absolute:
+            return f"update norm {norm:.4g} is over `security.max_update_norm` = {self.absolute:g}"
+        if self.relative and others:
+            median = statistics.median(others)
+            if norm > self.relative * median:
+                return (
+                    f"update norm {norm:.4g} is over {self.relative:g} x the median of the others "
+                    f"({median:.4g}; `security.norm_bound`)"
+                )
+        return ""
+
+
 class DeltaFedAvg(FedAvg):
-    """FedAvg over validated adapter deltas.
+    """FedAvg over authenticated, validated adapter deltas.
 
     Parameters
     ----------
@@ -57,6 +83,13 @@ class DeltaFedAvg(FedAvg):
         Valid updates a round needs; fewer fails the round with a clear error.
     client_dp
         Client-level DP merge, or None for the plain weighted mean.
+    opener
+        The coordinator's keys and allow-list: replies must be sealed envelopes. None
+        accepts plain replies (research simulations with ``security.seal = false``).
+    run_id
+        This run's id, which every sealed reply must name.
+    bounds
+        Norm bounds beyond which an update is rejected.
     """
 
     def __init__(
@@ -67,6 +100,9 @@ class DeltaFedAvg(FedAvg):
         min_updates: int,
         num_nodes: int,
         client_dp: ClientLevelDP | None = None,
+        opener: wire.Opener | None = None,
+        run_id: str = "",
+        bounds: NormBounds = NormBounds(),
     ) -> None:
         super().__init__(
             min_train_nodes=num_nodes,
@@ -82,103 +118,146 @@ class DeltaFedAvg(FedAvg):
         self.current: State = {}
         self.report = TrainReport()
         self.client_dp = client_dp
+        self.opener = opener
+        self.run_id = run_id
+        self.bounds = bounds
+        self._expected: dict[str, wire.Expected] = {}
+
+    # -- requests ----------------------------------------------------------------------
+    def _challenge(self, server_round: int, config: ConfigRecord, kind: str) -> None:
+        challenge = wire.new_challenge()
+        config["challenge"] = challenge
+        config["run-id"] = self.run_id
+        self._expected[kind] = wire.Expected(self.run_id, server_round, kind, challenge)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current = wire.from_arrays(arrays)
+        self._challenge(server_round, config, "train")
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.report = TrainReport(download_bytes=wire.message_bytes(messages[0].content) if messages else 0)
         return messages
 
-    def _open(self, msg: Message, *, expect_delta: bool) -> wire.Reply:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._challenge(server_round, config, "evaluate")
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    # -- replies -----------------------------------------------------------------------
+    def _open(self, msg: Message, *, kind: str, server_round: int) -> wire.Reply | wire.Refusal:
+        """Authenticate and unpack one reply (no check against the global adapter yet)."""
         if msg.has_error():
             raise UpdateRejected(f"client failed: {msg.error.reason}")
-        reply = wire.unpack_reply(msg.content, expect_delta=expect_delta)
-        if reply.identity.spec_sha256 != self.spec_sha256:
-            raise UpdateRejected("adapter spec differs from the coordinator's (rank, alpha or target modules)")
-        if self.base_sha256 and reply.identity.base_sha256 != self.base_sha256:
-            raise UpdateRejected(
-                f"trained on base model {reply.identity.base_sha256[:12]}, expected {self.base_sha256[:12]}"
-            )
-        return reply
+        if self.opener is not None:
+            expected = self._expected.get(kind)
+            if expected is None or expected.round != server_round:
+                raise UpdateRejected(f"no {kind} request is open for round {server_round}")
+            return wire.open_content(msg.content, opener=self.opener, expected=expected)
+        refusal = wire.unpack_refusal(msg.content)
+        return refusal if refusal is not None else wire.unpack_reply(msg.content, expect_delta=kind == "train")
 
-    def _pin_base(self, replies: list[Message]) -> None:
-        """Adopt the base model most sites report, once, when none was configured."""
-        if self.base_sha256:
+    def _check_identity(self, identity: wire.Identity) -> None:
+        if identity.spec_sha256 != self.spec_sha256:
+            raise UpdateRejected("adapter spec differs from the coordinator's (rank, alpha or target modules)")
+        if self.base_sha256 and identity.base_sha256 != self.base_sha256:
+            raise UpdateRejected(f"trained on base model {identity.base_sha256[:12]}, expected {self.base_sha256[:12]}")
+
+    def _pin_base(self, identities: list[wire.Identity]) -> None:
+        """Adopt the base model most authenticated replies report, once, when none was configured."""
+        if self.base_sha256 or not identities:
             return
-        seen = Counter(
-            str(m.content.config_records[wire.IDENTITY].get("base-sha256", ""))
-            for m in replies
-            if not m.has_error() and wire.IDENTITY in m.content.config_records
-        )
-        if seen:
-            self.base_sha256 = seen.most_common(1)[0][0]
-            log(INFO, "base model pinned to %s", self.base_sha256[:12])
+        self.base_sha256 = Counter(i.base_sha256 for i in identities).most_common(1)[0][0]
+        log(INFO, "base model pinned to %s", self.base_sha256[:12])
+
+    def _reject(self, server_round: int, site: str, reason: str) -> None:
+        log(WARNING, "round %d: rejected update from %s: %s", server_round, site, reason)
+        self.report.rejected.append({"site": site, "reason": reason})
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        self._pin_base(replies)
-        deltas: list[State] = []
-        weights: list[float] = []
+        opened: list[tuple[Message, wire.Reply]] = []
         for msg in replies:
-            node = str(msg.metadata.src_node_id)
             try:
-                refusal = None if msg.has_error() else wire.unpack_refusal(msg.content)
-                if refusal is not None:
-                    self._refused(server_round, refusal)
-                    continue
-                reply = self._open(msg, expect_delta=True)
-                if reply.delta is None:  # unpack_reply already refuses this; keeps types honest
+                item = self._open(msg, kind="train", server_round=server_round)
+            except (UpdateRejected, InvalidEnvelope) as err:
+                self._reject(server_round, _site_hint(msg), str(err))
+                continue
+            if isinstance(item, wire.Refusal):
+                log(WARNING, "round %d: %s refused to train: %s", server_round, item.identity.site, item.reason)
+                self.report.refused.append({"site": item.identity.site, "kind": item.kind, "reason": item.reason})
+            else:
+                opened.append((msg, item))
+        self._pin_base([reply.identity for _, reply in opened])
+        valid: list[tuple[Message, wire.Reply]] = []
+        for msg, reply in opened:
+            site = reply.identity.site
+            try:
+                self._check_identity(reply.identity)
+                if reply.delta is None:  # _checked_reply already refuses this; keeps types honest
                     raise UpdateRejected("train reply carries no delta")
                 validate_update(reply.delta, self.current)
+                if any(r.identity.site == site for _, r in valid):
+                    raise UpdateRejected("a second update from the same hospital in one round")
             except UpdateRejected as err:
-                site = _site_of(msg) or f"node-{node}"
-                log(WARNING, "round %d: rejected update from %s: %s", server_round, site, err)
-                self.report.rejected.append({"site": site, "reason": str(err)})
+                self._reject(server_round, site, str(err))
                 continue
-            deltas.append(reply.delta)
-            weights.append(float(reply.num_examples))
-            self.report.accepted[reply.identity.site] = {
-                **reply.metrics,
-                "num-examples": float(reply.num_examples),
-                "delta-norm": l2_norm(reply.delta),
-                "upload-bytes": float(wire.message_bytes(msg.content)),
-            }
-        if len(deltas) < self.min_updates:
+            valid.append((msg, reply))
+        valid = self._within_bounds(server_round, valid)
+        if len(valid) < self.min_updates:
             if self.report.refused:
                 sites = ", ".join(f"{r['site']}: {r['kind']}" for r in self.report.refused)
                 raise FederationStopped(
                     f"round {server_round}: {len(self.report.refused)} site(s) refused to train ({sites}), "
-                    f"leaving {len(deltas)} valid update(s) of the {self.min_updates} a round needs"
+                    f"leaving {len(valid)} valid update(s) of the {self.min_updates} a round needs"
                 )
             raise FedTuneError(
-                f"round {server_round}: only {len(deltas)} valid update(s), the round needs "
+                f"round {server_round}: only {len(valid)} valid update(s), the round needs "
                 f"{self.min_updates} (`federation.min_clients`); rejected: {self.report.rejected}"
             )
+        deltas = [reply.delta for _, reply in valid if reply.delta is not None]
+        for msg, reply in valid:
+            self.report.accepted[reply.identity.site] = {
+                **reply.metrics,
+                "num-examples": float(reply.num_examples),
+                "delta-norm": l2_norm(reply.delta or {}),
+                "upload-bytes": float(wire.message_bytes(msg.content)),
+            }
         if self.client_dp is not None:
             mean, self.report.client_dp = self.client_dp.release(deltas)
         else:
-            mean = weighted_mean(deltas, weights)
+            mean = weighted_mean(deltas, [float(reply.num_examples) for _, reply in valid])
         merged = apply_delta(self.current, mean)
         counts = MetricRecord(
-            {"accepted": len(deltas), "rejected": len(self.report.rejected), "refused": len(self.report.refused)}
+            {"accepted": len(valid), "rejected": len(self.report.rejected), "refused": len(self.report.refused)}
         )
         return wire.to_arrays(merged), counts
 
-    def _refused(self, server_round: int, refusal: wire.Refusal) -> None:
-        site = refusal.identity.site
-        log(WARNING, "round %d: %s refused to train: %s", server_round, site, refusal.reason)
-        self.report.refused.append({"site": site, "kind": refusal.kind, "reason": refusal.reason})
+    def _within_bounds(
+        self, server_round: int, valid: list[tuple[Message, wire.Reply]]
+    ) -> list[tuple[Message, wire.Reply]]:
+        """Drop updates whose norm is out of bounds; each is judged against the others' median."""
+        norms = [l2_norm(reply.delta or {}) for _, reply in valid]
+        kept = []
+        for i, item in enumerate(valid):
+            reason = self.bounds.violation(norms[i], norms[:i] + norms[i + 1 :])
+            if reason:
+                self._reject(server_round, item[1].identity.site, reason)
+            else:
+                kept.append(item)
+        return kept
 
     def evaluate_replies(self, server_round: int, replies: Iterable[Message]) -> dict[str, EvalResult]:
         """Per-site evaluation sums from evaluate replies (bad ones are logged and skipped)."""
         results: dict[str, EvalResult] = {}
         for msg in replies:
             try:
-                reply = self._open(msg, expect_delta=False)
+                reply = self._open(msg, kind="evaluate", server_round=server_round)
+                if isinstance(reply, wire.Refusal):
+                    raise UpdateRejected(f"refused: {reply.reason}")
+                self._check_identity(reply.identity)
                 m = reply.metrics
                 results[reply.identity.site] = EvalResult(
                     loss_sum=m["loss-sum"],
@@ -187,19 +266,24 @@ class DeltaFedAvg(FedAvg):
                     exact_sum=m["exact-sum"],
                     n=reply.num_examples,
                 )
-            except (UpdateRejected, KeyError) as err:
-                log(
-                    WARNING,
-                    "round %d: evaluation reply from %s ignored: %s",
-                    server_round,
-                    _site_of(msg) or msg.metadata.src_node_id,
-                    err,
-                )
+            except (UpdateRejected, InvalidEnvelope, KeyError) as err:
+                log(WARNING, "round %d: evaluation reply from %s ignored: %s", server_round, _site_hint(msg), err)
         return results
 
 
-def _site_of(msg: Message) -> str:
+def _site_hint(msg: Message) -> str:
+    """Who a reply says it is from, for logs; for a reply that failed to open, only a claim."""
+    node = f"node-{msg.metadata.src_node_id}"
     if msg.has_error():
-        return ""
+        return node
+    envelope = msg.content.config_records.get(wire.ENVELOPE)
+    if envelope is not None:
+        data = envelope.get("data")
+        try:
+            claimed = peek_header(data).sender if isinstance(data, bytes) else ""
+        except InvalidEnvelope:
+            claimed = ""
+        return f"{node} (claims {claimed})" if claimed else node
     identity = msg.content.config_records.get(wire.IDENTITY)
-    return str(identity.get("site", "")) if identity is not None else ""
+    site = str(identity.get("site", "")) if identity is not None else ""
+    return site or node

@@ -99,7 +99,8 @@ def _crash_between_record_and_send(run_dir: str, cache: str) -> None:
     instruction = _instruction(rt)
     msg = Message(RecordDict(), dst_node_id=0, message_type=MessageType.TRAIN)
     wire.pack_reply = lambda *a, **k: os._exit(9)  # type: ignore[assignment]  # the process dies here
-    client_app._train_private(msg, instruction, Path(run_dir), cfg, rt, data)
+    site = client_app._Site(cfg, 0, rt, data, Path(run_dir), None)
+    client_app._train_private(msg, instruction, site)
     os._exit(0)  # not reached
 
 
