@@ -60,3 +60,28 @@ def tiny_cfg():  # type: ignore[no-untyped-def]
             "run.baselines": False,
         },
     )
+
+
+@pytest.fixture()
+def client_app_module(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Run the next simulations with a test ClientApp module from tests/ in the app bundle."""
+    import shutil
+
+    from fedtune import launcher
+    from fedtune.runfolder import RunFolder
+
+    def install(name: str) -> None:
+        source = Path(__file__).with_name(f"{name}.py")
+        honest_write_app = launcher.write_app
+
+        def write_app(folder: RunFolder) -> None:
+            honest_write_app(folder)
+            shutil.copy(source, folder.app_dir / source.name)
+            project = folder.app_dir / "pyproject.toml"
+            text = project.read_text().replace('"fedtune.client.client_app:app"', f'"{name}:app"')
+            assert f"{name}:app" in text
+            project.write_text(text)
+
+        monkeypatch.setattr(launcher, "write_app", write_app)
+
+    return install

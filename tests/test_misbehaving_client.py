@@ -4,45 +4,27 @@ and every rejection is in the metrics."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from fedtune import launcher
 from fedtune.checkpoint import load_checkpoint
 from fedtune.config import replace
 from fedtune.report import round_records
-from fedtune.runfolder import RunFolder
 from fedtune.simulate import prepare_run, run_simulation
 
 pytestmark = pytest.mark.timeout(600)
-ADVERSARY = Path(__file__).with_name("adversary_app.py")
 
 
-def _with_adversary(monkeypatch: pytest.MonkeyPatch) -> None:
-    honest_write_app = launcher.write_app
-
-    def write_app(folder: RunFolder) -> None:
-        honest_write_app(folder)
-        shutil.copy(ADVERSARY, folder.app_dir / "adversary_app.py")
-        project = folder.app_dir / "pyproject.toml"
-        text = project.read_text().replace('"fedtune.client.client_app:app"', '"adversary_app:app"')
-        assert "adversary_app:app" in text
-        project.write_text(text)
-
-    monkeypatch.setattr(launcher, "write_app", write_app)
-
-
-def test_a_misbehaving_hospital_changes_nothing(tiny_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_misbehaving_hospital_changes_nothing(tiny_cfg, tmp_path: Path, client_app_module) -> None:  # type: ignore[no-untyped-def]
     rounds = 4
     honest = prepare_run(replace(tiny_cfg, federation={"rounds": rounds}), run_dir=tmp_path / "two-honest")
     run_simulation(honest, say=lambda _: None)
 
     cfg = replace(tiny_cfg, data={"hospitals": 3}, federation={"rounds": rounds, "min_clients": 2})
     attacked = prepare_run(cfg, run_dir=tmp_path / "with-adversary")
-    _with_adversary(monkeypatch)
+    client_app_module("adversary_app")
     run_simulation(attacked, say=lambda _: None)
     assert (attacked.root / "adversary" / "round-4.bin").is_file()  # the adversary really ran
 

@@ -1,0 +1,71 @@
+"""What leaves a hospital: every message a client sends in a real `flwr run` is only a
+sealed envelope, its payload holds adapter tensors and the allowed numbers, and no text
+from the hospital's records appears in either form."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flwr.common.serde import recorddict_from_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from fedtune import wire
+from fedtune.checkpoint import load_checkpoint
+from fedtune.config import replace
+from fedtune.envelope import open_envelope
+from fedtune.keys import AllowList, load_private
+from fedtune.simulate import prepare_run, run_simulation
+
+pytestmark = pytest.mark.timeout(600)
+TRAIN_METRICS = {"steps", "train-seconds", "base-model-loads", "dp-epsilon", "dp-budget"}
+TRAIN_METRICS |= {"dp-noise-multiplier", "dp-sample-rate", "dp-steps"}
+EVAL_METRICS = {"loss-sum", "tokens", "metric-sum", "exact-sum"}
+
+
+def _needles(texts: list[str]) -> set[bytes]:
+    """Every 20-character window (step 5) of every text, and each text whole."""
+    out = set()
+    for text in texts:
+        out.add(text.encode())
+        out.update(text[i : i + 20].encode() for i in range(0, max(1, len(text) - 20), 5))
+    return {n for n in out if len(n) >= 12}
+
+
+def test_only_sealed_envelopes_and_no_patient_text_leave(tiny_cfg, tmp_path: Path, client_app_module) -> None:  # type: ignore[no-untyped-def]
+    cfg = replace(tiny_cfg, dp={"enabled": True, "noise_multiplier": 1.0, "budget_epsilon": 100.0})
+    folder = prepare_run(cfg, run_dir=tmp_path / "run")
+    client_app_module("recording_app")
+    run_simulation(folder, say=lambda _: None)
+
+    texts = []
+    for site in folder.sites():
+        for example in [e for split in folder.read_site(site) for e in split]:
+            texts += [content for _, content in example.messages if len(content) >= 12]
+    needles = _needles(texts)
+    assert len(needles) > 500
+    on_disk = b"".join(p.read_bytes() for p in folder.data_dir.rglob("*.jsonl"))
+    assert sum(n in on_disk for n in needles) > 0.9 * len(needles)  # the search would find a leak
+    opener = wire.Opener(load_private(folder.coordinator_key), AllowList.from_folder(folder.allowlist_dir))
+    adapter_keys = set(load_checkpoint(folder.root, 0).state)
+
+    sent = sorted((folder.root / "wire").glob("*.bin"))
+    kinds = [p.name.split("-")[0] for p in sent]
+    assert kinds.count("train") == 4 and kinds.count("evaluate") == 4  # 2 hospitals x 2 rounds each
+    for path, kind in zip(sent, kinds, strict=True):
+        raw = path.read_bytes()
+        content = recorddict_from_proto(ProtoRecordDict.FromString(raw))
+        assert list(content.keys()) == [wire.ENVELOPE]  # nothing else travels
+        envelope = content.config_records[wire.ENVELOPE]["data"]
+        assert isinstance(envelope, bytes)
+        header, payload = open_envelope(envelope, recipient=opener.keys, senders=opener.senders)
+        tensors, num, metrics, refusal = wire.decode_payload(payload)
+        assert header.kind == kind and not refusal and num > 0
+        if kind == "train":
+            assert set(tensors) == adapter_keys and set(metrics) <= TRAIN_METRICS
+            assert "train-loss" not in metrics  # DP: nothing computed from records but the noisy update
+        else:
+            assert tensors == {} and set(metrics) <= EVAL_METRICS
+        for blob in (raw, payload):
+            leaked = [n for n in needles if n in blob]
+            assert not leaked, f"{path.name} carries training text: {leaked[:3]}"
