@@ -103,6 +103,29 @@ def _client_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_create(args: argparse.Namespace) -> int:
+    from fedtune.keys import KeyPair, save_keys
+
+    pair = KeyPair.generate(args.name, args.role)
+    private, public = save_keys(pair, Path(args.out), overwrite=args.force)
+    print(f"wrote {private} (private: keep it on this machine, mode 0600)")
+    print(f"wrote {public} (public: give it to the {'hospitals' if args.role == 'coordinator' else 'coordinator'})")
+    print(f"fingerprint of {pair.name}: {pair.public.fingerprint}")
+    print("compare the fingerprint out of band (phone, paper) with the one the other side sees")
+    return 0
+
+
+def _keys_show(args: argparse.Namespace) -> int:
+    from fedtune.keys import load_private, load_public
+
+    for name in args.files:
+        path = Path(name)
+        ident = load_private(path).public if path.suffix == ".key" else load_public(path)
+        print(f"{path}: {ident.role} `{ident.name}`")
+        print(f"  fingerprint {ident.fingerprint}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated LoRA fine-tuning for hospitals.")
     parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
@@ -144,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--eval", type=int, default=16, help="held-out records per hospital")
     data.add_argument("--seed", type=int, default=0)
     data.set_defaults(func=_data)
+
+    keys = sub.add_parser("keys", help="key pairs that seal updates: create them, show their fingerprints")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="a new key pair: NAME.key (private, 0600) and NAME.pub")
+    create.add_argument("--role", choices=["hospital", "coordinator"], required=True)
+    create.add_argument("--name", required=True, help="the hospital's site name, or 'coordinator'")
+    create.add_argument("--out", default="keys", help="folder to write to (default: keys)")
+    create.add_argument("--force", action="store_true", help="replace existing keys of that name")
+    create.set_defaults(func=_keys_create)
+    show = keys_sub.add_parser("show", help="name, role and fingerprint of key files (.key or .pub)")
+    show.add_argument("files", nargs="+")
+    show.set_defaults(func=_keys_show)
 
     client = sub.add_parser("client", help="the hospital's side: its privacy ledger")
     client_sub = client.add_subparsers(dest="client_command", required=True)

@@ -102,3 +102,19 @@ def test_client_privacy_reports_and_refuses_an_open_ledger(tmp_path: Path, capsy
     path.chmod(0o644)
     assert main(["client", "privacy", str(path)]) == 2
     assert f"run `chmod 600 {path}`" in capsys.readouterr().err
+
+
+def test_keys_create_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import stat
+
+    assert main(["keys", "create", "--role", "hospital", "--name", "st-elsewhere", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    fingerprint = out.split("fingerprint of st-elsewhere: ")[1].splitlines()[0]
+    assert stat.S_IMODE((tmp_path / "st-elsewhere.key").stat().st_mode) == 0o600
+    assert main(["keys", "show", str(tmp_path / "st-elsewhere.pub"), str(tmp_path / "st-elsewhere.key")]) == 0
+    assert capsys.readouterr().out.count(fingerprint) == 2  # the private and public file agree
+    assert main(["keys", "create", "--role", "hospital", "--name", "st-elsewhere", "--out", str(tmp_path)]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    (tmp_path / "st-elsewhere.key").chmod(0o640)
+    assert main(["keys", "show", str(tmp_path / "st-elsewhere.key")]) == 2
+    assert "chmod 600" in capsys.readouterr().err
