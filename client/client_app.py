@@ -2,7 +2,8 @@
 
 Every reply is sealed for the coordinator (``security.seal``, on by default): encrypted
 to its key and signed with the hospital's, bound to the request's run, round and
-challenge.
+challenge. In secure-aggregation rounds Flower's ``secaggplus_mod`` masks the delta
+instead, and the coordinator sees only the sum.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from fedtune.client.site import (
     simulated_sealer,
     simulated_site,
 )
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MessageType
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.supercore import log
 
 from fedtune import wire
@@ -31,7 +35,15 @@ from fedtune.privacy import BudgetExceeded
 from fedtune.runfolder import RunFolder
 from fedtune.runtime import SiteData, SiteRuntime
 
-app = ClientApp()
+
+def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's SecAgg+ client mod, for secure rounds only (it fails on any other train message)."""
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[secagg_when_asked])
 
 
 @dataclass(frozen=True)
@@ -74,11 +86,43 @@ def _site(context: Context) -> _Site:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter on this site's data; reply with the delta."""
     site = _site(context)
+    if wire.is_secagg_train(msg.content):
+        instruction = wire.unpack_secagg_instruction(msg.content, site.runtime.state())
+        # Under DP a spent budget raises here: the hospital drops out of the secure round, sending nothing.
+        delta, metrics = _local_update(instruction, site)
+        identity = site.runtime.identity(site.data.site)
+        content = wire.pack_secagg_reply(identity, metrics, num_examples=len(site.data.train), delta=delta)
+        return Message(content, reply_to=msg)
     instruction = wire.unpack_instruction(msg.content)
-    if site.cfg.dp.enabled:
-        return _train_private(msg, instruction, site)
-    seed = round_seed(site.cfg.run.seed, site.partition, instruction.server_round)
-    delta, result = site.runtime.train_round(instruction, site.data, site.cfg.train, seed=seed)
+    try:
+        delta, metrics = _local_update(instruction, site)
+    except BudgetExceeded as err:
+        refusal = wire.pack_refusal(
+            site.runtime.identity(site.data.site),
+            kind=wire.REFUSED_PRIVACY_BUDGET,
+            reason=err.public_reason(),  # the full message (with the dataset's id) stays in the hospital's log
+            sealer=site.sealer,
+            instruction=instruction,
+        )
+        return Message(refusal, reply_to=msg)
+    return site.reply(msg, instruction, metrics, num_examples=len(site.data.train), delta=delta)
+
+
+def _local_update(instruction: wire.RoundInstruction, site: _Site) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One round of local training: DP-SGD under the hospital's ledger, or plain training."""
+    cfg, data = site.cfg, site.data
+    if cfg.dp.enabled:
+        ledger = open_ledger(simulated_ledger_path(site.run_dir, data.site, cfg.dp), cfg.dp)
+        try:
+            done = private_train_round(
+                site.runtime, instruction, data, cfg.train, cfg.dp, ledger, run_id=site.run_dir.name
+            )
+        except BudgetExceeded as err:
+            log(WARNING, "%s: round %d refused: %s", data.site, instruction.server_round, err)
+            raise
+        return done.delta, {**done.metrics(), "base-model-loads": base_model_loads()}
+    seed = round_seed(cfg.run.seed, site.partition, instruction.server_round)
+    delta, result = site.runtime.train_round(instruction, data, cfg.train, seed=seed)
     metrics = {
         "train-loss": result.mean_loss,
         "steps": result.steps,
@@ -86,28 +130,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-seconds": result.seconds,
         "base-model-loads": base_model_loads(),
     }
-    return site.reply(msg, instruction, metrics, num_examples=len(site.data.train), delta=delta)
-
-
-def _train_private(msg: Message, instruction: wire.RoundInstruction, site: _Site) -> Message:
-    """DP-SGD under the hospital's ledger; a spent budget is refused with nothing sent."""
-    cfg, data = site.cfg, site.data
-    ledger = open_ledger(simulated_ledger_path(site.run_dir, data.site, cfg.dp), cfg.dp)
-    try:
-        done = private_train_round(site.runtime, instruction, data, cfg.train, cfg.dp, ledger, run_id=site.run_dir.name)
-    except BudgetExceeded as err:
-        log(WARNING, "%s: round %d refused: %s", data.site, instruction.server_round, err)
-        # the full message (with the dataset's id) stays in the hospital's log
-        refusal = wire.pack_refusal(
-            site.runtime.identity(data.site),
-            kind=wire.REFUSED_PRIVACY_BUDGET,
-            reason=err.public_reason(),
-            sealer=site.sealer,
-            instruction=instruction,
-        )
-        return Message(refusal, reply_to=msg)
-    metrics = {**done.metrics(), "base-model-loads": base_model_loads()}
-    return site.reply(msg, instruction, metrics, num_examples=len(data.train), delta=done.delta)
+    return delta, metrics
 
 
 @app.evaluate()

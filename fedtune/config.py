@@ -277,14 +277,33 @@ class SecuritySettings:
 
     ``norm_bound``: an update whose L2 norm is over this many times the median norm of the
     round's other valid updates is rejected (0: off). ``max_update_norm``: an absolute bound
-    on one update's L2 norm (0: off).
+    on one update's L2 norm (0: off). ``secure_aggregation``: train through Flower's SecAgg+
+    so the coordinator sees only the weighted mean of the deltas; ``secagg_threshold`` is the
+    share of a hospital's key shares needed to unmask it (or a dropped one), and values are
+    clipped to +-``secagg_clipping_range`` and quantized to ``secagg_quantization_bits`` bits.
     """
 
     seal: bool = True
     norm_bound: float = 10.0
     max_update_norm: float = 0.0
+    secure_aggregation: bool = False
+    secagg_threshold: float = 0.5
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_bits: int = 22
 
     def __post_init__(self) -> None:
+        _require(
+            0 < self.secagg_threshold <= 1,
+            f"`security.secagg_threshold` must be in (0, 1] (share of key shares needed), got {self.secagg_threshold}",
+        )
+        _require(
+            self.secagg_clipping_range > 0,
+            f"`security.secagg_clipping_range` must be positive, got {self.secagg_clipping_range}",
+        )
+        _require(
+            8 <= self.secagg_quantization_bits <= 30,
+            f"`security.secagg_quantization_bits` must be in [8, 30], got {self.secagg_quantization_bits}",
+        )
         _require(
             self.norm_bound == 0 or self.norm_bound > 1,
             f"`security.norm_bound` must be 0 (off) or above 1, got {self.norm_bound}",
@@ -316,7 +335,16 @@ class ExperimentConfig:
                 f"`data.hospitals` must equal the number of `data.files` ({len(self.data.files)}) "
                 f"with the natural partition, got {self.data.hospitals}",
             )
+        _require(
+            not (self.security.secure_aggregation and self.client_dp.enabled),
+            "`client_dp.enabled` needs the coordinator to clip each update, which `security.secure_aggregation` "
+            "hides from it; turn one off (sample-level `dp` works with secure aggregation)",
+        )
         sampled = self.sampled_per_round()
+        _require(
+            not self.security.secure_aggregation or sampled >= 3,
+            f"`security.secure_aggregation` needs at least 3 hospitals sampled per round, got {sampled}",
+        )
         _require(
             self.federation.min_clients <= sampled,
             f"`federation.min_clients` ({self.federation.min_clients}) cannot exceed the hospitals sampled per "

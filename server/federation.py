@@ -14,14 +14,16 @@ from typing import Any
 
 import torch
 from fedtune.server.client_dp import ClientLevelDP
-from fedtune.server.strategy import DeltaFedAvg, NormBounds
-from flwr.app import ConfigRecord
+from fedtune.server.secagg import secagg_train_round
+from fedtune.server.strategy import DeltaFedAvg, NormBounds, TrainReport
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid
 
 from fedtune import wire
 from fedtune.adapter import META_BASE, META_SPEC, export_peft, initial_state, spec_sha256
 from fedtune.checkpoint import Checkpoint, MetricsLog, latest_round, load_checkpoint, save_checkpoint
 from fedtune.config import ExperimentConfig
+from fedtune.delta import apply_delta, l2_norm
 from fedtune.errors import CheckpointError, FederationStopped, FedTuneError
 from fedtune.evaluate import EvalResult
 from fedtune.models import load_model_config, resolve_model_dir
@@ -91,12 +93,50 @@ def build_strategy(
     return strategy
 
 
+def _secure_round(
+    grid: Grid,
+    context: Context | None,
+    cfg: ExperimentConfig,
+    strategy: DeltaFedAvg,
+    state: State,
+    rnd: int,
+    run_id: str,
+) -> ArrayRecord:
+    """Train through SecAgg+; the strategy's report gets what the coordinator may see."""
+    if context is None:
+        raise FedTuneError("`security.secure_aggregation` needs the ServerApp's context")
+    result = secagg_train_round(
+        grid,
+        context,
+        cfg.security,
+        global_state=state,
+        server_round=rnd,
+        num_rounds=cfg.federation.rounds,
+        sample_size=cfg.sampled_per_round(),
+        run_id=run_id,
+        seed=cfg.run.seed,
+        timeout=cfg.federation.round_timeout,
+    )
+    if len(result.metrics) < strategy.min_updates:
+        raise FedTuneError(
+            f"round {rnd}: only {len(result.metrics)} hospital(s) completed secure aggregation, "
+            f"the round needs {strategy.min_updates} (`federation.min_clients`)"
+        )
+    norm = l2_norm(result.mean_delta)
+    if strategy.bounds.absolute and norm > strategy.bounds.absolute:
+        raise FedTuneError(f"round {rnd}: the aggregate update's norm {norm:.4g} is over `security.max_update_norm`")
+    dropped = [{"site": "(secure aggregation)", "reason": f"{result.dropped} hospital(s) dropped out"}]
+    strategy.report = TrainReport(accepted=result.metrics, rejected=dropped if result.dropped else [])
+    return wire.to_arrays(apply_delta(state, result.mean_delta))
+
+
 def run_federation(
     grid: Grid,
     folder: RunFolder,
     cfg: ExperimentConfig,
     *,
     opener: wire.Opener | None = None,
+    context: Context | None = None,
     say: Callable[[str], None] = print,
 ) -> State:
     """Run (or finish) the rounds of the run in ``folder``; returns the final global adapter.
@@ -127,10 +167,13 @@ def run_federation(
         try:
             if client_dp is not None:
                 client_dp.check_next(rnd)
-            replies = grid.send_and_receive(
-                strategy.configure_train(rnd, wire.to_arrays(state), config, grid), timeout=timeout
-            )
-            arrays, _ = strategy.aggregate_train(rnd, replies)
+            if cfg.security.secure_aggregation:
+                arrays = _secure_round(grid, context, cfg, strategy, state, rnd, folder.root.name)
+            else:
+                replies = grid.send_and_receive(
+                    strategy.configure_train(rnd, wire.to_arrays(state), config, grid), timeout=timeout
+                )
+                arrays, _ = strategy.aggregate_train(rnd, replies)
         except (FederationStopped, BudgetExceeded) as stop:
             stopped = str(stop)
             state_extra = {"client_dp": client_dp.state_dict()} if client_dp is not None else {}

@@ -29,4 +29,4 @@ def main(grid: Grid, context: Context) -> None:
     opener = None
     if cfg.security.seal:
         opener = wire.Opener(load_private(folder.coordinator_key), AllowList.from_folder(folder.allowlist_dir))
-    run_federation(grid, folder, cfg, opener=opener, say=_say)
+    run_federation(grid, folder, cfg, opener=opener, context=context, say=_say)

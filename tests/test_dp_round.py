@@ -100,7 +100,8 @@ def _crash_between_record_and_send(run_dir: str, cache: str) -> None:
     msg = Message(RecordDict(), dst_node_id=0, message_type=MessageType.TRAIN)
     wire.pack_reply = lambda *a, **k: os._exit(9)  # type: ignore[assignment]  # the process dies here
     site = client_app._Site(cfg, 0, rt, data, Path(run_dir), None)
-    client_app._train_private(msg, instruction, site)
+    delta, metrics = client_app._local_update(instruction, site)  # records the release in the ledger
+    site.reply(msg, instruction, metrics, num_examples=len(data.train), delta=delta)  # dies packing it
     os._exit(0)  # not reached
 
 
