@@ -167,6 +167,7 @@ class FederationSettings:
     fraction_train: float = 1.0
     min_clients: int = 0
     round_timeout: float = 3600.0
+    join_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, f"`federation.rounds` must be >= 1, got {self.rounds}")
@@ -182,6 +183,7 @@ class FederationSettings:
             f"`federation.min_clients` must be >= 0 (0: every sampled hospital), got {self.min_clients}",
         )
         _require(self.round_timeout > 0, f"`federation.round_timeout` must be positive, got {self.round_timeout}")
+        _require(self.join_timeout > 0, f"`federation.join_timeout` must be positive, got {self.join_timeout}")
 
 
 @dataclass(frozen=True)

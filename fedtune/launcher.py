@@ -108,8 +108,13 @@ def write_app(folder: RunFolder) -> None:
 
 
 @contextlib.contextmanager
-def local_superlink(folder: RunFolder, env: dict[str, str]) -> Iterator[int]:
-    """Start a loopback SuperLink in simulation mode; yield its port; always stop it."""
+def local_superlink(folder: RunFolder, env: dict[str, str], *, simulation: bool = True) -> Iterator[int]:
+    """Start a loopback SuperLink; yield its port; always stop it.
+
+    ``simulation``: the simulation engine runs the hospitals; otherwise SuperNodes connect
+    to the same port (Flower 1.41 serves its Fleet, Control and runtime APIs on one port)
+    and the link keeps its state in ``state.db`` in the run folder.
+    """
     port = free_port()
     folder.flwr_home.mkdir(parents=True, exist_ok=True)
     folder.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -117,7 +122,7 @@ def local_superlink(folder: RunFolder, env: dict[str, str]) -> Iterator[int]:
     (folder.flwr_home / "config.toml").write_text(tomli_w.dumps(connection))
     cmd = [
         _bin("flower-superlink"),
-        "--simulation",
+        *(["--simulation"] if simulation else ["--database", str(folder.root / "state.db")]),
         "--insecure",
         "--isolation",
         "subprocess",
@@ -130,22 +135,62 @@ def local_superlink(folder: RunFolder, env: dict[str, str]) -> Iterator[int]:
     with open(folder.logs_dir / "superlink.log", "ab") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder.root)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise FedTuneError(
-                    f"SuperLink exited with code {proc.returncode}; see {folder.logs_dir / 'superlink.log'}"
-                )
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise FedTuneError("SuperLink did not become ready within 60 s; see logs/superlink.log") from None
-                time.sleep(0.3)
+        _await_health(proc, port, folder.logs_dir / "superlink.log", "SuperLink")
         yield port
     finally:
         stop_process(proc)
+
+
+@contextlib.contextmanager
+def local_supernode(
+    folder: RunFolder, env: dict[str, str], superlink_port: int, *, partition_id: int, num_partitions: int
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a loopback SuperNode for one simulated hospital; yield its process; always stop it.
+
+    It runs in its own session, so that the whole hospital (the SuperNode and the ClientApp
+    processes it starts) can be signalled as one process group.
+    """
+    port = free_port()
+    log_path = folder.logs_dir / f"supernode-{partition_id}.log"
+    cmd = [
+        _bin("flower-supernode"),
+        "--insecure",
+        "--superlink",
+        f"127.0.0.1:{superlink_port}",
+        "--node-config",
+        f"partition-id={partition_id} num-partitions={num_partitions}",
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    folder.logs_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder.root, start_new_session=True
+        )
+    try:
+        _await_health(proc, port, log_path, "SuperNode")
+        yield proc
+    finally:
+        stop_process(proc)
+
+
+def _await_health(proc: subprocess.Popen[bytes], port: int, log: Path, what: str, *, limit: float = 60.0) -> None:
+    """Wait until a Flower process answers on its HTTP health route."""
+    deadline = time.monotonic() + limit
+    while True:
+        if proc.poll() is not None:
+            raise FedTuneError(f"{what} exited with code {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise FedTuneError(f"{what} did not become ready within {limit:.0f} s; see {log}") from None
+            time.sleep(0.3)
 
 
 def stop_process(proc: subprocess.Popen[bytes], *, grace: float = 20.0) -> None:
@@ -201,6 +246,17 @@ def _zombie(pid: int) -> bool:
         return True
 
 
+def start_run(folder: RunFolder, env: dict[str, str], *, federation_config: str = "") -> subprocess.Popen[bytes]:
+    """``flwr run`` of the run folder's app bundle against the local SuperLink, streaming
+    its log to ``logs/flower.log``; the caller waits for it and stops it."""
+    cmd = [_bin("flwr"), "run", str(folder.app_dir), CONNECTION, "--stream"]
+    if federation_config:
+        cmd += ["--federation-config", federation_config]
+    folder.logs_dir.mkdir(parents=True, exist_ok=True)
+    with open(folder.logs_dir / "flower.log", "ab") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder.root)
+
+
 def flwr_run(
     folder: RunFolder,
     *,
@@ -218,16 +274,14 @@ def flwr_run(
         f"client-resources-num-gpus={gpus_per_client}"
     )
     with local_superlink(folder, env):
-        cmd = [_bin("flwr"), "run", str(folder.app_dir), CONNECTION, "--stream", "--federation-config", federation]
-        with open(folder.logs_dir / "flower.log", "ab") as log:
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder.root)
-            try:
-                while proc.poll() is None:
-                    if on_poll is not None:
-                        on_poll()
-                    time.sleep(1.0)
-            finally:
-                stop_process(proc, grace=10)
+        proc = start_run(folder, env, federation_config=federation)
+        try:
+            while proc.poll() is None:
+                if on_poll is not None:
+                    on_poll()
+                time.sleep(1.0)
+        finally:
+            stop_process(proc, grace=10)
     kill_run_processes(folder)  # Flower starts some helpers detached; stop them too
     if on_poll is not None:
         on_poll()

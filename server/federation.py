@@ -93,6 +93,36 @@ def build_strategy(
     return strategy
 
 
+def await_hospitals(
+    grid: Grid, *, want: int, need: int, timeout: float, say: Callable[[str], None], why: str = ""
+) -> int:
+    """Wait until ``want`` hospitals are connected, or ``timeout`` seconds; return how many are.
+
+    After the timeout the round goes on with fewer if at least ``need`` are connected;
+    otherwise the federation fails with a message that says what is missing. A dead
+    SuperNode counts as connected until Flower's heartbeat marks it offline; a round that
+    samples it loses its reply at ``round_timeout`` and goes on with the others.
+    """
+    deadline = time.monotonic() + timeout
+    shown = -1
+    while True:
+        online = len(list(grid.get_node_ids()))
+        if online >= want:
+            return online
+        if time.monotonic() >= deadline:
+            if online >= need:
+                say(f"{online} of {want} hospitals connected after {timeout:.0f} s; going on with them")
+                return online
+            raise FedTuneError(
+                f"only {online} hospital(s) connected within `federation.join_timeout` ({timeout:.0f} s), "
+                f"a round needs {need}{why}; start more hospitals or lower `federation.min_clients`"
+            )
+        if online != shown:
+            say(f"waiting for hospitals: {online}/{want} connected")
+            shown = online
+        time.sleep(1.0)
+
+
 def _secure_round(
     grid: Grid,
     context: Context | None,
@@ -159,9 +189,15 @@ def run_federation(
         say(f"the federation stopped after round {done}/{rounds}: {stopped}")
     elif done:
         say(f"resuming after round {done}/{rounds}")
+    # SecAgg+ with fewer than 3 hospitals would let each learn the other's update from the sum
+    need = max(strategy.min_updates, 3 if cfg.security.secure_aggregation else 1)
+    why = " (secure aggregation needs 3)" if need > strategy.min_updates else " (`federation.min_clients`)"
     for rnd in range(done + 1, rounds + 1):
         if stopped:
             break
+        # before this process's first round wait for every hospital; later, for enough of them
+        want = max(cfg.data.hospitals, need) if rnd == done + 1 else need
+        await_hospitals(grid, want=want, need=need, timeout=cfg.federation.join_timeout, say=say, why=why)
         start = time.perf_counter()
         config = wire.instruction_config(num_rounds=rounds, run_id=folder.root.name)
         try:

@@ -14,6 +14,7 @@ stops cleanly after its last completed round. With client-level DP the merge is
 
 from __future__ import annotations
 
+import random
 import statistics
 from collections import Counter
 from collections.abc import Iterable
@@ -22,7 +23,7 @@ from logging import INFO, WARNING
 
 import torch
 from fedtune.server.client_dp import ClientLevelDP
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
@@ -106,8 +107,8 @@ class DeltaFedAvg(FedAvg):
     ) -> None:
         super().__init__(
             min_train_nodes=num_nodes,
-            min_evaluate_nodes=num_nodes,
-            min_available_nodes=num_nodes,
+            min_evaluate_nodes=1,
+            min_available_nodes=1,
             weighted_by_key=wire.NUM_EXAMPLES,
             arrayrecord_key=wire.GLOBAL,
             configrecord_key=wire.CONFIG,
@@ -130,12 +131,28 @@ class DeltaFedAvg(FedAvg):
         config["run-id"] = self.run_id
         self._expected[kind] = wire.Expected(self.run_id, server_round, kind, challenge)
 
+    def _sample(self, grid: Grid, fraction: float, at_least: int) -> list[int]:
+        """Flower's rule, max(int(N x fraction), at_least) of the N connected hospitals, but
+        never more than are connected and never an unbounded wait: Flower's own sampling
+        blocks until ``min_available_nodes`` connect, forever if one has died. The round
+        loop waits for hospitals, within ``federation.join_timeout``, before each round."""
+        nodes = sorted(grid.get_node_ids())
+        return random.sample(nodes, min(len(nodes), max(int(len(nodes) * fraction), at_least)))
+
+    def _messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str
+    ) -> list[Message]:
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return list(self._construct_messages(record, nodes, kind))
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current = wire.from_arrays(arrays)
         self._challenge(server_round, config, "train")
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
+        messages = self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
         self.report = TrainReport(download_bytes=wire.message_bytes(messages[0].content) if messages else 0)
         return messages
 
@@ -143,7 +160,8 @@ class DeltaFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._challenge(server_round, config, "evaluate")
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE)
 
     # -- replies -----------------------------------------------------------------------
     def _open(self, msg: Message, *, kind: str, server_round: int) -> wire.Reply | wire.Refusal:

@@ -170,3 +170,50 @@ def test_fraction_train_samples_that_share_of_the_hospitals() -> None:
     every = build_strategy(load_config(None, {"data.hospitals": 4, "federation.min_clients": 3}), meta, None)
     assert len(list(every.configure_train(1, wire.to_arrays(GLOBAL), config, FourNodes()))) == 4  # type: ignore[arg-type]
     assert every.min_updates == 3
+
+
+class _Nodes:
+    """A grid whose connected hospitals are whatever the test says."""
+
+    def __init__(self, *ids: int) -> None:
+        self.ids = list(ids)
+
+    def get_node_ids(self) -> list[int]:
+        return self.ids
+
+
+def test_sampling_never_waits_for_a_dead_hospital() -> None:
+    from fedtune.server.federation import build_strategy
+
+    from fedtune.adapter import META_BASE, META_SPEC
+    from fedtune.config import load_config
+
+    meta = {META_SPEC: "spec", META_BASE: ""}
+    s = build_strategy(load_config(None, {"data.hospitals": 3, "federation.min_clients": 2}), meta, None)
+    config = wire.instruction_config(num_rounds=2)
+    grid = _Nodes(11, 12)  # the third has died: Flower's own sampling would wait for it forever
+    train = list(s.configure_train(1, wire.to_arrays(GLOBAL), config, grid))  # type: ignore[arg-type]
+    assert sorted(m.metadata.dst_node_id for m in train) == [11, 12]
+    evaluate = list(s.configure_evaluate(1, wire.to_arrays(GLOBAL), ConfigRecord(dict(config)), grid))  # type: ignore[arg-type]
+    assert sorted(m.metadata.dst_node_id for m in evaluate) == [11, 12]
+
+
+def test_await_hospitals_goes_on_with_enough_and_fails_clearly_without() -> None:
+    from fedtune.server.federation import await_hospitals
+
+    said: list[str] = []
+    assert await_hospitals(_Nodes(1, 2, 3), want=3, need=2, timeout=5, say=said.append) == 3  # type: ignore[arg-type]
+    assert said == []
+    assert await_hospitals(_Nodes(1, 2), want=3, need=2, timeout=0.2, say=said.append) == 2  # type: ignore[arg-type]
+    assert said[-1] == "2 of 3 hospitals connected after 0 s; going on with them"
+    with pytest.raises(FedTuneError, match=r"only 1 hospital\(s\) connected within `federation.join_timeout`.*needs 2"):
+        await_hospitals(_Nodes(1), want=3, need=2, timeout=0.2, say=said.append)  # type: ignore[arg-type]
+    grid = _Nodes(1)
+    joined = []
+
+    def say(line: str) -> None:  # a hospital connects while the coordinator waits
+        joined.append(line)
+        grid.ids.append(len(grid.ids) + 1)
+
+    assert await_hospitals(grid, want=3, need=3, timeout=30, say=say) == 3  # type: ignore[arg-type]
+    assert joined[0] == "waiting for hospitals: 1/3 connected"
