@@ -14,10 +14,12 @@ from logging import WARNING
 from pathlib import Path
 
 import torch
+from fedtune.client.audit import AuditLog, Outgoing
 from fedtune.client.dp_round import open_ledger, private_train_round
 from fedtune.client.site import (
     base_model_loads,
     round_seed,
+    simulated_audit_path,
     simulated_ledger_path,
     simulated_sealer,
     simulated_site,
@@ -27,10 +29,13 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
+from flwr.common.serde import recorddict_to_proto
 from flwr.supercore import log
 
 from fedtune import wire
 from fedtune.config import ExperimentConfig
+from fedtune.data import record_digests
 from fedtune.privacy import BudgetExceeded
 from fedtune.runfolder import RunFolder
 from fedtune.runtime import SiteData, SiteRuntime
@@ -43,7 +48,43 @@ def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallab
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[secagg_when_asked])
+def audited(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Record every outgoing message in the hospital's audit trail before Flower sends it.
+
+    The outermost mod: it sees the exact content that leaves (sealed envelopes, SecAgg+
+    keys, shares and masked vectors, error replies) and hashes its wire serialization.
+    """
+    reply = call_next(msg, context)
+    site = _site(context)
+    payload = b"" if reply.has_error() else recorddict_to_proto(reply.content).SerializeToString(deterministic=True)
+    group = msg.metadata.group_id
+    epsilon, delta = site.privacy_spent()
+    identity = site.runtime.identity(site.data.site)
+    site.audit.append(
+        Outgoing(
+            run=site.run_id,
+            round=int(group) if group.isdigit() else 0,
+            kind=_kind(msg, reply),
+            payload=payload,
+            epsilon=epsilon,
+            delta=delta,
+            adapter_sha256=identity.spec_sha256,
+            base_sha256=identity.base_sha256,
+        )
+    )
+    return reply
+
+
+def _kind(msg: Message, reply: Message) -> str:
+    """The message type, with the SecAgg+ stage where there is one; "error" for error replies."""
+    kind = msg.metadata.message_type
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if not msg.has_error() else None
+    if configs is not None and SecAggKey.STAGE in configs:
+        kind = f"{kind}/secagg-{configs[SecAggKey.STAGE]!s}"
+    return f"{kind}/error" if reply.has_error() else kind
+
+
+app = ClientApp(mods=[audited, secagg_when_asked])
 
 
 @dataclass(frozen=True)
@@ -71,6 +112,22 @@ class _Site:
             identity, metrics, num_examples=num_examples, delta=delta, sealer=self.sealer, instruction=instruction
         )
         return Message(content, reply_to=msg)
+
+    @property
+    def run_id(self) -> str:
+        return self.run_dir.name
+
+    @property
+    def audit(self) -> AuditLog:
+        return AuditLog(simulated_audit_path(self.run_dir, self.data.site))
+
+    def privacy_spent(self) -> tuple[float | None, float | None]:
+        """Epsilon spent so far on this hospital's training records, at the policy's delta."""
+        if not self.cfg.dp.enabled:
+            return None, None
+        ledger = open_ledger(simulated_ledger_path(self.run_dir, self.data.site, self.cfg.dp), self.cfg.dp)
+        dataset = ledger.register(record_digests(self.data.train), label=self.data.site)
+        return ledger.spent(dataset), self.cfg.dp.delta
 
 
 def _site(context: Context) -> _Site:

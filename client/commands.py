@@ -66,3 +66,66 @@ def privacy_report(path: Path, *, history: bool = False, as_json: bool = False) 
         reports[str(p)] = rows
         texts.append(_ledger_text(p, ledger, rows, history=history))
     return json.dumps(reports, indent=2) + "\n" if as_json else "\n".join(texts)
+
+
+def _audit_logs(path: Path) -> list[Path]:
+    paths = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if not paths or not paths[0].exists():
+        raise ConfigError(
+            f"{path}: no audit log here; pass an audit log (*.jsonl) or its folder (a simulation's <run>/audit)"
+        )
+    return paths
+
+
+def audit_verify(path: Path) -> tuple[bool, str]:
+    """``fedtune client audit verify``: check every log's chain; name the first bad record."""
+    from fedtune.client.audit import AuditLog
+
+    ok, lines = True, []
+    for p in _audit_logs(path):
+        verdict = AuditLog(p).verify()
+        if verdict.ok:
+            lines.append(f"{p}: OK, {verdict.records} records, head {verdict.head}")
+        else:
+            ok = False
+            lines.append(f"{p}: BROKEN at record {verdict.bad}: {verdict.reason} ({verdict.records} good before it)")
+    return ok, "\n".join(lines) + "\n"
+
+
+def audit_show(path: Path, *, last: int = 0, as_json: bool = False) -> str:
+    """``fedtune client audit show``: the records as a table (what left, when, the privacy spent)."""
+    from fedtune.client.audit import AuditLog
+
+    texts, everything = [], {}
+    for p in _audit_logs(path):
+        log = AuditLog(p)
+        records = log.records()[-last:] if last else log.records()
+        everything[str(p)] = records
+        verdict = log.verify()
+        state = (
+            f"chain OK, head {verdict.head}"
+            if verdict.ok
+            else f"chain BROKEN at record {verdict.bad}: {verdict.reason}"
+        )
+        rows = [
+            {
+                "seq": r.get("seq"),
+                "time (UTC)": str(r.get("time", ""))[:23],
+                "run": r.get("run"),
+                "round": r.get("round"),
+                "kind": r.get("kind"),
+                "bytes": r.get("bytes"),
+                "sha256": str(r.get("sha256", ""))[:16],
+                "epsilon": "-" if r.get("epsilon") is None else r.get("epsilon"),
+                "adapter": str(r.get("adapter_sha256", ""))[:8],
+                "base model": str(r.get("base_sha256", ""))[:8],
+            }
+            for r in records
+        ]
+        sent = sum(int(r.get("bytes", 0)) for r in log.records())
+        texts.append(
+            f"audit log {p}: {len(log.records())} messages, {sent:,} bytes sent; {state}\n"
+            + (markdown_table(rows) if rows else "(no records)")
+            + "\n"
+        )
+    return json.dumps(everything, indent=2) + "\n" if as_json else "\n".join(texts)

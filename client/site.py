@@ -63,6 +63,11 @@ def simulated_ledger_path(run_dir: Path, site: str, dp: DPSettings) -> Path:
     return folder / f"{site}.json"
 
 
+def simulated_audit_path(run_dir: Path, site: str) -> Path:
+    """Where simulated hospital ``site`` keeps its audit trail of outgoing messages."""
+    return run_dir / "audit" / f"{site}.jsonl"
+
+
 def simulated_sealer(run_dir: Path, site: str) -> Sealer:
     """Simulated hospital ``site``'s keys and the coordinator's public identity, from the run folder."""
     key = (run_dir, site)

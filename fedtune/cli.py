@@ -103,6 +103,17 @@ def _client_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_audit(args: argparse.Namespace) -> int:
+    from fedtune.client.commands import audit_show, audit_verify
+
+    if args.audit_command == "show":
+        print(audit_show(Path(args.log), last=args.last, as_json=args.json), end="")
+        return 0
+    ok, text = audit_verify(Path(args.log))
+    print(text, end="")
+    return 0 if ok else 1
+
+
 def _keys_create(args: argparse.Namespace) -> int:
     from fedtune.keys import KeyPair, save_keys
 
@@ -180,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("files", nargs="+")
     show.set_defaults(func=_keys_show)
 
-    client = sub.add_parser("client", help="the hospital's side: its privacy ledger")
+    client = sub.add_parser("client", help="the hospital's side: its privacy ledger and audit trail")
     client_sub = client.add_subparsers(dest="client_command", required=True)
     privacy = client_sub.add_parser(
         "privacy", help="what the hospital's privacy ledger says: per dataset, epsilon spent and left"
@@ -189,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     privacy.add_argument("--history", action="store_true", help="also list every release")
     privacy.add_argument("--json", action="store_true", help="print the report as JSON")
     privacy.set_defaults(func=_client_privacy)
+    audit = client_sub.add_parser("audit", help="the audit trail of every message that left the hospital")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser(
+        "verify", help="check the hash chain; name the first altered, deleted or moved record"
+    )
+    verify.add_argument("log", help="an audit log (*.jsonl), or a folder of them (a simulation's <run>/audit)")
+    verify.set_defaults(func=_client_audit)
+    shown = audit_sub.add_parser("show", help="the records as a table: what left, when, its hash and size, epsilon")
+    shown.add_argument("log", help="an audit log (*.jsonl), or a folder of them (a simulation's <run>/audit)")
+    shown.add_argument("--last", type=int, default=0, metavar="N", help="only the last N records")
+    shown.add_argument("--json", action="store_true", help="print the records as JSON")
+    shown.set_defaults(func=_client_audit)
     return parser
 
 

@@ -144,7 +144,8 @@ class DeltaFedAvg(FedAvg):
     ) -> list[Message]:
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return list(self._construct_messages(record, nodes, kind))
+        # group_id carries the round, as in Flower's SecAgg+ workflow (hospitals' audit trails read it)
+        return [Message(record, dst_node_id=n, message_type=kind, group_id=str(server_round)) for n in nodes]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

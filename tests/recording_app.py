@@ -1,5 +1,6 @@
-"""The honest ClientApp with a Flower mod that records every message it sends, serialized
-as it travels, into <run>/wire/. Copied into the run's app bundle by the test."""
+"""The honest ClientApp (with its audit trail) and, outermost, a Flower mod that records
+every message it sends, serialized as it travels, into <run>/wire/. Copied into the run's
+app bundle by the test."""
 
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ def record_outgoing(msg: Message, context: Context, call_next: ClientAppCallable
     out = call_next(msg, context)
     folder = Path(str(context.run_config["run-dir"])) / "wire"
     folder.mkdir(exist_ok=True)
-    data = recorddict_to_proto(out.content).SerializeToString() if out.has_content() else b""
+    data = recorddict_to_proto(out.content).SerializeToString(deterministic=True) if out.has_content() else b""
     (folder / f"{msg.metadata.message_type}-{uuid4().hex}.bin").write_bytes(data)
     return out
 
 
-app = ClientApp(mods=[record_outgoing])
+app = ClientApp(mods=[record_outgoing, honest.audited])
 
 
 @app.train()

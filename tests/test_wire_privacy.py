@@ -71,3 +71,23 @@ def test_only_sealed_envelopes_and_no_patient_text_leave(tiny_cfg, tmp_path: Pat
         for blob in (raw, payload):
             leaked = [n for n in needles if n in blob]
             assert not leaked, f"{path.name} carries training text: {leaked[:3]}"
+
+    # each hospital's audit trail holds exactly what it sent, with the privacy spent so far
+    from fedtune.client.audit import AuditLog
+    from fedtune.client.commands import privacy_report
+
+    audited = []
+    for site in folder.sites():
+        log = AuditLog(folder.root / "audit" / f"{site}.jsonl")
+        assert log.verify().ok
+        records = log.records()
+        assert [r["kind"] for r in records].count("train") == 2 and len(records) == 4
+        assert all(r["run"] == folder.root.name and r["round"] in (1, 2) for r in records)
+        epsilons = [r["epsilon"] for r in records if r["kind"] == "train"]
+        assert 0 < epsilons[0] < epsilons[1] <= 100.0
+        report = json.loads(privacy_report(folder.root / "privacy" / f"{site}.json", as_json=True))
+        assert epsilons[1] == pytest.approx(next(iter(report.values()))[0]["epsilon"])
+        audited += [(r["sha256"], r["bytes"]) for r in records]
+    import hashlib
+
+    assert sorted(audited) == sorted((hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size) for p in sent)
