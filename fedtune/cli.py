@@ -137,6 +137,63 @@ def _keys_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pki(args: argparse.Namespace) -> int:
+    from fedtune import pki
+    from fedtune.keys import KeyPair, save_keys
+
+    out = Path(args.out) if getattr(args, "out", None) else None
+    if args.pki_command == "ca":
+        assert out is not None
+        ca = pki.create_ca(out, name=args.name, days=args.days, force=args.force)
+        cert = pki.load_cert(ca.cert, "CA certificate")
+        print(
+            f"wrote {ca.key} (the CA's private key, mode 0600: keep it offline, it signs the coordinator's certificate)"
+        )
+        print(f"wrote {ca.cert} (give it to every hospital: it verifies the coordinator)")
+        print(f"CA fingerprint (SHA-256): {pki.fingerprint(cert)}")
+    elif args.pki_command == "server":
+        assert out is not None
+        tls = pki.issue_server_cert(Path(args.ca), out, args.address, days=args.days, force=args.force)
+        cert = pki.check_server_cert(tls, pki.CAFiles.at(Path(args.ca)).cert)
+        print(f"wrote {tls.key} (TLS key, mode 0600) and {tls.cert} for {', '.join(pki.cert_addresses(cert))}")
+        private, public = save_keys(KeyPair.generate("coordinator", "coordinator"), out, overwrite=args.force)
+        print(f"wrote {private} (envelope key, mode 0600) and {public} (give it to every hospital)")
+        print(f"certificate fingerprint (SHA-256): {pki.fingerprint(cert)}")
+    elif args.pki_command == "hospital":
+        assert out is not None
+        node = pki.create_node_key(out, args.name, force=args.force)
+        private, public = save_keys(KeyPair.generate(args.name, "hospital"), out, overwrite=args.force)
+        print(f"wrote {node.key} (SuperNode key, mode 0600) and {node.pub}")
+        print(f"wrote {private} (envelope key, mode 0600) and {public}")
+        print(f"send {node.pub} and {public} to the coordinator; the private keys never leave this machine")
+        print(f"node key fingerprint: {pki.node_fingerprint(pki.load_node_public(node.pub))}")
+    else:
+        _pki_show(args.files)
+    return 0
+
+
+def _pki_show(files: list[str]) -> None:
+    from fedtune import pki
+    from fedtune.keys import load_private, load_public
+
+    for name in files:
+        path = Path(name)
+        if path.name.endswith(".node.pub"):
+            print(f"{path}: SuperNode public key, {pki.node_fingerprint(pki.load_node_public(path))}")
+        elif path.name.endswith(".node.key"):
+            key = pki.load_node_private(path).public_key()
+            print(f"{path}: SuperNode private key, {pki.node_fingerprint(key)}")
+        elif path.suffix == ".pem":
+            cert = pki.load_cert(path, "certificate")
+            print(f"{path}: certificate for {cert.subject.rfc4514_string()}, issued by {cert.issuer.rfc4514_string()}")
+            print(f"  names {', '.join(pki.cert_addresses(cert)) or '(none)'}")
+            print(f"  valid {cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}")
+            print(f"  fingerprint (SHA-256) {pki.fingerprint(cert)}")
+        else:
+            ident = load_private(path).public if path.suffix == ".key" else load_public(path)
+            print(f"{path}: envelope key of {ident.role} `{ident.name}`, fingerprint {ident.fingerprint}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated LoRA fine-tuning for hospitals.")
     parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
@@ -190,6 +247,29 @@ def build_parser() -> argparse.ArgumentParser:
     show = keys_sub.add_parser("show", help="name, role and fingerprint of key files (.key or .pub)")
     show.add_argument("files", nargs="+")
     show.set_defaults(func=_keys_show)
+
+    pki_cmd = sub.add_parser("pki", help="the federation's CA, the coordinator's TLS certificate, hospitals' node keys")
+    pki_sub = pki_cmd.add_subparsers(dest="pki_command", required=True)
+    ca = pki_sub.add_parser("ca", help="a new certificate authority: ca.key (0600) and ca.pem")
+    ca.add_argument("--out", required=True, help="folder to write into")
+    ca.add_argument("--name", default="fedtune federation CA", help="the CA's common name")
+    ca.add_argument("--days", type=int, default=3650, help="validity in days")
+    server = pki_sub.add_parser("server", help="the coordinator's TLS certificate (signed by the CA) and envelope keys")
+    server.add_argument("--ca", required=True, help="the folder with ca.key and ca.pem")
+    server.add_argument("--out", required=True, help="folder to write into")
+    server.add_argument(
+        "--address", action="append", required=True, help="a DNS name or IP hospitals dial (repeat for each)"
+    )
+    server.add_argument("--days", type=int, default=825, help="validity in days")
+    hospital = pki_sub.add_parser("hospital", help="a hospital's SuperNode key and envelope keys (run at the hospital)")
+    hospital.add_argument("--name", required=True, help="the hospital's name in the federation")
+    hospital.add_argument("--out", required=True, help="folder to write into")
+    for p in (ca, server, hospital):
+        p.add_argument("--force", action="store_true", help="replace existing files")
+        p.set_defaults(func=_pki)
+    pki_show = pki_sub.add_parser("show", help="what a certificate or key file is, and its fingerprint")
+    pki_show.add_argument("files", nargs="+")
+    pki_show.set_defaults(func=_pki)
 
     client = sub.add_parser("client", help="the hospital's side: its privacy ledger and audit trail")
     client_sub = client.add_subparsers(dest="client_command", required=True)

@@ -134,13 +134,18 @@ def _read_doc(path: Path, kind: str) -> dict[str, object]:
     return doc
 
 
-def load_private(path: Path) -> KeyPair:
-    """Load a private key file; refused when others than its owner may read it."""
-    path = Path(path)
+def check_private_mode(path: Path) -> None:
+    """Refuse a private key file that anyone but its owner may read or write."""
     if path.exists():
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
             raise KeyFileError(f"{path} has mode {oct(mode)}, readable by others; run `chmod 600 {path}`")
+
+
+def load_private(path: Path) -> KeyPair:
+    """Load a private key file; refused when others than its owner may read it."""
+    path = Path(path)
+    check_private_mode(path)
     doc = _read_doc(path, "private key file")
     return KeyPair(
         str(doc["name"]),
