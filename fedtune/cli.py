@@ -103,6 +103,21 @@ def _client_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_example_config(args: argparse.Namespace) -> int:
+    from fedtune.hospital import EXAMPLE
+
+    print(EXAMPLE, end="")
+    return 0
+
+
+def _client_check(args: argparse.Namespace) -> int:
+    from fedtune.hospital import load_hospital_config
+
+    cfg = load_hospital_config(args.config)
+    print(f"{cfg.source}: OK, hospital `{cfg.name}` -> {cfg.coordinator.address}")
+    return 0
+
+
 def _client_audit(args: argparse.Namespace) -> int:
     from fedtune.client.commands import audit_show, audit_verify
 
@@ -280,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     privacy.add_argument("--history", action="store_true", help="also list every release")
     privacy.add_argument("--json", action="store_true", help="print the report as JSON")
     privacy.set_defaults(func=_client_privacy)
+    example = client_sub.add_parser("example-config", help="print a commented hospital.toml to start from")
+    example.set_defaults(func=_client_example_config)
+    check = client_sub.add_parser("check", help="validate hospital.toml and every file it names, then exit")
+    check.add_argument("--config", required=True, help="the hospital's hospital.toml")
+    check.set_defaults(func=_client_check)
     audit = client_sub.add_parser("audit", help="the audit trail of every message that left the hospital")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_sub.add_parser(

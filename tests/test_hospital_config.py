@@ -1,0 +1,114 @@
+"""hospital.toml: the daemon validates the whole file at start, and every mistake is one
+line naming the file and the field, with a non-zero exit from the command."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fedtune import pki
+from fedtune.clinical import generate_site
+from fedtune.data import write_records
+from fedtune.errors import ConfigError
+from fedtune.hospital import EXAMPLE, load_hospital_config
+from fedtune.keys import KeyPair, save_keys
+
+
+@pytest.fixture()
+def hospital_dir(tmp_path: Path) -> Path:
+    """A hospital folder laid out as EXAMPLE expects, with real keys and records."""
+    keys = tmp_path / "keys"
+    ca = pki.create_ca(tmp_path / "coordinator")
+    (keys).mkdir()
+    (keys / "ca.pem").write_bytes(ca.cert.read_bytes())
+    save_keys(KeyPair.generate("coordinator", "coordinator"), tmp_path / "coordinator")
+    (keys / "coordinator.pub").write_bytes((tmp_path / "coordinator" / "coordinator.pub").read_bytes())
+    pki.create_node_key(keys, "st-elsewhere")
+    save_keys(KeyPair.generate("st-elsewhere", "hospital"), keys)
+    records = generate_site(0, 12, seed=0)
+    write_records(tmp_path / "data" / "train.jsonl", records[:10])
+    write_records(tmp_path / "data" / "eval.jsonl", records[10:])
+    text = EXAMPLE.replace('path = "models/SmolLM2-135M-Instruct"', 'path = "tiny"')
+    (tmp_path / "hospital.toml").write_text(text)
+    return tmp_path
+
+
+def _error(path: Path) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_hospital_config(path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(str(path.resolve()))
+    return message
+
+
+def test_the_example_config_is_valid_and_paths_are_relative_to_it(hospital_dir: Path) -> None:
+    cfg = load_hospital_config(hospital_dir / "hospital.toml")
+    assert cfg.name == "st-elsewhere" and cfg.privacy.require_dp and cfg.privacy.budget_epsilon == 8.0
+    assert cfg.ledger_path == hospital_dir / "state" / "privacy.json"
+    assert cfg.path(cfg.data.train[0]) == hospital_dir / "data" / "train.jsonl"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ('device = "auto"', 'devcie = "auto"', "unknown field `model.devcie`"),
+        ("[daemon]", "[deamon]", "unknown section `[deamon]`"),
+        ('address = "coordinator.example.org:9092"', 'address = "https://coord:9092"', "`coordinator.address` must be"),
+        ('address = "coordinator.example.org:9092"', 'address = "coord"', "`coordinator.address` must be HOST:PORT"),
+        ('address = "coordinator.example.org:9092"', 'address = "coord:99999"', "`coordinator.address` must be"),
+        ('name = "st-elsewhere"', 'name = ""', "`hospital.name` is required"),
+        ("budget_epsilon = 8.0", 'budget_epsilon = "eight"', "`privacy.budget_epsilon` must be float"),
+        ('health = "127.0.0.1:9094"', 'health = "0.0.0.0:9094"', "`daemon.health` must listen on loopback"),
+        ('train = ["data/train.jsonl"]', 'train = ["data/missing.jsonl"]', "`data.train[0]`: "),
+        ('ca = "keys/ca.pem"', 'ca = "keys/nothing.pem"', "nothing.pem: no such CA certificate"),
+        ('node_key = "keys/st-elsewhere.node.key"', 'node_key = "keys/x.node.key"', "x.node.key: no such node key"),
+        ('envelope_key = "keys/st-elsewhere.key"', 'envelope_key = "keys/coordinator.pub"', "coordinator.pub has mode"),
+        ('path = "tiny"', 'path = "data"', "`model.path`: "),
+        ("[hospital]", "[hospital]\nlocation = 1", "unknown field `hospital.location`"),
+    ],
+)
+def test_each_mistake_is_one_line_naming_the_field(hospital_dir: Path, old: str, new: str, expected: str) -> None:
+    path = hospital_dir / "hospital.toml"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    assert expected in _error(path)
+
+
+def test_missing_unparsable_and_unreadable(hospital_dir: Path) -> None:
+    assert "no such file" in _error(hospital_dir / "nowhere.toml")
+    path = hospital_dir / "hospital.toml"
+    path.write_text(path.read_text() + "\n[broken\n")
+    assert "not valid TOML" in _error(path)
+    path.write_text(EXAMPLE.replace('path = "models/SmolLM2-135M-Instruct"', 'path = "tiny"'))
+    (hospital_dir / "keys" / "st-elsewhere.node.key").write_text("garbage")
+    assert "st-elsewhere.node.key: not an unencrypted OpenSSH private key" in _error(path)
+
+
+@pytest.mark.parametrize("key", ["st-elsewhere.node.key", "st-elsewhere.key"])
+def test_private_keys_readable_by_others_are_refused(hospital_dir: Path, key: str) -> None:
+    os.chmod(hospital_dir / "keys" / key, 0o644)
+    assert "readable by others; run `chmod 600" in _error(hospital_dir / "hospital.toml")
+
+
+def test_another_hospitals_envelope_key_is_refused(hospital_dir: Path) -> None:
+    save_keys(KeyPair.generate("northgate-general", "hospital"), hospital_dir / "keys")
+    path = hospital_dir / "hospital.toml"
+    path.write_text(path.read_text().replace("keys/st-elsewhere.key", "keys/northgate-general.key"))
+    assert "is the key of hospital 'northgate-general', not of hospital 'st-elsewhere'" in _error(path)
+
+
+def test_the_commands_print_an_example_and_check_with_an_exit_code(hospital_dir: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from fedtune.cli import main
+
+    assert main(["client", "example-config"]) == 0
+    assert capsys.readouterr().out == EXAMPLE
+    path = hospital_dir / "hospital.toml"
+    assert main(["client", "check", "--config", str(path)]) == 0
+    assert "OK, hospital `st-elsewhere`" in capsys.readouterr().out
+    path.write_text(path.read_text().replace('threads = 0', 'threads = -1'))
+    assert main(["client", "check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "`model.threads` must be >= 0" in err
