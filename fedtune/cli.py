@@ -103,6 +103,36 @@ def _client_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server(args: argparse.Namespace) -> int:
+    from fedtune import coordinator
+
+    home = coordinator.CoordinatorHome(Path(args.home))
+    if args.server_command == "start":
+        return coordinator.serve(home, address=args.address, host=args.host, port=args.port, insecure=args.insecure)
+    if args.server_command == "add-hospital":
+        entry = coordinator.add_hospital(home, args.name, Path(args.node_key), Path(args.envelope_key))
+        print(f"hospital `{args.name}` registered as SuperNode {entry['node-id']}")
+        print(f"  node key {entry['node-key']}; envelope key {entry['envelope-key']}")
+        print("  compare both fingerprints with the hospital's IT before its first round")
+        return 0
+    coordinator.remove_hospital(home, args.name)
+    print(f"hospital `{args.name}` removed: its SuperNode can no longer connect and its updates are refused")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from fedtune import coordinator
+
+    print(coordinator.main_status(coordinator.CoordinatorHome(Path(args.home))), end="")
+    return 0
+
+
+def _client_start(args: argparse.Namespace) -> int:
+    from fedtune.client.daemon import run_daemon
+
+    return run_daemon(Path(args.config), insecure=args.insecure, max_retries=args.max_retries)
+
+
 def _client_example_config(args: argparse.Namespace) -> int:
     from fedtune.hospital import EXAMPLE
 
@@ -286,8 +316,39 @@ def build_parser() -> argparse.ArgumentParser:
     pki_show.add_argument("files", nargs="+")
     pki_show.set_defaults(func=_pki)
 
-    client = sub.add_parser("client", help="the hospital's side: its privacy ledger and audit trail")
+    server_cmd = sub.add_parser("server", help="the coordinator's SuperLink and the hospitals it admits")
+    server_sub = server_cmd.add_subparsers(dest="server_command", required=True)
+    start = server_sub.add_parser("start", help="run the SuperLink (TLS, SuperNode authentication, persistent state)")
+    start.add_argument("--address", required=True, help="the name or IP hospitals dial (must be in the certificate)")
+    start.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")
+    start.add_argument("--port", type=int, default=9092, help="port for hospitals and the `flwr` CLI")
+    start.add_argument(
+        "--insecure", action="store_true", help="NO TLS and NO node authentication (closed test networks only)"
+    )
+    add = server_sub.add_parser("add-hospital", help="admit a hospital: its SuperNode key and envelope key")
+    add.add_argument("--name", required=True)
+    add.add_argument("--node-key", required=True, help="the hospital's NAME.node.pub")
+    add.add_argument("--envelope-key", required=True, help="the hospital's NAME.pub")
+    remove = server_sub.add_parser("remove-hospital", help="unregister a hospital and drop it from the allow-list")
+    remove.add_argument("--name", required=True)
+    for p in (start, add, remove):
+        p.add_argument("--home", default="coordinator", help="the coordinator's folder (default: ./coordinator)")
+        p.set_defaults(func=_server)
+    status = sub.add_parser("status", help="the coordinator's SuperLink, hospitals and runs")
+    status.add_argument("--home", default="coordinator", help="the coordinator's folder (default: ./coordinator)")
+    status.set_defaults(func=_status)
+
+    client = sub.add_parser("client", help="the hospital's side: daemon, config, privacy ledger and audit trail")
     client_sub = client.add_subparsers(dest="client_command", required=True)
+    daemon = client_sub.add_parser("start", help="run the hospital's daemon (a SuperNode with TLS and its node key)")
+    daemon.add_argument("--config", required=True, help="the hospital's hospital.toml")
+    daemon.add_argument(
+        "--insecure", action="store_true", help="NO TLS and NO node authentication (closed test networks only)"
+    )
+    daemon.add_argument(
+        "--max-retries", type=int, default=0, metavar="N", help="give up after N failed connection attempts (0: never)"
+    )
+    daemon.set_defaults(func=_client_start)
     privacy = client_sub.add_parser(
         "privacy", help="what the hospital's privacy ledger says: per dataset, epsilon spent and left"
     )

@@ -196,8 +196,11 @@ class HospitalConfig:
     def log_path(self) -> Path:
         return self.path(self.daemon.log_file) if self.daemon.log_file else self.state_dir / "client.log.jsonl"
 
-    def check_files(self) -> None:
-        """Everything the daemon will open: present, readable, private where secret, the right kind."""
+    def check_files(self, *, insecure: bool = False) -> None:
+        """Everything the daemon will open: present, readable, private where secret, the right kind.
+
+        ``insecure``: no TLS and no node authentication, so the CA and node key may be absent.
+        """
         from fedtune import pki
         from fedtune.keys import load_private, load_public
 
@@ -210,13 +213,19 @@ class HospitalConfig:
             "keys.node_key": self.keys.node_key,
             "keys.envelope_key": self.keys.envelope_key,
         }
+        if insecure:
+            required = {k: v for k, v in required.items() if k not in ("coordinator.ca", "keys.node_key")}
         for f, value in required.items():
             if not value:
-                raise ConfigError(f"{where(f)} is required; see `fedtune client example-config`")
+                raise ConfigError(
+                    f"{where(f)} is required (TLS and node authentication are on unless --insecure); "
+                    "see `fedtune client example-config`"
+                )
         try:
-            pki.load_cert(self.path(self.coordinator.ca), "CA certificate")
+            if not insecure:
+                pki.load_cert(self.path(self.coordinator.ca), "CA certificate")
+                pki.load_node_private(self.path(self.keys.node_key))
             coordinator = load_public(self.path(self.coordinator.envelope_key))
-            pki.load_node_private(self.path(self.keys.node_key))
             own = load_private(self.path(self.keys.envelope_key))
         except FedTuneError as err:
             raise ConfigError(f"{self.source}: {err}") from err
@@ -253,7 +262,7 @@ class HospitalConfig:
 SECTIONS = {f.name: f for f in dataclasses.fields(HospitalConfig) if f.name != "source"}
 
 
-def load_hospital_config(path: str | Path, *, check_files: bool = True) -> HospitalConfig:
+def load_hospital_config(path: str | Path, *, check_files: bool = True, insecure: bool = False) -> HospitalConfig:
     """Read and validate ``hospital.toml``; one-line ``ConfigError`` naming the file and field."""
     source = Path(path).expanduser().resolve()
     try:
@@ -278,5 +287,5 @@ def load_hospital_config(path: str | Path, *, check_files: bool = True) -> Hospi
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from err
     if check_files:
-        cfg.check_files()
+        cfg.check_files(insecure=insecure)
     return cfg

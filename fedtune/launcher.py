@@ -19,6 +19,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import tomli_w
 
@@ -41,7 +42,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _ray_tmpdir(folder: RunFolder) -> Path:
+def _ray_tmpdir(folder: FlowerHome) -> Path:
     """Ray puts Unix sockets under RAY_TMPDIR and those paths must stay under ~107 bytes;
     a deep run folder gets a short symlink in the system temp dir pointing into it."""
     folder.ray_dir.mkdir(parents=True, exist_ok=True)
@@ -56,7 +57,17 @@ def _ray_tmpdir(folder: RunFolder) -> Path:
     return link
 
 
-def flower_env(folder: RunFolder) -> dict[str, str]:
+class FlowerHome(Protocol):
+    """Where a Flower process keeps its state: a run folder, or the coordinator's home."""
+
+    @property
+    def flwr_home(self) -> Path: ...
+
+    @property
+    def ray_dir(self) -> Path: ...
+
+
+def flower_env(folder: FlowerHome) -> dict[str, str]:
     """Environment for Flower processes: state in the run folder, nothing fetched."""
     env = dict(os.environ)
     env.update(

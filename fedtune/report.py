@@ -212,3 +212,32 @@ def write_summary(folder: RunFolder) -> str:
     plot_rounds(folder, rounds, baselines)
     plot_epsilon(folder, rounds)
     return table
+
+
+def run_status(root: Path) -> dict[str, Any]:
+    """One line of `fedtune status` for a run folder: how far it got and how it ended."""
+    from fedtune.checkpoint import latest_round
+    from fedtune.errors import FedTuneError
+
+    folder = RunFolder(root)
+    try:
+        total: int | str = folder.load_config().federation.rounds
+    except FedTuneError:
+        total = "?"
+    latest = latest_round(root)
+    done, extra = latest if latest is not None else (0, {})
+    records = round_records(folder) if folder.metrics_path.exists() else []
+    pooled = records[-1].get("eval", {}).get("pooled", {}) if records else {}
+    if extra.get("stopped"):
+        state = f"stopped: {extra['stopped']}"
+    elif folder.adapter_dir.is_dir() and done == total:
+        state = "finished"
+    else:
+        state = "incomplete (resume with `fedtune run --resume`)" if done else "not started"
+    return {
+        "run": root.name,
+        "rounds": f"{done}/{total}",
+        "state": state,
+        "last metric": pooled.get("metric", "-"),
+        "hospitals last round": len(records[-1].get("train", {})) if records else 0,
+    }

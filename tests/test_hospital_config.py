@@ -108,7 +108,7 @@ def test_the_commands_print_an_example_and_check_with_an_exit_code(hospital_dir:
     path = hospital_dir / "hospital.toml"
     assert main(["client", "check", "--config", str(path)]) == 0
     assert "OK, hospital `st-elsewhere`" in capsys.readouterr().out
-    path.write_text(path.read_text().replace('threads = 0', 'threads = -1'))
+    path.write_text(path.read_text().replace("threads = 0", "threads = -1"))
     assert main(["client", "check", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "`model.threads` must be >= 0" in err

@@ -1,0 +1,196 @@
+"""The hospital's client daemon: ``fedtune client start --config hospital.toml``.
+
+It validates the whole config first (one-line error, non-zero exit), then runs a Flower
+SuperNode that dials the coordinator with TLS (the federation's CA) and authenticates
+with the hospital's node key; the SuperNode reconnects with exponential backoff whenever
+the coordinator is away (for ever, unless ``--max-retries`` says otherwise). Its output
+becomes structured logs: one JSON object per line in ``daemon.log_file``, and plain lines
+on stderr. ``daemon.health`` is the SuperNode's local HTTP API, whose ``GET /health``
+answers while the daemon is up. ``--insecure`` (no TLS, no node authentication) prints a
+warning on every start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from fedtune.hospital import HospitalConfig, load_hospital_config, parse_address
+
+INSECURE_WARNING = (
+    "WARNING: INSECURE MODE. This hospital talks to the coordinator without TLS and without node "
+    "authentication: its updates travel readable and unauthenticated. Use only on a closed test network."
+)
+_LEVEL = re.compile(r"^(?:\x1b\[[0-9;]*m)?(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*(?:\x1b\[[0-9;]*m)?\s*:\s*(.*)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def supernode_command(cfg: HospitalConfig, *, insecure: bool, max_retries: int = 0) -> list[str]:
+    from fedtune.launcher import _bin
+
+    host, port = parse_address(cfg.daemon.health, "daemon.health")
+    cmd = [_bin("flower-supernode"), "--superlink", cfg.coordinator.address]
+    if insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += [
+            "--root-certificates",
+            str(cfg.path(cfg.coordinator.ca)),
+            "--auth-supernode-private-key",
+            str(cfg.path(cfg.keys.node_key)),
+        ]
+    cmd += [
+        "--node-config",
+        f'hospital-config="{cfg.source}"',
+        "--isolation",
+        "subprocess",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    if max_retries:
+        cmd += ["--max-retries", str(max_retries)]
+    return cmd
+
+
+def log_record(line: str, hospital: str, source: str = "supernode") -> dict[str, Any]:
+    """One structured log record from one line of Flower's output."""
+    text = _ANSI.sub("", line.rstrip("\n"))
+    match = _LEVEL.match(line.rstrip("\n"))
+    level, message = (match.group(1), _ANSI.sub("", match.group(2))) if match else ("INFO", text)
+    return {
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "level": level,
+        "hospital": hospital,
+        "source": source,
+        "message": message.strip(),
+    }
+
+
+class StructuredLog:
+    """Appends JSON lines to the daemon's log file (0600) and echoes plain lines to stderr."""
+
+    def __init__(self, path: Path, hospital: str, echo: IO[str] | None = sys.stderr) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        path.chmod(0o600)
+        self.hospital = hospital
+        self.echo = echo
+        self.lock = threading.Lock()
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.lock:
+            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.file.flush()
+            if self.echo is not None:
+                print(f"{record['time']} {record['level']:<7} {record['message']}", file=self.echo, flush=True)
+
+    def event(self, level: str, message: str) -> None:
+        self.write(
+            {
+                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "level": level,
+                "hospital": self.hospital,
+                "source": "fedtune",
+                "message": message,
+            }
+        )
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def run_daemon(
+    config: Path, *, insecure: bool = False, max_retries: int = 0, echo: IO[str] | None = sys.stderr
+) -> int:
+    """Validate, then run the SuperNode in the foreground until it exits or SIGINT/SIGTERM."""
+    cfg = load_hospital_config(config, insecure=insecure)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log = StructuredLog(cfg.log_path, cfg.name, echo)
+    try:
+        if insecure:
+            log.event("WARNING", INSECURE_WARNING)
+        log.event(
+            "INFO",
+            f"hospital `{cfg.name}` dialling {cfg.coordinator.address} "
+            f"{'WITHOUT TLS' if insecure else 'with TLS and node authentication'}; health on http://{cfg.daemon.health}/health",
+        )
+        from fedtune.launcher import flower_env
+
+        env = flower_env(_DaemonHome(cfg.state_dir))
+        proc = subprocess.Popen(
+            supernode_command(cfg, insecure=insecure, max_retries=max_retries),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=cfg.state_dir,
+            start_new_session=True,
+        )
+        stop = {"asked": False}
+
+        def forward(signum: int, _frame: Any) -> None:
+            stop["asked"] = True
+            # the whole group: the SuperNode's SuperExec children hold the log pipe open too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.strip():
+                    log.write(log_record(line, cfg.name))
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            code = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            _stop_group(proc.pid)  # what the SuperNode started (SuperExec) must not outlive it
+            proc.wait()
+            reader.join(timeout=10)
+        if stop["asked"]:
+            log.event("INFO", "stopped")
+            return 0
+        log.event("ERROR", f"the SuperNode exited with code {code}")
+        return code or 1
+    finally:
+        log.close()
+
+
+def _stop_group(pgid: int, grace: float = 10.0) -> None:
+    """SIGINT the daemon's process group, SIGKILL whatever is left after ``grace`` seconds."""
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+class _DaemonHome:
+    """Flower's and Ray's state for the daemon: inside the hospital's state folder."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.flwr_home = state_dir / "flwr"
+        self.ray_dir = state_dir / "ray"

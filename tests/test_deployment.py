@@ -1,0 +1,160 @@
+"""The coordinator and the hospital daemon through the fedtune commands, on loopback:
+a SuperLink with TLS and SuperNode authentication, a registered hospital that connects,
+an unregistered one that is refused, and a hospital without TLS material that is refused
+unless it says --insecure."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedtune import coordinator, pki
+from fedtune.cli import main
+from fedtune.clinical import generate_site
+from fedtune.data import write_records
+from fedtune.hospital import EXAMPLE
+from fedtune.launcher import free_port
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _fedtune(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedtune", *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return int(proc.returncode)
+
+
+def _until(check, what: str, limit: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + limit
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def _hospital(root: Path, name: str, home: coordinator.CoordinatorHome, port: int, index: int) -> Path:
+    folder = root / name
+    main(["pki", "hospital", "--name", name, "--out", str(folder / "keys")])
+    (folder / "keys" / "ca.pem").write_bytes(home.ca_cert.read_bytes())
+    (folder / "keys" / "coordinator.pub").write_bytes((home.pki_dir / "coordinator.pub").read_bytes())
+    records = generate_site(index, 12, seed=0)
+    write_records(folder / "data" / "train.jsonl", records[:10])
+    write_records(folder / "data" / "eval.jsonl", records[10:])
+    text = (
+        EXAMPLE.replace("st-elsewhere", name)
+        .replace("coordinator.example.org:9092", f"127.0.0.1:{port}")
+        .replace('path = "models/SmolLM2-135M-Instruct"', 'path = "tiny"')
+        .replace("127.0.0.1:9094", f"127.0.0.1:{free_port()}")
+    )
+    (folder / "hospital.toml").write_text(text)
+    return folder / "hospital.toml"
+
+
+@pytest.fixture()
+def server(tmp_path: Path) -> Iterator[tuple[coordinator.CoordinatorHome, int, subprocess.Popen[bytes]]]:
+    home = coordinator.CoordinatorHome(tmp_path / "coordinator")
+    main(["pki", "ca", "--out", str(home.pki_dir)])
+    main(["pki", "server", "--ca", str(home.pki_dir), "--out", str(home.pki_dir), "--address", "127.0.0.1"])
+    port = free_port()
+    args = ["--home", str(home.root), "--address", "127.0.0.1", "--host", "127.0.0.1", "--port", str(port)]
+    proc = _fedtune("server", "start", *args, log=tmp_path / "server.out")
+    try:
+        _until(lambda: home.server() is not None or proc.poll() is not None, "the SuperLink")
+        assert proc.poll() is None, (tmp_path / "server.out").read_text()
+        yield home, port, proc
+    finally:
+        assert _stop(proc) == 0
+        assert not home.server_json.exists()
+
+
+def _node_status(home: coordinator.CoordinatorHome, name: str) -> str:
+    _, hospitals, _ = coordinator.status_rows(home)
+    return next((h["status"] for h in hospitals if h["hospital"] == name), "absent")
+
+
+def test_registered_hospital_connects_unregistered_is_refused(server, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    home, port, _ = server
+    admitted = _hospital(tmp_path, "st-elsewhere", home, port, 0)
+    stranger = _hospital(tmp_path, "northgate-general", home, port, 1)
+    keys = admitted.parent / "keys"
+    assert main(["server", "add-hospital", "--home", str(home.root), "--name", "st-elsewhere",
+                 "--node-key", str(keys / "st-elsewhere.node.pub"),
+                 "--envelope-key", str(keys / "st-elsewhere.pub")]) == 0  # fmt: skip
+    assert "registered as SuperNode" in capsys.readouterr().out
+    assert (home.hospitals_dir / "st-elsewhere.pub").exists()  # the allow-list
+    assert _node_status(home, "st-elsewhere") == "registered"
+
+    daemon = _fedtune("client", "start", "--config", str(admitted), log=tmp_path / "admitted.out")
+    refused = _fedtune(
+        "client", "start", "--config", str(stranger), "--max-retries", "3", log=tmp_path / "stranger.out"
+    )
+    try:
+        _until(lambda: _node_status(home, "st-elsewhere") == "online", "the admitted hospital to come online")
+        assert refused.wait(timeout=120) != 0  # it gave up: never admitted
+        superlink_log = (home.logs_dir / "superlink.log").read_text()
+        assert "No SuperNode found with the given public key" in superlink_log
+        assert main(["status", "--home", str(home.root)]) == 0
+        out = capsys.readouterr().out
+        assert "TLS + SuperNode authentication" in out and "| st-elsewhere" in out and "online" in out
+        assert "northgate-general" not in out
+        # structured logs, and the health endpoint of the daemon
+        cfg_port = int(admitted.read_text().split('health = "127.0.0.1:')[1].split('"')[0])
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{cfg_port}/health", timeout=5) as reply:
+            assert reply.status == 200
+        records = [json.loads(x) for x in (admitted.parent / "state" / "client.log.jsonl").read_text().splitlines()]
+        assert records[0]["hospital"] == "st-elsewhere" and "with TLS and node authentication" in records[0]["message"]
+        assert {"time", "level", "source", "message"} <= set(records[-1])
+    finally:
+        assert _stop(daemon) == 0
+        _stop(refused)
+    assert main(["server", "remove-hospital", "--home", str(home.root), "--name", "st-elsewhere"]) == 0
+    assert not (home.hospitals_dir / "st-elsewhere.pub").exists() and home.registry() == {}
+
+
+def test_a_hospital_without_tls_is_refused_unless_insecure(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    home = coordinator.CoordinatorHome(tmp_path / "coordinator")
+    main(["pki", "ca", "--out", str(home.pki_dir)])
+    main(["pki", "server", "--ca", str(home.pki_dir), "--out", str(home.pki_dir), "--address", "127.0.0.1"])
+    config = _hospital(tmp_path, "st-elsewhere", home, free_port(), 0)
+    config.write_text(config.read_text().replace('ca = "keys/ca.pem"', 'ca = ""'))
+    capsys.readouterr()
+    assert main(["client", "start", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "`coordinator.ca` is required (TLS and node authentication are on" in err
+    # with the flag it starts, says so loudly, and (nothing listens there) gives up by itself
+    assert main(["client", "start", "--config", str(config), "--insecure", "--max-retries", "2"]) != 0
+    assert "WARNING: INSECURE MODE" in capsys.readouterr().err
+    logged = (config.parent / "state" / "client.log.jsonl").read_text()
+    assert "INSECURE MODE" in logged
+
+
+def test_server_start_refuses_a_certificate_without_its_address(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    home = coordinator.CoordinatorHome(tmp_path / "coordinator")
+    assert main(["server", "start", "--home", str(home.root), "--address", "127.0.0.1"]) == 2
+    assert "pki/ca.pem is missing; create the PKI first" in capsys.readouterr().err
+    pki.create_ca(home.pki_dir)
+    main(["pki", "server", "--ca", str(home.pki_dir), "--out", str(home.pki_dir), "--address", "localhost"])
+    capsys.readouterr()
+    assert main(["server", "start", "--home", str(home.root), "--address", "10.0.0.7"]) == 2
+    assert "does not name '10.0.0.7'" in capsys.readouterr().err
