@@ -18,6 +18,7 @@ from fedtune.client.audit import AuditLog, Outgoing
 from fedtune.client.dp_round import open_ledger, private_train_round
 from fedtune.client.site import (
     base_model_loads,
+    hospital_site,
     round_seed,
     simulated_audit_path,
     simulated_ledger_path,
@@ -36,6 +37,7 @@ from flwr.supercore import log
 from fedtune import wire
 from fedtune.config import ExperimentConfig
 from fedtune.data import record_digests
+from fedtune.errors import FedTuneError
 from fedtune.privacy import BudgetExceeded
 from fedtune.runfolder import RunFolder
 from fedtune.runtime import SiteData, SiteRuntime
@@ -92,11 +94,14 @@ class _Site:
     """Everything this process holds for the hospital a message is for."""
 
     cfg: ExperimentConfig
-    partition: int
+    partition: int  # the simulated site's index; a real hospital's seed index
     runtime: SiteRuntime
     data: SiteData
-    run_dir: Path
+    run_dir: Path  # the run folder (a real hospital has no access to it: only its name)
     sealer: wire.Sealer | None
+    ledger_path: Path
+    audit_path: Path
+    refusal: str = ""  # the hospital's policy refuses this run's rounds, and says why
 
     def reply(
         self,
@@ -119,31 +124,54 @@ class _Site:
 
     @property
     def audit(self) -> AuditLog:
-        return AuditLog(simulated_audit_path(self.run_dir, self.data.site))
+        return AuditLog(self.audit_path)
 
     def privacy_spent(self) -> tuple[float | None, float | None]:
         """Epsilon spent so far on this hospital's training records, at the policy's delta."""
         if not self.cfg.dp.enabled:
             return None, None
-        ledger = open_ledger(simulated_ledger_path(self.run_dir, self.data.site, self.cfg.dp), self.cfg.dp)
+        ledger = open_ledger(self.ledger_path, self.cfg.dp)
         dataset = ledger.register(record_digests(self.data.train), label=self.data.site)
         return ledger.spent(dataset), self.cfg.dp.delta
 
 
 def _site(context: Context) -> _Site:
     run_dir = Path(str(context.run_config["run-dir"]))
+    if "hospital-config" in context.node_config:  # a real hospital's daemon
+        return _hospital_site(Path(str(context.node_config["hospital-config"])), context)
     cfg = RunFolder(run_dir).load_config()
     partition = int(context.node_config["partition-id"])  # type: ignore[arg-type]
     runtime, data = simulated_site(run_dir, partition, cfg)
     sealer = simulated_sealer(run_dir, data.site) if cfg.security.seal else None
-    return _Site(cfg, partition, runtime, data, run_dir, sealer)
+    ledger = simulated_ledger_path(run_dir, data.site, cfg.dp)
+    return _Site(cfg, partition, runtime, data, run_dir, sealer, ledger, simulated_audit_path(run_dir, data.site))
+
+
+def _hospital_site(config: Path, context: Context) -> _Site:
+    """The hospital's own settings (hospital.toml) over the run's (sent by the coordinator)."""
+    site = hospital_site(config, str(context.run_config["experiment"]), str(context.run_config["run-dir"]))
+    return _Site(
+        site.cfg,
+        site.seed_index,
+        site.runtime,
+        site.data,
+        Path(site.run_id),
+        site.sealer,
+        site.hospital.ledger_path,
+        site.hospital.audit_path,
+        site.refusal,
+    )
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter on this site's data; reply with the delta."""
     site = _site(context)
+    if site.refusal:
+        log(WARNING, "%s: round refused: %s", site.data.site, site.refusal)
     if wire.is_secagg_train(msg.content):
+        if site.refusal:  # a hospital refusing a secure round drops out of it, sending nothing
+            raise FedTuneError(f"{site.data.site} refuses this run: {site.refusal}")
         instruction = wire.unpack_secagg_instruction(msg.content, site.runtime.state())
         # Under DP a spent budget raises here: the hospital drops out of the secure round, sending nothing.
         delta, metrics = _local_update(instruction, site)
@@ -151,6 +179,15 @@ def train(msg: Message, context: Context) -> Message:
         content = wire.pack_secagg_reply(identity, metrics, num_examples=len(site.data.train), delta=delta)
         return Message(content, reply_to=msg)
     instruction = wire.unpack_instruction(msg.content)
+    if site.refusal:
+        refusal = wire.pack_refusal(
+            site.runtime.identity(site.data.site),
+            kind=wire.REFUSED_POLICY,
+            reason=site.refusal,
+            sealer=site.sealer,
+            instruction=instruction,
+        )
+        return Message(refusal, reply_to=msg)
     try:
         delta, metrics = _local_update(instruction, site)
     except BudgetExceeded as err:
@@ -169,7 +206,7 @@ def _local_update(instruction: wire.RoundInstruction, site: _Site) -> tuple[dict
     """One round of local training: DP-SGD under the hospital's ledger, or plain training."""
     cfg, data = site.cfg, site.data
     if cfg.dp.enabled:
-        ledger = open_ledger(simulated_ledger_path(site.run_dir, data.site, cfg.dp), cfg.dp)
+        ledger = open_ledger(site.ledger_path, cfg.dp)
         try:
             done = private_train_round(
                 site.runtime, instruction, data, cfg.train, cfg.dp, ledger, run_id=site.run_dir.name

@@ -111,9 +111,7 @@ class StructuredLog:
         self.file.close()
 
 
-def run_daemon(
-    config: Path, *, insecure: bool = False, max_retries: int = 0, echo: IO[str] | None = sys.stderr
-) -> int:
+def run_daemon(config: Path, *, insecure: bool = False, max_retries: int = 0, echo: IO[str] | None = sys.stderr) -> int:
     """Validate, then run the SuperNode in the foreground until it exits or SIGINT/SIGTERM."""
     cfg = load_hospital_config(config, insecure=insecure)
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -147,6 +145,7 @@ def run_daemon(
                 os.killpg(proc.pid, signal.SIGINT)
 
         previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+
         def pump() -> None:
             assert proc.stdout is not None
             for line in proc.stdout:

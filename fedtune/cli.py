@@ -120,6 +120,23 @@ def _server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from fedtune import coordinator
+    from fedtune.config import load_config
+    from fedtune.runfolder import RunFolder
+
+    home = coordinator.CoordinatorHome(Path(args.home))
+    if args.resume:
+        folder = RunFolder(Path(args.resume).resolve())
+        folder.load_config()  # a clear error when it is not a run folder
+    elif args.config:
+        folder = coordinator.prepare_deployment_run(home, load_config(args.config))
+    else:
+        raise ConfigError("give a run config (`fedtune run CONFIG`) or a run to continue (`--resume RUN`)")
+    print(coordinator.launch(home, folder))
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from fedtune import coordinator
 
@@ -334,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (start, add, remove):
         p.add_argument("--home", default="coordinator", help="the coordinator's folder (default: ./coordinator)")
         p.set_defaults(func=_server)
+    run = sub.add_parser("run", help="launch a federation run on the coordinator's SuperLink, or resume one")
+    run.add_argument("config", nargs="?", help="the run config (TOML: rounds, strategy, dp, security, timeouts)")
+    run.add_argument("--resume", metavar="RUN", help="continue this run folder from its last completed round")
+    run.add_argument("--home", default="coordinator", help="the coordinator's folder (default: ./coordinator)")
+    run.set_defaults(func=_run)
     status = sub.add_parser("status", help="the coordinator's SuperLink, hospitals and runs")
     status.add_argument("--home", default="coordinator", help="the coordinator's folder (default: ./coordinator)")
     status.set_defaults(func=_status)

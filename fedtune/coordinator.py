@@ -388,3 +388,101 @@ def main_status(home: CoordinatorHome) -> str:
     parts = [line, "", "hospitals:", markdown_table(hospitals) if hospitals else "(none registered)"]
     parts += ["", "runs:", markdown_table(runs) if runs else "(none)"]
     return "\n".join(parts) + "\n"
+
+
+def install_run_keys(home: CoordinatorHome, folder: Any) -> None:
+    """The run's coordinator key and its allow-list: the hospitals registered now.
+
+    Refreshed on every launch and resume, so a hospital removed in between is refused.
+    """
+    import shutil
+
+    from fedtune.checkpoint import atomic_write_bytes
+
+    key = load_private(home.coordinator_key)  # checks mode and role before copying
+    if key.role != "coordinator":
+        raise ConfigError(f"{home.coordinator_key} is a {key.role} key, not the coordinator's")
+    atomic_write_bytes(folder.coordinator_key, home.coordinator_key.read_bytes(), mode=0o600)
+    shutil.rmtree(folder.allowlist_dir, ignore_errors=True)
+    folder.allowlist_dir.mkdir(parents=True)
+    for name in home.registry():
+        atomic_write_bytes(folder.allowlist_dir / f"{name}.pub", (home.hospitals_dir / f"{name}.pub").read_bytes())
+
+
+def prepare_deployment_run(home: CoordinatorHome, cfg: Any) -> Any:
+    """A new run folder under ``home/runs`` for the registered hospitals."""
+    from fedtune.checkpoint import atomic_write_bytes
+    from fedtune.config import replace
+    from fedtune.models import resolve_model_dir
+    from fedtune.runfolder import RunFolder
+
+    registry = home.registry()
+    if not registry:
+        raise ConfigError(f"no hospitals are registered in {home.root}; add them with `fedtune server add-hospital`")
+    try:
+        cfg = replace(cfg, data={"hospitals": len(registry)})
+    except ConfigError as err:
+        raise ConfigError(f"with the {len(registry)} registered hospital(s): {err}") from err
+    resolve_model_dir(cfg.model.source)  # the coordinator builds the initial adapter from the base model's shape
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    folder = RunFolder((home.runs_dir / f"{cfg.run.name}-{stamp}").resolve())
+    if folder.root.exists():
+        raise ConfigError(f"run folder {folder.root} already exists; wait a second and launch again")
+    folder.root.mkdir(parents=True)
+    atomic_write_json(folder.data_dir / "sites.json", {"sites": sorted(registry)})
+    if cfg.security.seal:
+        install_run_keys(home, folder)
+    atomic_write_bytes(folder.config_path, cfg.to_toml().encode())
+    return folder
+
+
+def launch(home: CoordinatorHome, folder: Any, *, say: Any = print, poll: float = 1.0) -> str:
+    """``flwr run`` the run folder's federation on this SuperLink; stream round lines; summarise."""
+    from fedtune.launcher import start_run, stop_process, write_app
+    from fedtune.report import round_line, round_records, write_summary
+    from fedtune.simulate import federation_done
+
+    if home.server() is None:
+        raise ConfigError(
+            f"no SuperLink of {home.root} is running; start it with `fedtune server start --home {home.root}`"
+        )
+    cfg = folder.load_config()
+    if cfg.security.seal:
+        install_run_keys(home, folder)
+    write_app(folder)
+    env = env_for(home)
+    shown = {r["round"] for r in round_records(folder)} if folder.metrics_path.exists() else set()
+    total = cfg.federation.rounds
+    say(f"run folder: {folder.root}; {len(folder.sites())} registered hospitals, {total} rounds (log: logs/flower.log)")
+    proc = start_run(folder, env, connection=CONNECTION)
+    try:
+        while True:
+            done = proc.poll() is not None
+            if folder.metrics_path.exists():
+                for record in round_records(folder):
+                    if record["round"] not in shown:
+                        shown.add(record["round"])
+                        say(round_line(record, total))
+            if done:
+                break
+            time.sleep(poll)
+    finally:
+        stop_process(proc, grace=10)
+    if not federation_done(folder, cfg):
+        raise FedTuneError(
+            f"the federation stopped before round {total}: {_server_error(folder)}; fix the cause and run "
+            f"`fedtune run --resume {folder.root} --home {home.root}`"
+        )
+    table = write_summary(folder)
+    say(f"exported the global adapter (PEFT) to {folder.adapter_dir}; plots in {folder.plots_dir}")
+    return str(table)
+
+
+def _server_error(folder: Any) -> str:
+    """The ServerApp's own last error line from the `flwr run` log, or a pointer to the log."""
+    log = folder.logs_dir / "flower.log"
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    for line in reversed(lines):
+        if "FedTuneError" in line or "fedtune.errors" in line:
+            return line.split("Error:", 1)[-1].strip()[:300]
+    return f"see {log}"

@@ -110,7 +110,8 @@ def write_app(folder: RunFolder) -> None:
                         "serverapp": "fedtune.server.server_app:app",
                         "clientapp": "fedtune.client.client_app:app",
                     },
-                    "config": {"run-dir": str(folder.root.resolve())},
+                    # the coordinator's run folder, and the run's settings for the hospitals
+                    "config": {"run-dir": str(folder.root.resolve()), "experiment": folder.load_config().to_toml()},
                 }
             }
         },
@@ -257,10 +258,12 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def start_run(folder: RunFolder, env: dict[str, str], *, federation_config: str = "") -> subprocess.Popen[bytes]:
-    """``flwr run`` of the run folder's app bundle against the local SuperLink, streaming
-    its log to ``logs/flower.log``; the caller waits for it and stops it."""
-    cmd = [_bin("flwr"), "run", str(folder.app_dir), CONNECTION, "--stream"]
+def start_run(
+    folder: RunFolder, env: dict[str, str], *, federation_config: str = "", connection: str = CONNECTION
+) -> subprocess.Popen[bytes]:
+    """``flwr run`` of the run folder's app bundle against a SuperLink (the local one by
+    default), streaming its log to ``logs/flower.log``; the caller waits for it and stops it."""
+    cmd = [_bin("flwr"), "run", str(folder.app_dir), connection, "--stream"]
     if federation_config:
         cmd += ["--federation-config", federation_config]
     folder.logs_dir.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,7 @@ REFUSAL = "refusal"
 ENVELOPE = "envelope"
 NUM_EXAMPLES = "num-examples"
 REFUSED_PRIVACY_BUDGET = "privacy-budget"
+REFUSED_POLICY = "hospital-policy"
 
 State = dict[str, torch.Tensor]
 

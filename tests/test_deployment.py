@@ -158,3 +158,50 @@ def test_server_start_refuses_a_certificate_without_its_address(tmp_path: Path, 
     capsys.readouterr()
     assert main(["server", "start", "--home", str(home.root), "--address", "10.0.0.7"]) == 2
     assert "does not name '10.0.0.7'" in capsys.readouterr().err
+
+
+def _admit(home: coordinator.CoordinatorHome, config: Path, name: str) -> None:
+    keys = config.parent / "keys"
+    args = ["--home", str(home.root), "--name", name, "--node-key", str(keys / f"{name}.node.pub")]
+    assert main(["server", "add-hospital", *args, "--envelope-key", str(keys / f"{name}.pub")]) == 0
+
+
+def test_three_hospitals_two_sealed_rounds_through_the_commands(server, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from fedtune.client.audit import AuditLog
+    from fedtune.report import round_records
+    from fedtune.runfolder import RunFolder
+
+    home, port, _ = server
+    names = ["st-elsewhere", "northgate-general", "riverside-community"]
+    configs = []
+    for i, name in enumerate(names):
+        config = _hospital(tmp_path, name, home, port, i)
+        config.write_text(config.read_text().replace("require_dp = true", "require_dp = false"))
+        _admit(home, config, name)
+        configs.append(config)
+    run_cfg = tmp_path / "run.toml"
+    run_cfg.write_text(
+        '[run]\nname = "e2e"\nbaselines = false\n[model]\nsource = "tiny"\nthreads = 1\nprecision = "fp32"\n'
+        "[train]\nlocal_steps = 2\nbatch_size = 4\nmax_length = 256\n[eval]\nmax_new_tokens = 4\n"
+        "[federation]\nrounds = 2\nround_timeout = 120.0\njoin_timeout = 120.0\n"
+    )
+    daemons = [_fedtune("client", "start", "--config", str(c), log=tmp_path / f"{c.parent.name}.out") for c in configs]
+    try:
+        capsys.readouterr()
+        assert main(["run", str(run_cfg), "--home", str(home.root)]) == 0
+        out = capsys.readouterr().out
+        assert "round 1/2" in out and "round 2/2" in out and "exported the global adapter" in out
+    finally:
+        for d in daemons:
+            assert _stop(d) == 0
+    (run_dir,) = list(home.runs_dir.iterdir())
+    folder = RunFolder(run_dir)
+    records = round_records(folder)
+    assert [r["round"] for r in records] == [1, 2]
+    assert all(set(r["train"]) == set(names) and not r["rejected"] for r in records)
+    assert (folder.adapter_dir / "adapter_model.safetensors").exists() and (folder.plots_dir).is_dir()
+    for config in configs:  # each hospital's audit trail: 2 sealed updates and 2 evaluations, intact
+        log = AuditLog(config.parent / "state" / "audit.jsonl")
+        assert log.verify().ok
+        assert sorted(r["kind"] for r in log.records()) == ["evaluate", "evaluate", "train", "train"]
+        assert {r["run"] for r in log.records()} == {run_dir.name}
