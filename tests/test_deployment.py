@@ -168,6 +168,7 @@ def _admit(home: coordinator.CoordinatorHome, config: Path, name: str) -> None:
 
 def test_three_hospitals_two_sealed_rounds_through_the_commands(server, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     from fedtune.client.audit import AuditLog
+
     from fedtune.report import round_records
     from fedtune.runfolder import RunFolder
 
