@@ -123,6 +123,7 @@ class DeltaFedAvg(FedAvg):
         self.run_id = run_id
         self.bounds = bounds
         self._expected: dict[str, wire.Expected] = {}
+        self._sent_train = 0
 
     # -- requests ----------------------------------------------------------------------
     def _challenge(self, server_round: int, config: ConfigRecord, kind: str) -> None:
@@ -154,6 +155,7 @@ class DeltaFedAvg(FedAvg):
         self._challenge(server_round, config, "train")
         nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
         messages = self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
+        self._sent_train = len(messages)
         self.report = TrainReport(download_bytes=wire.message_bytes(messages[0].content) if messages else 0)
         return messages
 
@@ -198,6 +200,10 @@ class DeltaFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         opened: list[tuple[Message, wire.Reply]] = []
+        replies = list(replies)
+        missing = self._sent_train - len(replies)
+        if missing > 0:  # Flower returns only the replies that came within the timeout
+            self._reject(server_round, "(no reply)", f"{missing} hospital(s) sent nothing within `round_timeout`")
         for msg in replies:
             try:
                 item = self._open(msg, kind="train", server_round=server_round)
@@ -234,7 +240,8 @@ class DeltaFedAvg(FedAvg):
                 )
             raise FedTuneError(
                 f"round {server_round}: only {len(valid)} valid update(s), the round needs "
-                f"{self.min_updates} (`federation.min_clients`); rejected: {self.report.rejected}"
+                f"{self.min_updates} (`federation.min_clients`); "
+                + "; ".join(f"{r['site']}: {r['reason']}" for r in self.report.rejected)
             )
         deltas = [reply.delta for _, reply in valid if reply.delta is not None]
         for msg, reply in valid:

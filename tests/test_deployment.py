@@ -206,3 +206,140 @@ def test_three_hospitals_two_sealed_rounds_through_the_commands(server, tmp_path
         assert log.verify().ok
         assert sorted(r["kind"] for r in log.records()) == ["evaluate", "evaluate", "train", "train"]
         assert {r["run"] for r in log.records()} == {run_dir.name}
+
+
+RUN_TOML = (
+    '[run]\nname = "{name}"\nbaselines = false\n[model]\nsource = "tiny"\nthreads = 1\nprecision = "fp32"\n'
+    "[train]\nlocal_steps = 2\nbatch_size = 4\nmax_length = 256\n[eval]\nmax_new_tokens = 4\n"
+    "[federation]\nrounds = {rounds}\nmin_clients = {min_clients}\nround_timeout = {timeout}\njoin_timeout = 120.0\n"
+)
+NAMES = ["st-elsewhere", "northgate-general", "riverside-community"]
+
+
+def _federation(home: coordinator.CoordinatorHome, port: int, tmp_path: Path) -> list[Path]:
+    configs = []
+    for i, name in enumerate(NAMES):
+        config = _hospital(tmp_path, name, home, port, i)
+        config.write_text(config.read_text().replace("require_dp = true", "require_dp = false"))
+        _admit(home, config, name)
+        configs.append(config)
+    return configs
+
+
+def _kill_hospital(config: Path) -> None:
+    """SIGKILL everything of one hospital: its daemon, SuperNode and ClientApp processes."""
+    from fedtune.client.daemon import _DaemonHome
+
+    from fedtune.launcher import kill_run_processes
+
+    assert kill_run_processes(_DaemonHome(config.parent / "state"), graceful=False) == 0  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("min_clients", "completes"), [(2, True), (3, False)])
+def test_a_hospital_killed_mid_round(  # type: ignore[no-untyped-def]
+    server, tmp_path: Path, capsys, client_app_module, min_clients: int, completes: bool
+) -> None:
+    from fedtune.report import round_records
+    from fedtune.runfolder import RunFolder
+
+    home, port, _ = server
+    configs = _federation(home, port, tmp_path)
+    run_cfg = tmp_path / "run.toml"
+    run_cfg.write_text(RUN_TOML.format(name="fault", rounds=1, min_clients=min_clients, timeout=30.0))
+    client_app_module("stall_app")
+    daemons = {
+        c.parent.name: _fedtune("client", "start", "--config", str(c), log=tmp_path / f"{c.parent.name}.out")
+        for c in configs
+    }
+    victim = configs[NAMES.index("riverside-community")]
+    import threading
+
+    def kill_when_stalled() -> None:
+        marker = victim.parent / "state" / "stalled"
+        deadline = time.monotonic() + 240
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.3)
+        _kill_hospital(victim)
+
+    killer = threading.Thread(target=kill_when_stalled, daemon=True)
+    killer.start()
+    try:
+        capsys.readouterr()
+        code = main(["run", str(run_cfg), "--home", str(home.root)])
+        killer.join(timeout=240)
+        assert (victim.parent / "state" / "stalled").exists()
+    finally:
+        for name, d in daemons.items():
+            if name != "riverside-community":
+                assert _stop(d) == 0
+            else:
+                d.wait(timeout=30)
+    (run_dir,) = list(home.runs_dir.iterdir())
+    records = round_records(RunFolder(run_dir))
+    if completes:
+        assert code == 0
+        (record,) = records
+        assert set(record["train"]) == {"st-elsewhere", "northgate-general"}
+        assert record["rejected"] == [
+            {"site": "(no reply)", "reason": "1 hospital(s) sent nothing within `round_timeout`"}
+        ]
+    else:
+        assert code == 2 and records == []
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "round 1: only 2 valid update(s), the round needs 3" in err, err
+        assert "(no reply): 1 hospital(s) sent nothing within `round_timeout`" in err
+
+
+def _start_server(home: coordinator.CoordinatorHome, port: int, log: Path) -> subprocess.Popen[bytes]:
+    args = ["--home", str(home.root), "--address", "127.0.0.1", "--host", "127.0.0.1", "--port", str(port)]
+    proc = _fedtune("server", "start", *args, log=log)
+    _until(lambda: home.server() is not None or proc.poll() is not None, "the SuperLink")
+    assert proc.poll() is None, log.read_text()
+    return proc
+
+
+def test_the_coordinator_sigkilled_and_resumed_runs_every_round_once(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from fedtune.launcher import kill_run_processes
+    from fedtune.report import round_records
+    from fedtune.runfolder import RunFolder
+
+    home = coordinator.CoordinatorHome(tmp_path / "coordinator")
+    main(["pki", "ca", "--out", str(home.pki_dir)])
+    main(["pki", "server", "--ca", str(home.pki_dir), "--out", str(home.pki_dir), "--address", "127.0.0.1"])
+    port = free_port()
+    first = _start_server(home, port, tmp_path / "server-1.out")
+    configs = _federation(home, port, tmp_path)
+    daemons = [_fedtune("client", "start", "--config", str(c), log=tmp_path / f"{c.parent.name}.out") for c in configs]
+    second = None
+    try:
+        run_cfg = tmp_path / "run.toml"
+        run_cfg.write_text(RUN_TOML.format(name="crash", rounds=2, min_clients=0, timeout=120.0))
+        run = _fedtune("run", str(run_cfg), "--home", str(home.root), log=tmp_path / "run-1.out")
+
+        def one_round_done() -> bool:
+            runs = list(home.runs_dir.glob("*/metrics.jsonl")) if home.runs_dir.exists() else []
+            return bool(runs) and '"round": 1' in runs[0].read_text()
+
+        _until(one_round_done, "round 1", limit=240)
+        # the coordinator dies at once: SuperLink, ServerApp, `flwr run` and `fedtune run`, no goodbye
+        os.killpg(first.pid, signal.SIGKILL)
+        kill_run_processes(home, graceful=False)  # type: ignore[arg-type]
+        os.killpg(run.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+        run.wait(timeout=30)
+        (run_dir,) = list(home.runs_dir.iterdir())
+        assert len(round_records(RunFolder(run_dir))) < 2
+
+        second = _start_server(home, port, tmp_path / "server-2.out")  # the same state database
+        capsys.readouterr()
+        assert main(["run", "--resume", str(run_dir), "--home", str(home.root)]) == 0
+        assert "exported the global adapter" in capsys.readouterr().out
+    finally:
+        for d in daemons:
+            _stop(d)
+        if second is not None:
+            assert _stop(second) == 0
+        _stop(first)
+    records = round_records(RunFolder(run_dir))
+    assert [r["round"] for r in records] == [1, 2]  # every round exactly once
+    assert all(len(r["train"]) == 3 for r in records)
