@@ -104,14 +104,21 @@ class CoordinatorHome:
         return dict(data)
 
     def server(self) -> dict[str, Any] | None:
-        """The running SuperLink's record, or None when none is running."""
+        """The running SuperLink's record, or None when none is running.
+
+        Alive: its process runs on this machine, or (from another container or machine
+        sharing the home folder) it answers on its health route.
+        """
         try:
             info = dict(json.loads(self.server_json.read_text()))
         except (OSError, ValueError):
             return None
-        if not _alive(int(info.get("pid", 0))):
-            return None
-        return info
+        if _alive(int(info.get("pid", 0))):
+            return info
+        scheme = "http" if info.get("insecure") else "https"
+        if _healthy(scheme, str(info.get("address", "")), int(info.get("port", 0)), self):
+            return info
+        return None
 
 
 def _alive(pid: int) -> bool:
@@ -235,7 +242,7 @@ def serve(
     try:
         scheme = "http" if insecure else "https"
         deadline = time.monotonic() + ready_timeout
-        while not _healthy(scheme, address if not insecure else host, port, home):
+        while not _healthy(scheme, address if not insecure else host, port, home, timeout=1.0):
             if proc.poll() is not None:
                 raise FedTuneError(
                     f"the SuperLink exited with code {proc.returncode}; see {home.logs_dir / 'superlink.log'}"
@@ -274,14 +281,16 @@ def serve(
             signal.signal(s, handler)
 
 
-def _healthy(scheme: str, address: str, port: int, home: CoordinatorHome) -> bool:
+def _healthy(scheme: str, address: str, port: int, home: CoordinatorHome, *, timeout: float = 2.0) -> bool:
     import ssl
 
-    context = ssl.create_default_context(cafile=str(home.ca_cert)) if scheme == "https" else None
+    if not address or not 0 < port < 65536:
+        return False
     try:
-        with urllib.request.urlopen(f"{scheme}://{address}:{port}/health", timeout=1, context=context):
+        context = ssl.create_default_context(cafile=str(home.ca_cert)) if scheme == "https" else None
+        with urllib.request.urlopen(f"{scheme}://{address}:{port}/health", timeout=timeout, context=context):
             return True
-    except OSError:
+    except (OSError, ValueError, ssl.SSLError):
         return False
 
 
