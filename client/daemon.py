@@ -35,7 +35,9 @@ _LEVEL = re.compile(r"^(?:\x1b\[[0-9;]*m)?(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def supernode_command(cfg: HospitalConfig, *, insecure: bool, max_retries: int = 0) -> list[str]:
+def supernode_command(
+    cfg: HospitalConfig, *, insecure: bool, max_retries: int = 0, worker_socket: Path | None = None
+) -> list[str]:
     from fedtune.launcher import _bin
 
     host, port = parse_address(cfg.daemon.health, "daemon.health")
@@ -51,7 +53,7 @@ def supernode_command(cfg: HospitalConfig, *, insecure: bool, max_retries: int =
         ]
     cmd += [
         "--node-config",
-        f'hospital-config="{cfg.source}"',
+        f'hospital-config="{cfg.source}"' + (f' hospital-worker="{worker_socket}"' if worker_socket else ""),
         "--isolation",
         "subprocess",
         "--host",
@@ -116,7 +118,8 @@ def run_daemon(config: Path, *, insecure: bool = False, max_retries: int = 0, ec
     cfg = load_hospital_config(config, insecure=insecure)
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     log = StructuredLog(cfg.log_path, cfg.name, echo)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(log.close)
         if insecure:
             log.event("WARNING", INSECURE_WARNING)
         log.event(
@@ -124,11 +127,33 @@ def run_daemon(config: Path, *, insecure: bool = False, max_retries: int = 0, ec
             f"hospital `{cfg.name}` dialling {cfg.coordinator.address} "
             f"{'WITHOUT TLS' if insecure else 'with TLS and node authentication'}; health on http://{cfg.daemon.health}/health",
         )
+        from fedtune.client.client_app import app
+        from fedtune.client.site import base_model_loads
+        from fedtune.client.worker import IN_WORKER, Worker, socket_path
+        from flwr.app import Context, Message
+
         from fedtune.launcher import flower_env
 
         env = flower_env(_DaemonHome(cfg.state_dir))
+        env.pop(IN_WORKER, None)
+        os.environ[IN_WORKER] = "1"  # this process runs the app itself; the ClientApp processes relay to it
+        stack.callback(os.environ.pop, IN_WORKER, None)
+
+        def serve(message: Message, context: Context) -> Message:
+            reply = app(message, context)
+            kind, group = message.metadata.message_type, message.metadata.group_id
+            log.event(
+                "ERROR" if reply.has_error() else "INFO",
+                f"{kind} (round {group or '?'}) served by the resident worker; "
+                f"base model loads in this process: {base_model_loads()}",
+            )
+            return reply
+
+        resident = Worker(socket_path(cfg.state_dir), serve)
+        resident.start()
+        stack.callback(resident.stop)
         proc = subprocess.Popen(
-            supernode_command(cfg, insecure=insecure, max_retries=max_retries),
+            supernode_command(cfg, insecure=insecure, max_retries=max_retries, worker_socket=resident.path),
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -167,8 +192,6 @@ def run_daemon(config: Path, *, insecure: bool = False, max_retries: int = 0, ec
             return 0
         log.event("ERROR", f"the SuperNode exited with code {code}")
         return code or 1
-    finally:
-        log.close()
 
 
 def _stop_group(pgid: int, grace: float = 10.0) -> None:

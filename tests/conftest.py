@@ -85,3 +85,12 @@ def client_app_module(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyp
         monkeypatch.setattr(launcher, "write_app", write_app)
 
     return install
+
+
+@pytest.fixture()
+def flower_run_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages outside a Flower run need a run id to be built."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for field in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, field, 1)

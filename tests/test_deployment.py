@@ -201,6 +201,12 @@ def test_three_hospitals_two_sealed_rounds_through_the_commands(server, tmp_path
     assert [r["round"] for r in records] == [1, 2]
     assert all(set(r["train"]) == set(names) and not r["rejected"] for r in records)
     assert (folder.adapter_dir / "adapter_model.safetensors").exists() and (folder.plots_dir).is_dir()
+    for config in configs:  # the base model stayed resident in each daemon across all four messages
+        logged = [
+            json.loads(x)["message"] for x in (config.parent / "state" / "client.log.jsonl").read_text().splitlines()
+        ]
+        served = [m for m in logged if "served by the resident worker" in m]
+        assert len(served) == 4 and all(m.endswith("base model loads in this process: 1") for m in served)
     for config in configs:  # each hospital's audit trail: 2 sealed updates and 2 evaluations, intact
         log = AuditLog(config.parent / "state" / "audit.jsonl")
         assert log.verify().ok

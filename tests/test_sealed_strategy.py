@@ -17,13 +17,7 @@ COORD = KeyPair.generate("coordinator", "coordinator")
 SITES = {name: KeyPair.generate(name, "hospital") for name in ("a", "b", "c")}
 MALLORY = KeyPair.generate("a", "hospital")  # claims to be "a" with her own key
 
-
-@pytest.fixture(autouse=True)
-def _flower_run_id(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for field in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, field, 1)
+pytestmark = pytest.mark.usefixtures("flower_run_id")
 
 
 class Nodes:

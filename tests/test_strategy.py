@@ -12,14 +12,7 @@ from fedtune.aggregate import weighted_mean
 from fedtune.delta import apply_delta
 from fedtune.errors import FedTuneError
 
-
-@pytest.fixture(autouse=True)
-def _flower_run_id(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages outside a Flower run need a run id to be built."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for field in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, field, 1)
+pytestmark = pytest.mark.usefixtures("flower_run_id")
 
 
 GLOBAL = {"l.lora_A.weight": torch.ones(2, 3), "l.lora_B.weight": torch.zeros(3, 2)}
