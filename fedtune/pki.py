@@ -74,19 +74,25 @@ def _write_private_pem(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     atomic_write_bytes(path, pem, mode=0o600)
 
 
-def load_private_pem(path: Path, what: str) -> ec.EllipticCurvePrivateKey:
-    """A PEM private key (any curve cryptography reads), refused when others can read it."""
+def _load_ec_private(path: Path, what: str, form: str, create: str) -> ec.EllipticCurvePrivateKey:
+    """An unencrypted EC private key in ``form`` ("PEM" or "OpenSSH"), refused when others can read it."""
     path = Path(path)
     if not path.exists():
-        raise KeyFileError(f"{path}: no such {what}; create it with `fedtune pki`")
+        raise KeyFileError(f"{path}: no such {what}; create it with `{create}`")
     check_private_mode(path)
+    load = serialization.load_pem_private_key if form == "PEM" else serialization.load_ssh_private_key
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = load(path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as err:
-        raise KeyFileError(f"{path}: not a readable unencrypted PEM {what} ({err})") from err
+        raise KeyFileError(f"{path}: not an unencrypted {form} private key ({err})") from err
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise KeyFileError(f"{path}: the {what} must be an EC key (NIST curve), got {type(key).__name__}")
+        raise KeyFileError(f"{path}: the {what} must be an EC key on a NIST curve, got {type(key).__name__}")
     return key
+
+
+def load_private_pem(path: Path, what: str) -> ec.EllipticCurvePrivateKey:
+    """A PEM private key (the CA's, the TLS server's), refused when others can read it."""
+    return _load_ec_private(path, what, "PEM", "fedtune pki")
 
 
 def load_cert(path: Path, what: str) -> x509.Certificate:
@@ -280,17 +286,7 @@ def load_node_public(path: Path) -> ec.EllipticCurvePublicKey:
 
 def load_node_private(path: Path) -> ec.EllipticCurvePrivateKey:
     """A hospital's SuperNode private key (OpenSSH format), refused when others can read it."""
-    path = Path(path)
-    if not path.exists():
-        raise KeyFileError(f"{path}: no such node key; create it with `fedtune pki hospital`")
-    check_private_mode(path)
-    try:
-        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as err:
-        raise KeyFileError(f"{path}: not an unencrypted OpenSSH private key ({err})") from err
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise KeyFileError(f"{path}: a SuperNode key must be EC on a NIST curve, got {type(key).__name__}")
-    return key
+    return _load_ec_private(path, "node key", "OpenSSH", "fedtune pki hospital")
 
 
 def node_fingerprint(key: ec.EllipticCurvePublicKey) -> str:

@@ -75,11 +75,8 @@ def server(tmp_path: Path) -> Iterator[tuple[coordinator.CoordinatorHome, int, s
     main(["pki", "ca", "--out", str(home.pki_dir)])
     main(["pki", "server", "--ca", str(home.pki_dir), "--out", str(home.pki_dir), "--address", "127.0.0.1"])
     port = free_port()
-    args = ["--home", str(home.root), "--address", "127.0.0.1", "--host", "127.0.0.1", "--port", str(port)]
-    proc = _fedtune("server", "start", *args, log=tmp_path / "server.out")
+    proc = _start_server(home, port, tmp_path / "server.out")
     try:
-        _until(lambda: home.server() is not None or proc.poll() is not None, "the SuperLink")
-        assert proc.poll() is None, (tmp_path / "server.out").read_text()
         yield home, port, proc
     finally:
         assert _stop(proc) == 0
@@ -110,6 +107,13 @@ def test_registered_hospital_connects_unregistered_is_refused(server, tmp_path: 
     try:
         _until(lambda: _node_status(home, "st-elsewhere") == "online", "the admitted hospital to come online")
         assert refused.wait(timeout=120) != 0  # it gave up: never admitted
+        # the admitted hospital's own key, but without TLS: the SuperLink does not talk to it
+        plain = admitted.with_name("plain.toml")
+        plain.write_text(admitted.read_text().replace('"state/', '"plain-state/').replace('"state"', '"plain-state"'))
+        without_tls = _fedtune("client", "start", "--config", str(plain), "--insecure", "--max-retries", "2",
+                               log=tmp_path / "plain.out")  # fmt: skip
+        assert without_tls.wait(timeout=120) != 0
+        assert "WARNING: INSECURE MODE" in (tmp_path / "plain.out").read_text()
         superlink_log = (home.logs_dir / "superlink.log").read_text()
         assert "No SuperNode found with the given public key" in superlink_log
         assert main(["status", "--home", str(home.root)]) == 0
@@ -160,6 +164,24 @@ def test_server_start_refuses_a_certificate_without_its_address(tmp_path: Path, 
     assert "does not name '10.0.0.7'" in capsys.readouterr().err
 
 
+RUN_TOML = (
+    '[run]\nname = "{name}"\nbaselines = false\n[model]\nsource = "tiny"\nthreads = 1\nprecision = "fp32"\n'
+    "[train]\nlocal_steps = 2\nbatch_size = 4\nmax_length = 256\n[eval]\nmax_new_tokens = 4\n"
+    "[federation]\nrounds = {rounds}\nmin_clients = {min_clients}\nround_timeout = {timeout}\njoin_timeout = 120.0\n"
+)
+NAMES = ["st-elsewhere", "northgate-general", "riverside-community"]
+
+
+def _federation(home: coordinator.CoordinatorHome, port: int, tmp_path: Path) -> list[Path]:
+    configs = []
+    for i, name in enumerate(NAMES):
+        config = _hospital(tmp_path, name, home, port, i)
+        config.write_text(config.read_text().replace("require_dp = true", "require_dp = false"))
+        _admit(home, config, name)
+        configs.append(config)
+    return configs
+
+
 def _admit(home: coordinator.CoordinatorHome, config: Path, name: str) -> None:
     keys = config.parent / "keys"
     args = ["--home", str(home.root), "--name", name, "--node-key", str(keys / f"{name}.node.pub")]
@@ -173,19 +195,10 @@ def test_three_hospitals_two_sealed_rounds_through_the_commands(server, tmp_path
     from fedtune.runfolder import RunFolder
 
     home, port, _ = server
-    names = ["st-elsewhere", "northgate-general", "riverside-community"]
-    configs = []
-    for i, name in enumerate(names):
-        config = _hospital(tmp_path, name, home, port, i)
-        config.write_text(config.read_text().replace("require_dp = true", "require_dp = false"))
-        _admit(home, config, name)
-        configs.append(config)
+    names = NAMES
+    configs = _federation(home, port, tmp_path)
     run_cfg = tmp_path / "run.toml"
-    run_cfg.write_text(
-        '[run]\nname = "e2e"\nbaselines = false\n[model]\nsource = "tiny"\nthreads = 1\nprecision = "fp32"\n'
-        "[train]\nlocal_steps = 2\nbatch_size = 4\nmax_length = 256\n[eval]\nmax_new_tokens = 4\n"
-        "[federation]\nrounds = 2\nround_timeout = 120.0\njoin_timeout = 120.0\n"
-    )
+    run_cfg.write_text(RUN_TOML.format(name="e2e", rounds=2, min_clients=0, timeout=120.0))
     daemons = [_fedtune("client", "start", "--config", str(c), log=tmp_path / f"{c.parent.name}.out") for c in configs]
     try:
         capsys.readouterr()
@@ -212,24 +225,6 @@ def test_three_hospitals_two_sealed_rounds_through_the_commands(server, tmp_path
         assert log.verify().ok
         assert sorted(r["kind"] for r in log.records()) == ["evaluate", "evaluate", "train", "train"]
         assert {r["run"] for r in log.records()} == {run_dir.name}
-
-
-RUN_TOML = (
-    '[run]\nname = "{name}"\nbaselines = false\n[model]\nsource = "tiny"\nthreads = 1\nprecision = "fp32"\n'
-    "[train]\nlocal_steps = 2\nbatch_size = 4\nmax_length = 256\n[eval]\nmax_new_tokens = 4\n"
-    "[federation]\nrounds = {rounds}\nmin_clients = {min_clients}\nround_timeout = {timeout}\njoin_timeout = 120.0\n"
-)
-NAMES = ["st-elsewhere", "northgate-general", "riverside-community"]
-
-
-def _federation(home: coordinator.CoordinatorHome, port: int, tmp_path: Path) -> list[Path]:
-    configs = []
-    for i, name in enumerate(NAMES):
-        config = _hospital(tmp_path, name, home, port, i)
-        config.write_text(config.read_text().replace("require_dp = true", "require_dp = false"))
-        _admit(home, config, name)
-        configs.append(config)
-    return configs
 
 
 def _kill_hospital(config: Path) -> None:

@@ -78,6 +78,7 @@ def test_a_spent_budget_refuses_before_any_training(site, tmp_path: Path, monkey
 def _crash_between_record_and_send(run_dir: str, cache: str) -> None:
     """Child process: a DP round through the ClientApp that dies where the reply would be packed."""
     os.environ["FEDTUNE_CACHE"] = cache
+    from fedtune.client.site import simulated_ledger_path
     from flwr.app import Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -99,7 +100,8 @@ def _crash_between_record_and_send(run_dir: str, cache: str) -> None:
     instruction = _instruction(rt)
     msg = Message(RecordDict(), dst_node_id=0, message_type=MessageType.TRAIN)
     wire.pack_reply = lambda *a, **k: os._exit(9)  # type: ignore[assignment]  # the process dies here
-    site = client_app._Site(cfg, 0, rt, data, Path(run_dir), None)
+    ledger = simulated_ledger_path(Path(run_dir), "st-elsewhere", cfg.dp)
+    site = client_app._Site(cfg, 0, rt, data, Path(run_dir), None, ledger, Path(run_dir) / "audit.jsonl")
     delta, metrics = client_app._local_update(instruction, site)  # records the release in the ledger
     site.reply(msg, instruction, metrics, num_examples=len(data.train), delta=delta)  # dies packing it
     os._exit(0)  # not reached
