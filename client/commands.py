@@ -99,7 +99,8 @@ def audit_show(path: Path, *, last: int = 0, as_json: bool = False) -> str:
     texts, everything = [], {}
     for p in _audit_logs(path):
         log = AuditLog(p)
-        records = log.records()[-last:] if last else log.records()
+        every = log.records()
+        records = every[-last:] if last else every
         everything[str(p)] = records
         verdict = log.verify()
         state = (
@@ -122,9 +123,9 @@ def audit_show(path: Path, *, last: int = 0, as_json: bool = False) -> str:
             }
             for r in records
         ]
-        sent = sum(int(r.get("bytes", 0)) for r in log.records())
+        sent = sum(int(r.get("bytes", 0)) for r in every)
         texts.append(
-            f"audit log {p}: {len(log.records())} messages, {sent:,} bytes sent; {state}\n"
+            f"audit log {p}: {len(every)} messages, {sent:,} bytes sent; {state}\n"
             + (markdown_table(rows) if rows else "(no records)")
             + "\n"
         )

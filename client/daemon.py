@@ -71,12 +71,16 @@ def log_record(line: str, hospital: str, source: str = "supernode") -> dict[str,
     text = _ANSI.sub("", line.rstrip("\n"))
     match = _LEVEL.match(line.rstrip("\n"))
     level, message = (match.group(1), _ANSI.sub("", match.group(2))) if match else ("INFO", text)
+    return _entry(level, hospital, source, message.strip())
+
+
+def _entry(level: str, hospital: str, source: str, message: str) -> dict[str, Any]:
     return {
         "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "level": level,
         "hospital": hospital,
         "source": source,
-        "message": message.strip(),
+        "message": message,
     }
 
 
@@ -99,15 +103,7 @@ class StructuredLog:
                 print(f"{record['time']} {record['level']:<7} {record['message']}", file=self.echo, flush=True)
 
     def event(self, level: str, message: str) -> None:
-        self.write(
-            {
-                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                "level": level,
-                "hospital": self.hospital,
-                "source": "fedtune",
-                "message": message,
-            }
-        )
+        self.write(_entry(level, self.hospital, "fedtune", message))
 
     def close(self) -> None:
         self.file.close()

@@ -189,11 +189,11 @@ def _keys_create(args: argparse.Namespace) -> int:
 
 
 def _keys_show(args: argparse.Namespace) -> int:
-    from fedtune.keys import load_private, load_public
+    from fedtune.keys import load_identity
 
     for name in args.files:
         path = Path(name)
-        ident = load_private(path).public if path.suffix == ".key" else load_public(path)
+        ident = load_identity(path)
         print(f"{path}: {ident.role} `{ident.name}`")
         print(f"  fingerprint {ident.fingerprint}")
     return 0
@@ -236,7 +236,7 @@ def _pki(args: argparse.Namespace) -> int:
 
 def _pki_show(files: list[str]) -> None:
     from fedtune import pki
-    from fedtune.keys import load_private, load_public
+    from fedtune.keys import load_identity
 
     for name in files:
         path = Path(name)
@@ -252,7 +252,7 @@ def _pki_show(files: list[str]) -> None:
             print(f"  valid {cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}")
             print(f"  fingerprint (SHA-256) {pki.fingerprint(cert)}")
         else:
-            ident = load_private(path).public if path.suffix == ".key" else load_public(path)
+            ident = load_identity(path)
             print(f"{path}: envelope key of {ident.role} `{ident.name}`, fingerprint {ident.fingerprint}")
 
 

@@ -38,6 +38,7 @@ from fedtune.checkpoint import atomic_write_json
 from fedtune.errors import ConfigError, FedTuneError
 from fedtune.hospital import parse_address
 from fedtune.keys import load_private, load_public
+from fedtune.launcher import _bin, flower_env
 
 CONNECTION = "fedtune"
 INSECURE_WARNING = (
@@ -136,18 +137,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _bin(name: str) -> str:
-    from fedtune.launcher import _bin as launcher_bin
-
-    return launcher_bin(name)
-
-
-def env_for(home: CoordinatorHome) -> dict[str, str]:
-    from fedtune.launcher import flower_env
-
-    return flower_env(home)
-
-
 def _preflight(home: CoordinatorHome, address: str, insecure: bool) -> None:
     """Everything the SuperLink and the coordinator's runs will need, checked before it starts."""
     if insecure:
@@ -214,15 +203,16 @@ def serve(
 ) -> int:
     """Run the SuperLink in the foreground until SIGINT/SIGTERM; return its exit code."""
     parse_address(f"{address}:{port}", "--address/--port")
-    if home.server() is not None:
-        raise ConfigError(f"a SuperLink of {home.root} is already running (pid {home.server()['pid']})")  # type: ignore[index]
+    running = home.server()
+    if running is not None:
+        raise ConfigError(f"a SuperLink of {home.root} is already running (pid {running['pid']})")
     _preflight(home, address, insecure)
     if insecure:
         say(INSECURE_WARNING)
     home.root.mkdir(parents=True, exist_ok=True)
     home.logs_dir.mkdir(exist_ok=True)
     write_connection(home, address, port, insecure=insecure)
-    env = env_for(home)
+    env = flower_env(home)
     with open(home.logs_dir / "superlink.log", "ab") as log:
         proc = subprocess.Popen(
             superlink_command(home, host, port, insecure=insecure),
@@ -302,7 +292,7 @@ def flwr_cli(home: CoordinatorHome, *args: str, timeout: float = 60.0) -> dict[s
         )
     out = subprocess.run(
         [_bin("flwr"), *args, CONNECTION, "--format", "json"],
-        env=env_for(home),
+        env=flower_env(home),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -447,8 +437,8 @@ def prepare_deployment_run(home: CoordinatorHome, cfg: Any) -> Any:
 
 def launch(home: CoordinatorHome, folder: Any, *, say: Any = print, poll: float = 1.0) -> str:
     """``flwr run`` the run folder's federation on this SuperLink; stream round lines; summarise."""
-    from fedtune.launcher import start_run, stop_process, write_app
-    from fedtune.report import round_line, round_records, write_summary
+    from fedtune.launcher import last_error, start_run, stop_process, write_app
+    from fedtune.report import round_printer, write_summary
     from fedtune.simulate import federation_done
 
     if home.server() is None:
@@ -459,39 +449,23 @@ def launch(home: CoordinatorHome, folder: Any, *, say: Any = print, poll: float 
     if cfg.security.seal:
         install_run_keys(home, folder)
     write_app(folder)
-    env = env_for(home)
-    shown = {r["round"] for r in round_records(folder)} if folder.metrics_path.exists() else set()
+    env = flower_env(home)
     total = cfg.federation.rounds
+    show_new_rounds = round_printer(folder, total, say)
     say(f"run folder: {folder.root}; {len(folder.sites())} registered hospitals, {total} rounds (log: logs/flower.log)")
     proc = start_run(folder, env, connection=CONNECTION)
     try:
-        while True:
-            done = proc.poll() is not None
-            if folder.metrics_path.exists():
-                for record in round_records(folder):
-                    if record["round"] not in shown:
-                        shown.add(record["round"])
-                        say(round_line(record, total))
-            if done:
-                break
+        while proc.poll() is None:
+            show_new_rounds()
             time.sleep(poll)
     finally:
         stop_process(proc, grace=10)
+    show_new_rounds()
     if not federation_done(folder, cfg):
         raise FedTuneError(
-            f"the federation stopped before round {total}: {_server_error(folder)}; fix the cause and run "
+            f"the federation stopped before round {total}: {last_error(folder)}; fix the cause and run "
             f"`fedtune run --resume {folder.root} --home {home.root}`"
         )
     table = write_summary(folder)
     say(f"exported the global adapter (PEFT) to {folder.adapter_dir}; plots in {folder.plots_dir}")
     return str(table)
-
-
-def _server_error(folder: Any) -> str:
-    """The ServerApp's own last error line from the `flwr run` log, or a pointer to the log."""
-    log = folder.logs_dir / "flower.log"
-    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-    for line in reversed(lines):
-        if "FedTuneError" in line or "fedtune.errors" in line:
-            return line.split("Error:", 1)[-1].strip()[:300]
-    return f"see {log}"

@@ -167,6 +167,12 @@ def load_public(path: Path) -> PublicIdentity:
     )
 
 
+def load_identity(path: Path) -> PublicIdentity:
+    """The public identity in a key file: ``.key`` (private, mode-checked) or ``.pub``."""
+    path = Path(path)
+    return load_private(path).public if path.suffix == ".key" else load_public(path)
+
+
 def save_keys(pair: KeyPair, folder: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write ``<name>.key`` (0600) and ``<name>.pub`` into ``folder``; never overwrite by accident."""
     folder = Path(folder)

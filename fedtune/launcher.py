@@ -271,6 +271,22 @@ def start_run(
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder.root)
 
 
+def last_error(folder: RunFolder) -> str:
+    """What went wrong, from the run's Flower log: the coordinator's own error (a fedtune
+    error raised in the ServerApp) when there is one, else the last line that mentions an error."""
+    log = folder.logs_dir / "flower.log"
+    if not log.is_file():
+        return "no Flower log was written"
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if line.startswith("fedtune.errors.") and ": " in line:
+            return line.split(": ", 1)[1][:400]
+    for line in reversed(lines):
+        if "error" in line.lower():
+            return line[-400:]
+    return lines[-1][-400:] if lines else "the Flower log is empty"
+
+
 def flwr_run(
     folder: RunFolder,
     *,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,27 @@ def site_epsilons(record: dict[str, Any]) -> dict[str, float]:
 
 def round_records(folder: RunFolder) -> list[dict[str, Any]]:
     return [r for r in MetricsLog(folder.metrics_path).read() if r.get("kind") == "round"]
+
+
+def round_printer(folder: RunFolder, total: int, say: Callable[[str], None]) -> Callable[[], None]:
+    """A poll function that says one line for each round finished since the last call.
+
+    Rounds already in the metrics count as shown, except those after the last checkpoint:
+    a resumed run drops and re-runs them, and their new lines are shown.
+    """
+    from fedtune.checkpoint import latest_round
+
+    latest = latest_round(folder.root)
+    done = latest[0] if latest is not None else 0
+    shown = {r["round"] for r in round_records(folder) if r["round"] <= done}
+
+    def show_new_rounds() -> None:
+        for record in round_records(folder):
+            if record["round"] not in shown:
+                shown.add(record["round"])
+                say(round_line(record, total))
+
+    return show_new_rounds
 
 
 def summary_rows(
@@ -226,7 +248,7 @@ def run_status(root: Path) -> dict[str, Any]:
         total = "?"
     latest = latest_round(root)
     done, extra = latest if latest is not None else (0, {})
-    records = round_records(folder) if folder.metrics_path.exists() else []
+    records = round_records(folder)
     pooled = records[-1].get("eval", {}).get("pooled", {}) if records else {}
     if extra.get("stopped"):
         state = f"stopped: {extra['stopped']}"

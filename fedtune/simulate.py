@@ -17,9 +17,9 @@ from fedtune.checkpoint import atomic_write_bytes, latest_round
 from fedtune.config import ExperimentConfig, replace
 from fedtune.data import Example, load_records, partition, split_train_eval
 from fedtune.errors import CheckpointError, ConfigError, FedTuneError
-from fedtune.launcher import flwr_run
+from fedtune.launcher import flwr_run, last_error
 from fedtune.models import resolve_model_dir
-from fedtune.report import round_line, round_records, write_summary
+from fedtune.report import round_printer, write_summary
 from fedtune.runfolder import RunFolder
 
 Say = Callable[[str], None]
@@ -109,22 +109,14 @@ def run_simulation(folder: RunFolder, *, say: Say = print) -> str:
     say(f"preparing base model '{cfg.model.source}' ...")
     resolve_model_dir(cfg.model.source)  # convert/build once, before any worker starts
     if not federation_done(folder, cfg):
-        shown = {r["round"] for r in round_records(folder)}
+        show_new_rounds = round_printer(folder, total, say)
         latest = latest_round(folder.root)
-        if latest is not None:
-            shown = {r for r in shown if r <= latest[0]}
         if latest is not None and latest[0] > 0:
             say(f"resuming after round {latest[0]}/{total}")
         say(
             f"federating {len(folder.sites())} sites for {total} rounds on Flower's simulation engine "
             f"(logs: {folder.logs_dir / 'flower.log'})"
         )
-
-        def show_new_rounds() -> None:
-            for record in round_records(folder):
-                if record["round"] not in shown:
-                    shown.add(record["round"])
-                    say(round_line(record, total))
 
         cpus = os.cpu_count() or 1
         gpus = 1.0 if torch.cuda.is_available() else 0.0
@@ -137,7 +129,7 @@ def run_simulation(folder: RunFolder, *, say: Say = print) -> str:
         )
         if not federation_done(folder, cfg):
             raise FedTuneError(
-                f"the federation stopped before round {total}: {_last_error(folder)}; "
+                f"the federation stopped before round {total}: {last_error(folder)}; "
                 f"fix the cause and run `fedtune simulate --resume {folder.root}`"
             )
     latest = latest_round(folder.root)
@@ -151,17 +143,6 @@ def run_simulation(folder: RunFolder, *, say: Say = print) -> str:
     table = write_summary(folder)
     say(f"total {time.perf_counter() - start:.0f}s; table: {folder.root / 'summary.md'}, plots: {folder.plots_dir}")
     return table
-
-
-def _last_error(folder: RunFolder) -> str:
-    log = folder.logs_dir / "flower.log"
-    if not log.is_file():
-        return "no Flower log was written"
-    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    for line in reversed(lines):
-        if "Error" in line or "error" in line.lower():
-            return line[-400:]
-    return lines[-1][-400:] if lines else "the Flower log is empty"
 
 
 def resume_folder(path: Path) -> RunFolder:
