@@ -21,6 +21,7 @@ from fedtune.config import DPSettings, TrainSettings
 from fedtune.data import record_digests
 from fedtune.dpsgd import sample_rate
 from fedtune.errors import PrivacyError
+from fedtune.lora_merge import MergeRule
 from fedtune.privacy import Mechanism, noise_for_target
 from fedtune.runtime import SiteData, SiteRuntime
 from fedtune.train import TrainResult, steps_per_round
@@ -84,6 +85,7 @@ def private_train_round(
     ledger: PrivacyLedger,
     *,
     run_id: str,
+    rule: MergeRule,
 ) -> DPRound:
     """Check the budget, run DP-SGD, record the release; raise BudgetExceeded before training if over."""
     dataset = ledger.register(record_digests(data.train), label=data.site)
@@ -96,6 +98,7 @@ def private_train_round(
         noise_multiplier=planned.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
         grad_sample_mode=dp.grad_sample_mode,
+        rule=rule,
     )
     if used != planned:  # the ledger must hold what was actually applied
         raise PrivacyError(f"DP-SGD applied {used}, but {planned} was planned and checked; nothing was sent")

@@ -7,18 +7,23 @@ stays resident here across rounds; each round only the adapter tensors are swapp
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedtune.client.audit import AuditLog
+from fedtune.client.dp_round import open_ledger
+
 from fedtune.config import DPSettings, ExperimentConfig, LoraSettings, ModelSettings, parse_config, replace
-from fedtune.data import load_records, split_train_eval
+from fedtune.data import load_records, record_digests, split_train_eval
 from fedtune.errors import ConfigError
 from fedtune.hospital import HospitalConfig, load_hospital_config
 from fedtune.keys import load_private, load_public
+from fedtune.lora_merge import MergeRule, make_rule
 from fedtune.runfolder import RunFolder
 from fedtune.runtime import SiteData, SiteRuntime, site_data
-from fedtune.wire import Sealer
+from fedtune.wire import Identity, Sealer
 
 _RUNTIMES: dict[tuple[ModelSettings, LoraSettings], SiteRuntime] = {}
 _DATA: dict[tuple[Path, str, int], SiteData] = {}
@@ -30,7 +35,9 @@ def runtime_for(model: ModelSettings, lora: LoraSettings) -> SiteRuntime:
     """The process-wide resident runtime for this model and adapter shape."""
     key = (model, lora)
     if key not in _RUNTIMES:
-        _RUNTIMES.clear()  # a different model replaces the old one; never hold two
+        if any(m != model for m, _ in _RUNTIMES):
+            _RUNTIMES.clear()  # a different model replaces the old one; never hold two
+        # the same model with other LoRA layers (simulated hospitals at their own ranks) is kept beside
         _RUNTIMES[key] = SiteRuntime(model, lora)
         _LOADS["base-model"] += 1
     return _RUNTIMES[key]
@@ -41,9 +48,11 @@ def base_model_loads() -> int:
     return _LOADS["base-model"]
 
 
-def simulated_site(run_dir: Path, partition_id: int, cfg: ExperimentConfig) -> tuple[SiteRuntime, SiteData]:
-    """Runtime and data of simulated site ``partition_id`` of the run in ``run_dir``."""
-    runtime = runtime_for(cfg.model, cfg.lora)
+def simulated_site(
+    run_dir: Path, partition_id: int, cfg: ExperimentConfig, *, rank: int = 0
+) -> tuple[SiteRuntime, SiteData]:
+    """Runtime (at ``rank``; 0: the run's) and data of simulated site ``partition_id`` of the run in ``run_dir``."""
+    runtime = runtime_for(cfg.model, site_lora(cfg, rank))
     key = (run_dir, cfg.model.source, partition_id)
     if key not in _DATA:
         folder = RunFolder(run_dir)
@@ -86,20 +95,65 @@ def simulated_sealer(run_dir: Path, site: str) -> Sealer:
 
 
 @dataclass(frozen=True)
-class HospitalSite:
-    """A real hospital's view of a run: its own settings over the coordinator's."""
+class Site:
+    """Everything a ClientApp process holds for the hospital a message is for."""
 
-    hospital: HospitalConfig
-    cfg: ExperimentConfig
-    seed_index: int
-    runtime: SiteRuntime
+    cfg: ExperimentConfig  # the run's settings as this hospital applies them (its model, its DP policy)
+    seed_index: int  # the simulated site's index; a real hospital's from its name
+    runtime: SiteRuntime  # the base model with this hospital's LoRA layers (its own rank under `svd`)
     data: SiteData
     run_id: str
     sealer: Sealer | None
-    refusal: str
+    ledger_path: Path
+    audit_path: Path
+    refusal: str = ""  # the hospital's policy refuses this run's rounds, and says why
+
+    @property
+    def rule(self) -> MergeRule:
+        """The run's merge rule, for the run's (global) adapter."""
+        lora = self.cfg.lora
+        return make_rule(self.cfg.federation.strategy, alpha=lora.alpha, rank=lora.rank, seed=lora.init_seed)
+
+    def identity(self) -> Identity:
+        return self.runtime.identity(self.data.site, run_lora=self.cfg.lora)
+
+    @property
+    def audit(self) -> AuditLog:
+        return AuditLog(self.audit_path)
+
+    def privacy_spent(self) -> tuple[float | None, float | None]:
+        """Epsilon spent so far on this hospital's training records, at the policy's delta."""
+        if not self.cfg.dp.enabled:
+            return None, None
+        ledger = open_ledger(self.ledger_path, self.cfg.dp)
+        dataset = ledger.register(record_digests(self.data.train), label=self.data.site)
+        return ledger.spent(dataset), self.cfg.dp.delta
 
 
-_HOSPITALS: dict[tuple[Path, str, str], HospitalSite] = {}
+def site_lora(cfg: ExperimentConfig, rank: int = 0) -> LoraSettings:
+    """The adapter a hospital trains: the run's, at ``rank`` (0: the run's rank)."""
+    return dataclasses.replace(cfg.lora, rank=rank or cfg.lora.rank, site_ranks=())
+
+
+def simulated(run_dir: Path, partition_id: int) -> Site:
+    """Simulated hospital ``partition_id`` of the run in ``run_dir``, with everything it holds."""
+    cfg = RunFolder(run_dir).load_config()
+    ranks = cfg.lora.site_ranks
+    runtime, data = simulated_site(run_dir, partition_id, cfg, rank=ranks[partition_id] if ranks else 0)
+    sealer = simulated_sealer(run_dir, data.site) if cfg.security.seal else None
+    return Site(
+        cfg,
+        partition_id,
+        runtime,
+        data,
+        run_dir.name,
+        sealer,
+        simulated_ledger_path(run_dir, data.site, cfg.dp),
+        simulated_audit_path(run_dir, data.site),
+    )
+
+
+_HOSPITALS: dict[tuple[Path, str, str], Site] = {}
 
 
 def policy_refusal(hospital: HospitalConfig, cfg: ExperimentConfig) -> str:
@@ -115,7 +169,7 @@ def policy_refusal(hospital: HospitalConfig, cfg: ExperimentConfig) -> str:
     return ""
 
 
-def hospital_site(config: Path, experiment: str, run_dir: str) -> HospitalSite:
+def hospital_site(config: Path, experiment: str, run_dir: str) -> Site:
     """The resident view of hospital ``config`` for the run whose settings are ``experiment``.
 
     The hospital's model folder, device and precision replace the run's; its privacy
@@ -138,7 +192,14 @@ def hospital_site(config: Path, experiment: str, run_dir: str) -> HospitalSite:
     except ConfigError as err:
         refusal = refusal or f"the run's DP settings do not fit this hospital's policy: {err}"
         cfg = replace(run_cfg, model={"source": source, "device": model.device, "precision": model.precision})
-    runtime = runtime_for(cfg.model, cfg.lora)
+    rank = hospital.model.lora_rank or cfg.lora.rank
+    if rank != cfg.lora.rank and cfg.federation.strategy != "svd":
+        refusal = refusal or (
+            f"this hospital trains at rank {rank} (`model.lora_rank`) but the run's strategy "
+            f"{cfg.federation.strategy!r} needs rank {cfg.lora.rank}; only 'svd' merges mixed ranks"
+        )
+        rank = cfg.lora.rank
+    runtime = runtime_for(cfg.model, site_lora(cfg, rank))
     train = [e for f in hospital.data.train for e in load_records(hospital.path(f), site=hospital.name)]
     if hospital.data.eval:
         held = [e for f in hospital.data.eval for e in load_records(hospital.path(f), site=hospital.name)]
@@ -150,7 +211,17 @@ def hospital_site(config: Path, experiment: str, run_dir: str) -> HospitalSite:
         own = load_private(hospital.path(hospital.keys.envelope_key))
         sealer = Sealer(own, load_public(hospital.path(hospital.coordinator.envelope_key)))
     seed_index = int.from_bytes(hashlib.sha256(hospital.name.encode()).digest()[:4], "big") % 10_007
-    site = HospitalSite(hospital, cfg, seed_index, runtime, data, Path(run_dir).name, sealer, refusal)
+    site = Site(
+        cfg,
+        seed_index,
+        runtime,
+        data,
+        Path(run_dir).name,
+        sealer,
+        hospital.ledger_path,
+        hospital.audit_path,
+        refusal,
+    )
     _HOSPITALS.clear()  # one run at a time keeps its data resident
     _HOSPITALS[key] = site
     return site

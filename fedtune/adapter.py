@@ -123,6 +123,18 @@ def spec_sha256(lora: LoraSettings, state: Mapping[str, torch.Tensor]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
+def spec_at_rank(lora: LoraSettings, state: Mapping[str, torch.Tensor]) -> str:
+    """:func:`spec_sha256` of ``lora`` for an adapter laid out like ``state`` but at ``lora.rank``
+    (a site training at its own rank names the run's spec)."""
+    resized = {
+        k: torch.empty(
+            (lora.rank, v.shape[1]) if ".lora_A." in k else (v.shape[0], lora.rank), dtype=v.dtype, device="meta"
+        )
+        for k, v in state.items()
+    }
+    return spec_sha256(lora, resized)
+
+
 def export_peft(
     out_dir: Path, state: Mapping[str, torch.Tensor], lora: LoraSettings, *, base_model_path: str, base_sha256: str
 ) -> None:

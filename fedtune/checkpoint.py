@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from fedtune.errors import CheckpointError
 
+AUX = "fedtune.aux/"  # prefix of tensors that are round state, not adapter (e.g. server optimizer moments)
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
 METRICS = "metrics.jsonl"
@@ -84,11 +85,13 @@ def atomic_directory(target: Path) -> Iterator[Path]:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """The global adapter after ``server_round`` and what it belongs to."""
+    """The global adapter after ``server_round``, what it belongs to, and the tensors of the
+    coordinator's round state (``aux``: e.g. server optimizer moments), saved in the same file."""
 
     server_round: int
     state: dict[str, torch.Tensor]
     meta: dict[str, str]
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def checkpoint_path(run_dir: Path, server_round: int) -> Path:
@@ -106,6 +109,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, *, extra: Mapping[str, Any]
     os.close(fd)
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in ckpt.state.items()}
+        tensors.update({AUX + k: v.detach().to("cpu").contiguous() for k, v in ckpt.aux.items()})
         meta = {**ckpt.meta, "server_round": str(ckpt.server_round)}
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb") as fh:
@@ -126,13 +130,15 @@ def load_checkpoint(run_dir: Path, server_round: int) -> Checkpoint:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{path}: cannot read checkpoint ({err}); the run folder is damaged") from err
+    state = {k: v for k, v in tensors.items() if not k.startswith(AUX)}
+    aux = {k[len(AUX) :]: v for k, v in tensors.items() if k.startswith(AUX)}
     if meta.get("server_round") != str(server_round):
         raise CheckpointError(f"{path}: checkpoint says round {meta.get('server_round')}, expected {server_round}")
     meta.pop("server_round")
-    return Checkpoint(server_round=server_round, state=state, meta=meta)
+    return Checkpoint(server_round=server_round, state=state, meta=meta, aux=aux)
 
 
 def latest_round(run_dir: Path) -> tuple[int, dict[str, Any]] | None:

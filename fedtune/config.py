@@ -23,7 +23,10 @@ PARTITIONS = ("natural", "iid", "dirichlet")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
-STRATEGIES = ("fedavg",)
+STRATEGIES = ("fedavg", "ffa", "svd")
+LINEAR_STRATEGIES = ("fedavg", "ffa")  # merges that are sums of the sites' updates (secure aggregation needs one)
+SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")
+AGGREGATIONS = ("mean", "trimmed_mean", "median")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -78,9 +81,15 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     init_seed: int = 0
+    site_ranks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.rank >= 1, f"`lora.rank` must be a positive integer, got {self.rank}")
+        _require(
+            all(r >= 1 for r in self.site_ranks),
+            "`lora.site_ranks` must list positive integers (one rank per simulated hospital), "
+            f"got {list(self.site_ranks)}",
+        )
         _require(self.alpha > 0, f"`lora.alpha` must be a positive integer, got {self.alpha}")
         _require(0.0 <= self.dropout < 1.0, f"`lora.dropout` must be in [0, 1), got {self.dropout}")
         _require(
@@ -104,8 +113,12 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_length: int = 256
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
+        _require(
+            self.proximal_mu >= 0, f"`train.proximal_mu` must be >= 0 (0: no FedProx term), got {self.proximal_mu}"
+        )
         _require(self.local_steps >= 1, f"`train.local_steps` must be >= 1, got {self.local_steps}")
         _require(self.local_epochs >= 0, f"`train.local_epochs` must be >= 0, got {self.local_epochs}")
         _require(self.batch_size >= 1, f"`train.batch_size` must be >= 1, got {self.batch_size}")
@@ -160,10 +173,24 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class FederationSettings:
-    """Rounds and who takes part in them."""
+    """Rounds, who takes part in them, and how their updates are merged.
+
+    ``strategy`` is the LoRA merge rule (``fedtune/lora_merge.py``); ``server_optimizer``
+    steps the global adapter along the round's merged update with ``server_lr`` (0: the
+    optimizer's usual value); ``aggregation`` combines the sites' updates (``mean``:
+    weighted by records; ``trimmed_mean`` / ``median``: coordinate-wise, unweighted).
+    """
 
     rounds: int = 3
     strategy: str = "fedavg"
+    server_optimizer: str = "none"
+    server_lr: float = 0.0
+    server_momentum: float = 0.9
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    aggregation: str = "mean"
+    trim_fraction: float = 0.2
     fraction_train: float = 1.0
     min_clients: int = 0
     round_timeout: float = 3600.0
@@ -174,6 +201,27 @@ class FederationSettings:
         _require(
             self.strategy in STRATEGIES,
             f"`federation.strategy` must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}",
+        )
+        _require(
+            self.server_optimizer in SERVER_OPTIMIZERS,
+            f"`federation.server_optimizer` must be one of {', '.join(SERVER_OPTIMIZERS)}, "
+            f"got {self.server_optimizer!r}",
+        )
+        _require(
+            self.server_lr >= 0,
+            f"`federation.server_lr` must be >= 0 (0: the optimizer's default), got {self.server_lr}",
+        )
+        for name in ("server_momentum", "server_beta1", "server_beta2"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, f"`federation.{name}` must be in [0, 1), got {value}")
+        _require(self.server_tau > 0, f"`federation.server_tau` must be positive, got {self.server_tau}")
+        _require(
+            self.aggregation in AGGREGATIONS,
+            f"`federation.aggregation` must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}",
+        )
+        _require(
+            0 <= self.trim_fraction < 0.5,
+            f"`federation.trim_fraction` must be in [0, 0.5) (share trimmed at each end), got {self.trim_fraction}",
         )
         _require(
             0 < self.fraction_train <= 1, f"`federation.fraction_train` must be in (0, 1], got {self.fraction_train}"
@@ -342,6 +390,35 @@ class ExperimentConfig:
             "`client_dp.enabled` needs the coordinator to clip each update, which `security.secure_aggregation` "
             "hides from it; turn one off (sample-level `dp` works with secure aggregation)",
         )
+        fed = self.federation
+        if self.security.secure_aggregation:
+            _require(
+                fed.strategy in LINEAR_STRATEGIES,
+                f"`federation.strategy` = {fed.strategy!r} is not a linear merge, and with "
+                "`security.secure_aggregation` the coordinator sees only the sum of the updates; "
+                f"choose one of {', '.join(LINEAR_STRATEGIES)} or turn secure aggregation off",
+            )
+            _require(
+                fed.aggregation == "mean",
+                f"`federation.aggregation` = {fed.aggregation!r} needs each hospital's update, which "
+                "`security.secure_aggregation` hides; use 'mean' or turn secure aggregation off",
+            )
+        _require(
+            not (self.client_dp.enabled and fed.aggregation != "mean"),
+            f"`federation.aggregation` = {fed.aggregation!r} does not fit `client_dp` (its noise is calibrated "
+            "to the mean of clipped updates); use 'mean' or turn client_dp off",
+        )
+        if self.lora.site_ranks:
+            _require(
+                fed.strategy == "svd",
+                f"`lora.site_ranks` trains hospitals at different ranks, which only `federation.strategy` = 'svd' "
+                f"can merge, got {fed.strategy!r}",
+            )
+            _require(
+                len(self.lora.site_ranks) == self.data.hospitals,
+                f"`lora.site_ranks` must give one rank per hospital ({self.data.hospitals}), "
+                f"got {list(self.lora.site_ranks)}",
+            )
         sampled = self.sampled_per_round()
         _require(
             not self.security.secure_aggregation or sampled >= 3,
@@ -380,10 +457,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         _require(ok, f"`{where}` must be {annotation.__name__}, got {value!r}")
         return value
     if typing.get_origin(annotation) is tuple:
-        _require(
-            isinstance(value, list | tuple) and all(isinstance(v, str) for v in value),
-            f"`{where}` must be a list of strings, got {value!r}",
+        item = typing.get_args(annotation)[0]
+        ok = isinstance(value, list | tuple) and all(
+            isinstance(v, item) and not (item is int and isinstance(v, bool)) for v in value
         )
+        _require(ok, f"`{where}` must be a list of {'integers' if item is int else 'strings'}, got {value!r}")
         return tuple(value)
     raise ConfigError(f"`{where}` has an unsupported type {annotation!r}")  # pragma: no cover
 

@@ -29,7 +29,15 @@ from peft import PeftModel
 from fedtune.config import TrainSettings
 from fedtune.data import TokenizedExample, collate
 from fedtune.privacy import Mechanism, secure_generator
-from fedtune.train import TrainResult, answer_token_nll, autocast_dtype, lr_at, make_optimizer
+from fedtune.train import (
+    TrainResult,
+    answer_token_nll,
+    autocast_dtype,
+    lr_at,
+    make_optimizer,
+    proximal_anchor,
+    proximal_pull,
+)
 
 
 def per_example_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -76,6 +84,7 @@ def train_local_dp(
     device = next(model.parameters()).device
     dtype = autocast_dtype(precision, device)
     params = [p for p in model.parameters() if p.requires_grad]
+    anchor = proximal_anchor(settings, params)
     gsm = GradSampleModule(
         model, batch_first=True, loss_reduction="mean", strict=False, force_functorch=grad_sample_mode == "functorch"
     )
@@ -97,14 +106,15 @@ def train_local_dp(
     gsm.train()
     try:
         for step in range(steps):
+            lr = lr_at(
+                step_offset + step,
+                base_lr=settings.lr,
+                total_steps=total,
+                warmup_steps=settings.warmup_steps,
+                schedule=settings.lr_schedule,
+            )
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(
-                    step_offset + step,
-                    base_lr=settings.lr,
-                    total_steps=total,
-                    warmup_steps=settings.warmup_steps,
-                    schedule=settings.lr_schedule,
-                )
+                group["lr"] = lr
             chosen = (torch.rand(n, generator=sampler) < q).nonzero().flatten().tolist()
             chunks = [chosen[i : i + settings.batch_size] for i in range(0, len(chosen), settings.batch_size)]
             if not chunks:
@@ -131,6 +141,7 @@ def train_local_dp(
                     optimizer.zero_grad(set_to_none=True)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            proximal_pull(params, anchor, lr=lr, mu=settings.proximal_mu)
             if chosen:
                 losses.append(step_loss / len(chosen))
                 seen += len(chosen)

@@ -45,6 +45,8 @@ path = "models/SmolLM2-135M-Instruct"  # a local model folder ("smollm2": the pa
 device = "auto"                        # auto (CUDA when present) | cpu | cuda
 precision = "auto"                     # auto | fp32 | bf16 | fp16
 threads = 0                            # CPU threads (0: all cores)
+lora_rank = 0                          # train at this LoRA rank (0: the run's); another rank than
+                                       # the run's takes part only in `svd` runs (smaller GPU, smaller rank)
 
 [privacy]
 require_dp = true                      # refuse rounds without DP-SGD
@@ -116,9 +118,11 @@ class HospitalModel:
     device: str = "auto"
     precision: str = "auto"
     threads: int = 0
+    lora_rank: int = 0
 
     def __post_init__(self) -> None:
         ModelSettings(source=self.path, precision=self.precision, threads=self.threads, device=self.device)
+        _require(self.lora_rank >= 0, f"`model.lora_rank` must be >= 0 (0: the run's rank), got {self.lora_rank}")
 
     def settings(self) -> ModelSettings:
         return ModelSettings(source=self.path, precision=self.precision, threads=self.threads, device=self.device)

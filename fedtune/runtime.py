@@ -17,9 +17,9 @@ from peft import PeftModel
 from fedtune import adapter
 from fedtune.config import EvalSettings, LoraSettings, ModelSettings, TrainSettings
 from fedtune.data import Example, TokenizedExample, dataset_hash, tokenize
-from fedtune.delta import compute_delta
 from fedtune.dpsgd import train_local_dp
 from fedtune.evaluate import EvalResult, evaluate
+from fedtune.lora_merge import MergeRule
 from fedtune.models import BaseModel, load_base_model, pick_device
 from fedtune.privacy import Mechanism
 from fedtune.train import TrainResult, steps_per_round, train_local
@@ -49,8 +49,19 @@ class SiteRuntime:
         self.lora = lora
         self.spec_sha256 = adapter.spec_sha256(lora, adapter.get_state(self.model))
 
-    def identity(self, site: str) -> Identity:
-        return Identity(site=site, base_sha256=self.base.sha256, spec_sha256=self.spec_sha256)
+    def identity(self, site: str, *, run_lora: LoraSettings | None = None) -> Identity:
+        """Who this site is and what it trains; ``run_lora``: the run's adapter, when this
+        site trains at another rank (``svd``), whose spec it names so the coordinator can
+        check alpha and target modules (the reply's shapes say the site's rank)."""
+        spec = self.spec_sha256
+        if run_lora is not None and run_lora.rank != self.lora.rank:
+            spec = adapter.spec_at_rank(run_lora, self.state())
+        return Identity(site=site, base_sha256=self.base.sha256, spec_sha256=spec)
+
+    def set_trainable(self, *, freeze_a: bool) -> None:
+        """Train A and B, or only B (``ffa``: A stays the shared one)."""
+        for key, param in adapter.lora_parameters(self.model).items():
+            param.requires_grad_(not (freeze_a and ".lora_A." in key))
 
     def tokenize(self, examples: list[Example], max_length: int) -> list[TokenizedExample]:
         return tokenize(examples, self.base.tokenizer, max_length=max_length)
@@ -69,9 +80,11 @@ class SiteRuntime:
         seed: int,
         step_offset: int = 0,
         total_steps: int | None = None,
+        freeze_a: bool = False,
     ) -> TrainResult:
-        """Load ``start`` into the adapter and train it for ``steps`` optimizer steps."""
+        """Load ``start`` into the adapter and train it (B only with ``freeze_a``) for ``steps`` steps."""
         adapter.set_state(self.model, start)
+        self.set_trainable(freeze_a=freeze_a)
         return train_local(
             self.model,
             data.train_tokens,
@@ -84,21 +97,27 @@ class SiteRuntime:
         )
 
     def train_round(
-        self, instruction: RoundInstruction, data: SiteData, settings: TrainSettings, *, seed: int
+        self, instruction: RoundInstruction, data: SiteData, settings: TrainSettings, *, seed: int, rule: MergeRule
     ) -> tuple[dict[str, torch.Tensor], TrainResult]:
-        """Train the received global adapter for one round; return (delta, what happened)."""
+        """Train the received global adapter for one round; return (what to send, what happened).
+
+        ``rule`` says where training starts (``svd``: the global at this site's rank), what
+        is trained (``ffa``: B only) and what is sent (a delta, or ``svd``'s factors).
+        """
         # The LR schedule spans the whole federation: round r starts at (r-1)*steps.
         steps = steps_per_round(settings, len(data.train_tokens))
+        start = rule.local_start(instruction.state, rank=self.lora.rank)
         result = self.train_steps(
-            instruction.state,
+            start,
             data,
             settings,
             steps=steps,
             seed=seed,
             step_offset=(instruction.server_round - 1) * steps,
             total_steps=instruction.num_rounds * steps,
+            freeze_a=rule.freeze_a,
         )
-        return compute_delta(self.state(), instruction.state), result
+        return rule.reply(self.state(), start), result
 
     def train_round_dp(
         self,
@@ -109,13 +128,18 @@ class SiteRuntime:
         noise_multiplier: float,
         max_grad_norm: float,
         grad_sample_mode: str,
+        rule: MergeRule,
     ) -> tuple[dict[str, torch.Tensor], TrainResult, Mechanism]:
-        """One round of DP-SGD on the received global adapter: (delta, what happened, its mechanism).
+        """One round of DP-SGD on the received global adapter: (what to send, what happened,
+        its mechanism); ``rule`` as in :meth:`train_round`. With ``ffa`` only B is trained, so
+        the noise is spread over half the values.
 
         Sampling and noise are seeded from the OS's CSPRNG, never from the run's seed.
         """
         steps = steps_per_round(settings, len(data.train_tokens))
-        adapter.set_state(self.model, instruction.state)
+        start = rule.local_start(instruction.state, rank=self.lora.rank)
+        adapter.set_state(self.model, start)
+        self.set_trainable(freeze_a=rule.freeze_a)
         result, mechanism = train_local_dp(
             self.model,
             data.train_tokens,
@@ -131,7 +155,7 @@ class SiteRuntime:
         )
         if mechanism is None:
             raise ValueError("train_round_dp needs a positive noise_multiplier")
-        return compute_delta(self.state(), instruction.state), result, mechanism
+        return rule.reply(self.state(), start), result, mechanism
 
     def evaluate(self, state: dict[str, torch.Tensor] | None, data: SiteData, settings: EvalSettings) -> EvalResult:
         """Held-out loss and task metric with ``state`` loaded (None: the bare base model)."""

@@ -115,6 +115,26 @@ def make_optimizer(settings: TrainSettings, params: list[torch.nn.Parameter]) ->
     return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
+def proximal_anchor(settings: TrainSettings, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """The round's starting values of ``params`` when FedProx is on (``train.proximal_mu``), else []."""
+    return [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
+
+
+def proximal_pull(params: list[torch.nn.Parameter], anchor: list[torch.Tensor], *, lr: float, mu: float) -> None:
+    """FedProx's proximal term mu/2 * ||w - w_round||^2, as a decoupled step after the optimizer's:
+    w <- w - lr * mu * (w - w_round).
+
+    For SGD this is the gradient step on the proximal term (to first order in lr); with Adam
+    it is kept out of the adaptive scaling, like AdamW's weight decay. It uses no data, so
+    under DP-SGD it is post-processing and costs no privacy.
+    """
+    if not anchor:
+        return
+    with torch.no_grad():
+        for p, a in zip(params, anchor, strict=True):
+            p.sub_((lr * mu) * (p - a))
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What one local training run did."""
@@ -145,6 +165,7 @@ def train_local(
     total = total_steps if total_steps is not None else step_offset + steps
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(settings, params)
+    anchor = proximal_anchor(settings, params)
     batches = _batches(len(examples), settings.batch_size, seed)
     model.train()
     losses: list[float] = []
@@ -173,6 +194,7 @@ def train_local(
         torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        proximal_pull(params, anchor, lr=lr, mu=settings.proximal_mu)
         losses.append(step_loss)
     model.eval()
     return TrainResult(

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from fedtune.server.client_dp import ClientLevelDP
 from fedtune.server.secagg import secagg_train_round
-from fedtune.server.strategy import DeltaFedAvg, NormBounds, TrainReport
+from fedtune.server.strategy import Combine, LoraStrategy, NormBounds, TrainReport
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid
 
@@ -23,32 +23,34 @@ from fedtune import wire
 from fedtune.adapter import META_BASE, META_SPEC, export_peft, initial_state, spec_sha256
 from fedtune.checkpoint import Checkpoint, MetricsLog, latest_round, load_checkpoint, save_checkpoint
 from fedtune.config import ExperimentConfig
-from fedtune.delta import apply_delta, l2_norm
+from fedtune.delta import l2_norm
 from fedtune.errors import CheckpointError, FederationStopped, FedTuneError
 from fedtune.evaluate import EvalResult
+from fedtune.lora_merge import make_rule
 from fedtune.models import load_model_config, resolve_model_dir
 from fedtune.privacy import BudgetExceeded
 from fedtune.report import round_line
 from fedtune.runfolder import RunFolder
+from fedtune.server_opt import DEFAULT_LR, make_server_optimizer
 
 State = dict[str, torch.Tensor]
 
 
-def _start_state(folder: RunFolder, cfg: ExperimentConfig) -> tuple[int, State, dict[str, str], dict[str, Any]]:
-    """(last completed round, global adapter, checkpoint meta, strategy state); writes round 0 when fresh."""
+def _start_state(folder: RunFolder, cfg: ExperimentConfig) -> tuple[Checkpoint, dict[str, Any]]:
+    """(last completed round's checkpoint, strategy state); writes round 0 when fresh."""
     latest = latest_round(folder.root)
     if latest is None:
         state = initial_state(load_model_config(cfg.model.source), cfg.lora)
-        meta = {META_SPEC: spec_sha256(cfg.lora, state), META_BASE: ""}
-        save_checkpoint(folder.root, Checkpoint(0, state, meta))
-        return 0, state, meta, {}
+        ckpt = Checkpoint(0, state, {META_SPEC: spec_sha256(cfg.lora, state), META_BASE: ""})
+        save_checkpoint(folder.root, ckpt)
+        return ckpt, {}
     done, extra = latest
     ckpt = load_checkpoint(folder.root, done)
     if ckpt.meta.get(META_SPEC) != spec_sha256(cfg.lora, ckpt.state):
         raise CheckpointError(
             f"{folder.root}: checkpoint does not match the run's `lora` settings; was config.toml edited?"
         )
-    return done, ckpt.state, ckpt.meta, extra
+    return ckpt, extra
 
 
 def _eval_record(results: dict[str, EvalResult]) -> dict[str, Any]:
@@ -74,11 +76,20 @@ def build_strategy(
     *,
     opener: wire.Opener | None = None,
     run_id: str = "",
-) -> DeltaFedAvg:
+) -> LoraStrategy:
     """The round's strategy: samples ``cfg.sampled_per_round()`` hospitals, needs ``min_clients`` or all of them."""
     # Flower's FedAvg samples max(int(N * fraction_train), min_train_nodes) nodes a round.
     sampled = cfg.sampled_per_round()
-    strategy = DeltaFedAvg(
+    fed = cfg.federation
+    optimizer = make_server_optimizer(
+        fed.server_optimizer,
+        lr=fed.server_lr or DEFAULT_LR[fed.server_optimizer],
+        momentum=fed.server_momentum,
+        beta1=fed.server_beta1,
+        beta2=fed.server_beta2,
+        tau=fed.server_tau,
+    )
+    strategy = LoraStrategy(
         spec_sha256=meta[META_SPEC],
         base_sha256=meta[META_BASE],
         min_updates=cfg.federation.min_clients or sampled,
@@ -87,6 +98,9 @@ def build_strategy(
         opener=opener,
         run_id=run_id,
         bounds=NormBounds(relative=cfg.security.norm_bound, absolute=cfg.security.max_update_norm),
+        rule=make_rule(fed.strategy, alpha=cfg.lora.alpha, rank=cfg.lora.rank, seed=cfg.lora.init_seed),
+        combine=Combine(fed.aggregation, fed.trim_fraction),
+        optimizer=optimizer,
     )
     strategy.fraction_train = cfg.federation.fraction_train
     strategy.min_train_nodes = sampled
@@ -127,7 +141,7 @@ def _secure_round(
     grid: Grid,
     context: Context | None,
     cfg: ExperimentConfig,
-    strategy: DeltaFedAvg,
+    strategy: LoraStrategy,
     state: State,
     rnd: int,
     run_id: str,
@@ -140,6 +154,7 @@ def _secure_round(
         context,
         cfg.security,
         global_state=state,
+        reference=strategy.rule.reference(state),
         server_round=rnd,
         num_rounds=cfg.federation.rounds,
         sample_size=cfg.sampled_per_round(),
@@ -157,7 +172,8 @@ def _secure_round(
         raise FedTuneError(f"round {rnd}: the aggregate update's norm {norm:.4g} is over `security.max_update_norm`")
     dropped = [{"site": "(secure aggregation)", "reason": f"{result.dropped} hospital(s) dropped out"}]
     strategy.report = TrainReport(accepted=result.metrics, rejected=dropped if result.dropped else [])
-    return wire.to_arrays(apply_delta(state, result.mean_delta))
+    strategy.current = state
+    return wire.to_arrays(strategy.step(result.mean_delta))
 
 
 def run_federation(
@@ -175,7 +191,8 @@ def run_federation(
     round, the federation stops after its last completed round, says why, records the
     stop in ``latest.json`` and exports that round's adapter.
     """
-    done, state, meta, extra = _start_state(folder, cfg)
+    resumed, extra = _start_state(folder, cfg)
+    done, state, meta = resumed.server_round, resumed.state, resumed.meta
     metrics = MetricsLog(folder.metrics_path)
     metrics.keep_rounds_up_to(done)
     rounds = cfg.federation.rounds
@@ -183,6 +200,8 @@ def run_federation(
     if cfg.security.seal and opener is None:
         raise FedTuneError("`security.seal` is on but the coordinator has no keys to open envelopes with")
     strategy = build_strategy(cfg, meta, client_dp, opener=opener, run_id=folder.root.name)
+    if done:  # round 0 has no optimizer state yet; a later round's must be there
+        strategy.optimizer.load_state_dict(resumed.aux)
     timeout = cfg.federation.round_timeout
     stopped = str(extra.get("stopped", ""))
     if stopped:
@@ -213,10 +232,14 @@ def run_federation(
         except (FederationStopped, BudgetExceeded) as stop:
             stopped = str(stop)
             state_extra = {"client_dp": client_dp.state_dict()} if client_dp is not None else {}
-            save_checkpoint(folder.root, Checkpoint(done, state, meta), extra={**state_extra, "stopped": stopped})
+            save_checkpoint(
+                folder.root,
+                Checkpoint(done, state, meta, strategy.optimizer.state_dict()),  # no step was taken this round
+                extra={**state_extra, "stopped": stopped},
+            )
             say(f"stopping after round {done}/{rounds}: {stopped}")
             break
-        if arrays is None:  # DeltaFedAvg raises instead; a plain FedAvg would return None
+        if arrays is None:  # LoraStrategy raises instead; a plain FedAvg would return None
             raise FedTuneError(f"round {rnd}: no update could be merged")
         state = wire.from_arrays(arrays)
         train_seconds = time.perf_counter() - start
@@ -241,7 +264,7 @@ def run_federation(
         metrics.append(record)
         meta = {**meta, META_BASE: strategy.base_sha256}
         state_extra = {"client_dp": client_dp.state_dict()} if client_dp is not None else {}
-        save_checkpoint(folder.root, Checkpoint(rnd, state, meta), extra=state_extra)
+        save_checkpoint(folder.root, Checkpoint(rnd, state, meta, strategy.optimizer.state_dict()), extra=state_extra)
         done = rnd
         say(round_line(record, rounds))
     export_peft(

@@ -129,6 +129,7 @@ def secagg_train_round(
     settings: SecuritySettings,
     *,
     global_state: State,
+    reference: State,
     server_round: int,
     num_rounds: int,
     sample_size: int,
@@ -136,7 +137,11 @@ def secagg_train_round(
     seed: int,
     timeout: float,
 ) -> SecAggResult:
-    """Run one secure training round; raise FedTuneError when SecAgg+ cannot finish it."""
+    """Run one secure training round; raise FedTuneError when SecAgg+ cannot finish it.
+
+    ``global_state`` is sent; the hospitals' updates have the keys and shapes of
+    ``reference`` (the merge rule's: the whole adapter for ``fedavg``, B only for ``ffa``).
+    """
     config = wire.secagg_instruction(
         num_rounds=num_rounds, run_id=run_id, server_round=server_round, challenge=wire.new_challenge()
     )
@@ -158,8 +163,8 @@ def secagg_train_round(
             "see the Flower log)"
         )
     try:
-        mean = wire.from_parameters(strategy.aggregate, global_state)
-        validate_update(mean, global_state)
+        mean = wire.from_parameters(strategy.aggregate, reference)
+        validate_update(mean, reference)
     except UpdateRejected as err:
         raise FedTuneError(f"round {server_round}: the securely aggregated update is unusable: {err}") from err
     metrics: dict[str, dict[str, float]] = {}

@@ -1,15 +1,22 @@
-"""The strategy wrapper: open, authenticate and validate every reply, then merge deltas.
+"""The strategy wrapper: open, authenticate and validate every reply, then merge.
 
 Flower's FedAvg averages whole ArrayRecords and trusts them; here each reply is first
 opened (a sealed envelope: verified, decrypted, checked against this round's run, kind
 and challenge), then validated (adapter spec and base model hashes, keys, shapes, dtypes,
-finiteness, one update per hospital, norm bounds), and only then merged:
-``global + weighted_mean(deltas)`` (the pattern Flower's own DP wrappers use). A rejected
-reply is logged with its site and reason, counted, and kept out of the mean; the round
-goes on with the valid ones if enough remain. A site that refuses a round (its privacy
-budget is spent) is counted apart; when refusals leave too few updates, the federation
-stops cleanly after its last completed round. With client-level DP the merge is
-:class:`~fedtune.server.client_dp.ClientLevelDP`'s noisy clipped mean.
+finiteness, one update per hospital, norm bounds), and only then merged, in four steps
+(the pattern Flower's own DP wrappers use):
+
+1. each reply becomes an update in the LoRA merge rule's update space
+   (:mod:`fedtune.lora_merge`: ``fedavg``, ``ffa`` or ``svd``);
+2. the updates are combined: weighted mean, coordinate-wise trimmed mean or median, or
+   :class:`~fedtune.server.client_dp.ClientLevelDP`'s noisy clipped mean;
+3. the server optimizer (:mod:`fedtune.server_opt`) turns the combined update into a step;
+4. the rule applies the step to the global adapter.
+
+A rejected reply is logged with its site and reason, counted, and kept out of the merge;
+the round goes on with the valid ones if enough remain. A site that refuses a round (its
+privacy budget is spent) is counted apart; when refusals leave too few updates, the
+federation stops cleanly after its last completed round.
 """
 
 from __future__ import annotations
@@ -29,11 +36,13 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from fedtune import wire
-from fedtune.aggregate import validate_update, weighted_mean
-from fedtune.delta import apply_delta, l2_norm
+from fedtune.aggregate import coordinate_median, trimmed_mean, weighted_mean
+from fedtune.delta import l2_norm
 from fedtune.envelope import peek_header
 from fedtune.errors import FederationStopped, FedTuneError, InvalidEnvelope, UpdateRejected
 from fedtune.evaluate import EvalResult
+from fedtune.lora_merge import MergeRule
+from fedtune.server_opt import ServerOptimizer, make_server_optimizer
 
 State = dict[str, torch.Tensor]
 
@@ -71,8 +80,24 @@ class NormBounds:
         return ""
 
 
-class DeltaFedAvg(FedAvg):
-    """FedAvg over authenticated, validated adapter deltas.
+@dataclass(frozen=True)
+class Combine:
+    """How the round's updates are combined: ``mean`` (weighted by records),
+    ``trimmed_mean`` (``trim_fraction`` cut at each end) or ``median``, coordinate-wise."""
+
+    rule: str = "mean"
+    trim_fraction: float = 0.2
+
+    def __call__(self, updates: list[State], weights: list[float]) -> State:
+        if self.rule == "median":
+            return coordinate_median(updates)
+        if self.rule == "trimmed_mean":
+            return trimmed_mean(updates, trim_fraction=self.trim_fraction)
+        return weighted_mean(updates, weights)
+
+
+class LoraStrategy(FedAvg):
+    """Flower's FedAvg skeleton over authenticated, validated LoRA updates.
 
     Parameters
     ----------
@@ -90,7 +115,13 @@ class DeltaFedAvg(FedAvg):
     run_id
         This run's id, which every sealed reply must name.
     bounds
-        Norm bounds beyond which an update is rejected.
+        Norm bounds beyond which an update is rejected (in the rule's update space).
+    rule
+        The LoRA merge rule (default ``fedavg``).
+    combine
+        How the valid updates are combined (ignored under client-level DP).
+    optimizer
+        The server optimizer (default: the plain step, server learning rate 1).
     """
 
     def __init__(
@@ -104,6 +135,9 @@ class DeltaFedAvg(FedAvg):
         opener: wire.Opener | None = None,
         run_id: str = "",
         bounds: NormBounds = NormBounds(),
+        rule: MergeRule | None = None,
+        combine: Combine = Combine(),
+        optimizer: ServerOptimizer | None = None,
     ) -> None:
         super().__init__(
             min_train_nodes=num_nodes,
@@ -122,6 +156,9 @@ class DeltaFedAvg(FedAvg):
         self.opener = opener
         self.run_id = run_id
         self.bounds = bounds
+        self.rule = rule if rule is not None else MergeRule(alpha=1.0, rank=1)
+        self.combine = combine
+        self.optimizer = optimizer if optimizer is not None else make_server_optimizer("none", lr=1.0)
         self._expected: dict[str, wire.Expected] = {}
         self._sent_train = 0
 
@@ -223,14 +260,15 @@ class DeltaFedAvg(FedAvg):
                 self._check_identity(reply.identity)
                 if reply.delta is None:  # _checked_reply already refuses this; keeps types honest
                     raise UpdateRejected("train reply carries no delta")
-                validate_update(reply.delta, self.current)
+                self.rule.check(reply.delta, self.current)
                 if any(r.identity.site == site for _, r in valid):
                     raise UpdateRejected("a second update from the same hospital in one round")
             except UpdateRejected as err:
                 self._reject(server_round, site, str(err))
                 continue
             valid.append((msg, reply))
-        valid = self._within_bounds(server_round, valid)
+        updates = {r.identity.site: self.rule.update(self.current, r.delta or {}) for _, r in valid}
+        valid = self._within_bounds(server_round, valid, updates)
         if len(valid) < self.min_updates:
             if self.report.refused:
                 sites = ", ".join(f"{r['site']}: {r['kind']}" for r in self.report.refused)
@@ -243,29 +281,34 @@ class DeltaFedAvg(FedAvg):
                 f"{self.min_updates} (`federation.min_clients`); "
                 + "; ".join(f"{r['site']}: {r['reason']}" for r in self.report.rejected)
             )
-        deltas = [reply.delta for _, reply in valid if reply.delta is not None]
+        kept = [updates[reply.identity.site] for _, reply in valid]
         for msg, reply in valid:
             self.report.accepted[reply.identity.site] = {
                 **reply.metrics,
                 "num-examples": float(reply.num_examples),
-                "delta-norm": l2_norm(reply.delta or {}),
+                "delta-norm": l2_norm(updates[reply.identity.site]),
+                "lora-rank": float(self.rule.reply_rank(reply.delta or {})),  # as the reply's shapes show
                 "upload-bytes": float(wire.message_bytes(msg.content)),
             }
         if self.client_dp is not None:
-            mean, self.report.client_dp = self.client_dp.release(deltas)
+            combined, self.report.client_dp = self.client_dp.release(kept)
         else:
-            mean = weighted_mean(deltas, [float(reply.num_examples) for _, reply in valid])
-        merged = apply_delta(self.current, mean)
+            combined = self.combine(kept, [float(reply.num_examples) for _, reply in valid])
+        merged = self.step(combined)
         counts = MetricRecord(
             {"accepted": len(valid), "rejected": len(self.report.rejected), "refused": len(self.report.refused)}
         )
         return wire.to_arrays(merged), counts
 
+    def step(self, combined: State) -> State:
+        """The next global adapter: the server optimizer's step along ``combined``, applied by the rule."""
+        return self.rule.apply(self.current, self.optimizer.step(combined))
+
     def _within_bounds(
-        self, server_round: int, valid: list[tuple[Message, wire.Reply]]
+        self, server_round: int, valid: list[tuple[Message, wire.Reply]], updates: dict[str, State]
     ) -> list[tuple[Message, wire.Reply]]:
         """Drop updates whose norm is out of bounds; each is judged against the others' median."""
-        norms = [l2_norm(reply.delta or {}) for _, reply in valid]
+        norms = [l2_norm(updates[reply.identity.site]) for _, reply in valid]
         kept = []
         for i, item in enumerate(valid):
             reason = self.bounds.violation(norms[i], norms[:i] + norms[i + 1 :])

@@ -6,8 +6,11 @@ the attack allows, so each must be caught by the coordinator's checks, not by lu
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from fedtune.client import client_app as honest
+from fedtune.client.site import Site
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -19,12 +22,10 @@ MISBEHAVING = "riverside-community"
 app = ClientApp()
 
 
-def _sealed(
-    site: honest._Site, instruction: wire.RoundInstruction, delta: dict[str, torch.Tensor], key: KeyPair
-) -> RecordDict:
+def _sealed(site: Site, instruction: wire.RoundInstruction, delta: dict[str, torch.Tensor], key: KeyPair) -> RecordDict:
     assert site.sealer is not None
     sealer = wire.Sealer(key, site.sealer.coordinator)
-    identity = site.runtime.identity(site.data.site)
+    identity = site.identity()
     return wire.pack_reply(
         identity,
         {"train-loss": 0.1},
@@ -42,7 +43,7 @@ def train(msg: Message, context: Context) -> Message:
     if site.data.site != MISBEHAVING or site.sealer is None:
         return reply
     instruction = wire.unpack_instruction(msg.content)
-    stash = site.run_dir / "adversary"
+    stash = Path(str(context.run_config["run-dir"])) / "adversary"
     stash.mkdir(exist_ok=True)
     envelope = reply.content.config_records[wire.ENVELOPE]["data"]
     assert isinstance(envelope, bytes)

@@ -29,7 +29,7 @@ def train(msg: Message, context: Context) -> Message:
         if wire.unpack_secagg_instruction(msg.content, site.runtime.state()).server_round == 1:
             run_dir = Path(str(context.run_config["run-dir"]))
             if (run_dir / "kill-victim").exists():
-                (run_dir / "victim-waiting.tmp").write_text(str(site.partition))
+                (run_dir / "victim-waiting.tmp").write_text(str(site.seed_index))
                 (run_dir / "victim-waiting.tmp").rename(run_dir / "victim-waiting")
                 time.sleep(600)  # until the test kills this hospital
             raise RuntimeError(f"{VICTIM} crashed mid-round")  # no masked vector, no unmask shares

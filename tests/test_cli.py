@@ -29,6 +29,17 @@ ROOT = Path(__file__).resolve().parent.parent
         (["simulate", "--epsilons", "1", "--target-epsilon", "2"], "drop --target-epsilon and --noise-multiplier"),
         (["simulate", "--set", "client_dp.clipping_norm=0"], "`client_dp.clipping_norm` must be positive"),
         (["client", "privacy", "/no/such/ledger.json"], "no privacy ledger at /no/such/ledger.json"),
+        # secure aggregation shows the coordinator only a sum: non-linear merges are refused before any round
+        (
+            ["simulate", "--set", "security.secure_aggregation=true", "--set", 'federation.strategy="svd"'],
+            "`federation.strategy` = 'svd' is not a linear merge",
+        ),
+        (
+            ["simulate", "--set", "security.secure_aggregation=true", "--set", 'federation.aggregation="median"'],
+            "`federation.aggregation` = 'median' needs each hospital's update",
+        ),
+        (["simulate", "--set", "lora.site_ranks=[4, 8, 16]"], "only `federation.strategy` = 'svd' can merge"),
+        (["simulate", "--set", 'federation.server_optimizer="adam"'], "must be one of none, fedavgm, fedadam, fedyogi"),
     ],
 )
 def test_errors_are_one_line_with_exit_2(
@@ -40,6 +51,7 @@ def test_errors_are_one_line_with_exit_2(
     err = capsys.readouterr().err
     assert err.startswith("fedtune: error: ") and err.count("\n") == 1
     assert pattern in err
+    assert not (tmp_path / "run").exists()  # refused before any run folder (or round) exists
 
 
 def test_resume_refuses_extra_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

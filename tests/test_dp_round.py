@@ -10,14 +10,17 @@ import pytest
 from fedtune.client import client_app
 from fedtune.client.dp_round import open_ledger, plan_mechanism, private_train_round
 from fedtune.client.ledger import PrivacyLedger
+from fedtune.client.site import Site
 
 from fedtune import clinical, wire
 from fedtune.config import DPSettings, LoraSettings, ModelSettings, TrainSettings, load_config
 from fedtune.data import dataset_id, record_digests
+from fedtune.lora_merge import make_rule
 from fedtune.privacy import BudgetExceeded, epsilon_spent
 from fedtune.runtime import SiteRuntime, site_data
 
 TRAIN = TrainSettings(local_steps=2, batch_size=4, lr=1e-2)
+RULE = make_rule("fedavg", alpha=16, rank=2)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,7 @@ def test_a_round_records_its_release_and_reports_only_the_mechanism(site, tmp_pa
     rt, data = site
     dp = DPSettings(enabled=True, target_epsilon=3.0, budget_epsilon=5.0)
     ledger = open_ledger(tmp_path / "ledger.json", dp)
-    done = private_train_round(rt, _instruction(rt), data, TRAIN, dp, ledger, run_id="run-a")
+    done = private_train_round(rt, _instruction(rt), data, TRAIN, dp, ledger, run_id="run-a", rule=RULE)
     ds = dataset_id(record_digests(data.train))
     assert done.epsilon == pytest.approx(ledger.spent(ds)) and 0 < done.epsilon <= 3.0
     assert done.mechanism == plan_mechanism(dp, TRAIN, num_examples=20, num_rounds=3)
@@ -55,7 +58,7 @@ def test_a_spent_budget_refuses_before_any_training(site, tmp_path: Path, monkey
     rounds = 0
     with pytest.raises(BudgetExceeded, match="nothing was sent") as info:
         for rnd in range(1, 50):
-            private_train_round(rt, _instruction(rt, rnd, 50), data, TRAIN, dp, ledger, run_id="run-a")
+            private_train_round(rt, _instruction(rt, rnd, 50), data, TRAIN, dp, ledger, run_id="run-a", rule=RULE)
             rounds += 1
     assert rounds >= 1
     ds = dataset_id(record_digests(data.train))
@@ -71,7 +74,7 @@ def test_a_spent_budget_refuses_before_any_training(site, tmp_path: Path, monkey
     monkeypatch.setattr(rt, "train_round_dp", no_training)
     restarted = open_ledger(tmp_path / "ledger.json", dp)  # a restart does not reset the spend
     with pytest.raises(BudgetExceeded):
-        private_train_round(rt, _instruction(rt, 1, 50), data, TRAIN, dp, restarted, run_id="run-b")
+        private_train_round(rt, _instruction(rt, 1, 50), data, TRAIN, dp, restarted, run_id="run-b", rule=RULE)
     assert len(restarted.history(ds)) == rounds
 
 
@@ -101,9 +104,9 @@ def _crash_between_record_and_send(run_dir: str, cache: str) -> None:
     msg = Message(RecordDict(), dst_node_id=0, message_type=MessageType.TRAIN)
     wire.pack_reply = lambda *a, **k: os._exit(9)  # type: ignore[assignment]  # the process dies here
     ledger = simulated_ledger_path(Path(run_dir), "st-elsewhere", cfg.dp)
-    site = client_app._Site(cfg, 0, rt, data, Path(run_dir), None, ledger, Path(run_dir) / "audit.jsonl")
+    site = Site(cfg, 0, rt, data, Path(run_dir).name, None, ledger, Path(run_dir) / "audit.jsonl")
     delta, metrics = client_app._local_update(instruction, site)  # records the release in the ledger
-    site.reply(msg, instruction, metrics, num_examples=len(data.train), delta=delta)  # dies packing it
+    client_app.reply(site, msg, instruction, metrics, num_examples=len(data.train), delta=delta)  # dies packing it
     os._exit(0)  # not reached
 
 

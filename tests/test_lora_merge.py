@@ -1,24 +1,28 @@
-"""LoRA merge rules against the exact weighted mean of the sites' B·A: `ffa` and `svd`
-reproduce it (svd up to its rank), `fedavg` does not, and the test says by how much."""
+"""LoRA merge rules against the exact weighted mean of the sites' effective updates
+(alpha / r) * B·A, through the same reply -> update -> apply path the coordinator runs:
+`ffa` and `svd` reproduce it (svd up to its rank), `fedavg` does not, and the test says
+by how much."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fedtune.errors import UpdateRejected
-from fedtune.lora_merge import factorise, merge_fedavg, merge_ffa, merge_svd, product_mean, products
+from fedtune.errors import ModelMismatchError, UpdateRejected
+from fedtune.lora_merge import effective, effective_mean, factorise, make_rule, merge, rank_of
 
 MODULES = ("layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj")
 OUT, IN = 24, 32
+ALPHA = 16.0
+WEIGHTS = [160.0, 90.0, 40.0]
 
 
-def _site(rank: int, seed: int, *, a: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def _adapter(rank: int, seed: int, *, a: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     state = {}
     for m in MODULES:
-        state[f"{m}.lora_A.weight"] = a[m] if a else torch.randn(rank, IN, generator=g, dtype=torch.float64)
-        state[f"{m}.lora_B.weight"] = torch.randn(OUT, rank, generator=g, dtype=torch.float64)
+        state[f"{m}.lora_A.weight"] = a[m].clone() if a else torch.randn(rank, IN, generator=g) / IN**0.5
+        state[f"{m}.lora_B.weight"] = torch.randn(OUT, rank, generator=g) * 0.1
     return state
 
 
@@ -28,57 +32,91 @@ def _rel_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> f
     return (num / den) ** 0.5
 
 
-WEIGHTS = [160.0, 90.0, 40.0]
-
-
 def test_ffa_is_exact_and_fedavg_is_not() -> None:
-    g = torch.Generator().manual_seed(99)
-    shared = {m: torch.randn(8, IN, generator=g, dtype=torch.float64) for m in MODULES}
-    sites = [_site(8, s, a=shared) for s in (1, 2, 3)]
-    target = product_mean(sites, WEIGHTS)
-    assert _rel_error(products(merge_ffa(sites, WEIGHTS)), target) < 1e-12
-    # with A frozen and shared, fedavg is ffa: its error comes from averaging A too
-    free = [_site(8, s) for s in (1, 2, 3)]
-    gap = _rel_error(products(merge_fedavg(free, WEIGHTS)), product_mean(free, WEIGHTS))
-    assert gap > 0.5  # on independent random factors mean(B)·mean(A) is far from mean(B·A)
+    glob = _adapter(8, 0)
+    shared = {m: glob[f"{m}.lora_A.weight"] for m in MODULES}
+    sites = [_adapter(8, s, a=shared) for s in (1, 2, 3)]  # ffa: only B moved
+    target = effective_mean(sites, WEIGHTS, alpha=ALPHA)
+    merged = merge(make_rule("ffa", alpha=ALPHA, rank=8), glob, sites, WEIGHTS)
+    assert _rel_error(effective(merged, alpha=ALPHA), target) < 1e-6  # float32 tensors
+    assert all(torch.equal(merged[f"{m}.lora_A.weight"], glob[f"{m}.lora_A.weight"]) for m in MODULES)
+    # sites that trained A too: separate means of A and B are far from the mean of B·A
+    free = [_adapter(8, s) for s in (1, 2, 3)]
+    fedavg = merge(make_rule("fedavg", alpha=ALPHA, rank=8), glob, free, WEIGHTS)
+    gap = _rel_error(effective(fedavg, alpha=ALPHA), effective_mean(free, WEIGHTS, alpha=ALPHA))
+    assert gap > 0.5, gap  # on independent random factors: over half the target's norm
 
 
-def test_ffa_refuses_sites_whose_a_differ() -> None:
-    with pytest.raises(UpdateRejected, match="needs A frozen and shared"):
-        merge_ffa([_site(8, 1), _site(8, 2)], [1.0, 1.0])
+def test_ffa_sends_only_b_and_checks_against_b() -> None:
+    rule = make_rule("ffa", alpha=ALPHA, rank=8)
+    glob = _adapter(8, 0)
+    trained = {k: v + 1.0 for k, v in glob.items()}
+    sent = rule.reply(trained, glob)
+    assert sent and all(".lora_B." in k for k in sent)
+    rule.check(sent, glob)
+    with pytest.raises(UpdateRejected, match="keys differ"):
+        rule.check(make_rule("fedavg", alpha=ALPHA, rank=8).reply(trained, glob), glob)
 
 
 def test_svd_is_exact_up_to_its_rank_and_optimal_below_it() -> None:
-    sites = [_site(4, s) for s in (1, 2, 3)]  # the mean of three rank-4 products has rank <= 12
-    target = product_mean(sites, WEIGHTS)
-    exact = merge_svd(sites, WEIGHTS, rank=12)
-    assert _rel_error(products(exact), target) < 1e-10
-    low = products(merge_svd(sites, WEIGHTS, rank=4))
+    sites = [_adapter(4, s) for s in (1, 2, 3)]  # the mean of three rank-4 updates has rank <= 12
+    target = effective_mean(sites, WEIGHTS, alpha=ALPHA)
+    exact = merge(make_rule("svd", alpha=ALPHA, rank=12), _adapter(12, 0), sites, WEIGHTS)
+    assert rank_of(exact) == 12
+    assert _rel_error(effective(exact, alpha=ALPHA), target) < 1e-6
+    low = effective(merge(make_rule("svd", alpha=ALPHA, rank=4), _adapter(4, 0), sites, WEIGHTS), alpha=ALPHA)
     for m in MODULES:  # Eckart-Young: the error is exactly the discarded singular values
         s = torch.linalg.svdvals(target[m])
-        assert float((low[m] - target[m]).norm()) == pytest.approx(float(s[4:].norm()), rel=1e-9)
-    fedavg = _rel_error(products(merge_fedavg(sites, WEIGHTS)), target)
-    assert _rel_error(low, target) < fedavg  # even truncated to the sites' rank, svd beats fedavg
+        assert float((low[m] - target[m]).norm()) == pytest.approx(float(s[4:].norm()), rel=1e-4)
+    fedavg = merge(make_rule("fedavg", alpha=ALPHA, rank=4), _adapter(4, 0), sites, WEIGHTS)
+    assert _rel_error(low, target) < _rel_error(effective(fedavg, alpha=ALPHA), target)
 
 
 def test_svd_merges_mixed_ranks_and_hands_each_site_its_own() -> None:
-    sites = [_site(4, 1), _site(8, 2), _site(16, 3)]
-    target = product_mean(sites, WEIGHTS)
-    merged = merge_svd(sites, WEIGHTS, rank=28, like=sites[2])
-    assert _rel_error(products(merged), target) < 1e-10
-    with pytest.raises(UpdateRejected):
-        merge_fedavg(sites, WEIGHTS)  # separate means cannot even be formed
-    for site in sites:
-        rank = site[f"{MODULES[0]}.lora_A.weight"].shape[0]
-        own = merge_svd(sites, WEIGHTS, rank=rank, like=site)
-        assert all(own[k].shape == site[k].shape for k in site)
+    sites = [_adapter(4, 1), _adapter(8, 2), _adapter(16, 3)]  # different ranks, different scalings
+    rule = make_rule("svd", alpha=ALPHA, rank=28)
+    merged = merge(rule, _adapter(28, 0), sites, WEIGHTS)
+    target = effective_mean(sites, WEIGHTS, alpha=ALPHA)
+    assert _rel_error(effective(merged, alpha=ALPHA), target) < 1e-6
+    with pytest.raises(ModelMismatchError, match="only `federation.strategy` = 'svd'"):
+        make_rule("fedavg", alpha=ALPHA, rank=28).local_start(merged, rank=4)
+    for rank in (4, 8, 16):
+        own = rule.local_start(merged, rank=rank)
+        assert rank_of(own) == rank and set(own) == set(merged)
+        got = effective(own, alpha=ALPHA)
+        for m in MODULES:  # each site starts from the best rank-r approximation of the global update
+            s = torch.linalg.svdvals(target[m])
+            assert float((got[m] - target[m]).norm()) == pytest.approx(float(s[rank:].norm()), rel=1e-3, abs=1e-6)
 
 
-def test_factorise_pads_a_product_of_lower_rank() -> None:
+def test_svd_checks_a_reply_of_any_rank_but_not_a_malformed_one() -> None:
+    rule = make_rule("svd", alpha=ALPHA, rank=8)
+    glob = _adapter(8, 0)
+    rule.check(_adapter(4, 1), glob)
+    rule.check(_adapter(16, 1), glob)
+    mixed = {
+        **_adapter(4, 1),
+        f"{MODULES[0]}.lora_A.weight": torch.zeros(8, IN),
+        f"{MODULES[0]}.lora_B.weight": torch.zeros(OUT, 8),
+    }
+    with pytest.raises(UpdateRejected, match="different ranks"):
+        rule.check(mixed, glob)
+    bad = _adapter(4, 1)
+    bad[f"{MODULES[1]}.lora_B.weight"][0, 0] = float("nan")
+    with pytest.raises(UpdateRejected, match="not finite"):
+        rule.check(bad, glob)
+    with pytest.raises(UpdateRejected, match="above what"):
+        rule.check(_adapter(30, 1), glob)
+
+
+def test_factorise_fills_unused_directions_so_they_can_learn() -> None:
     g = torch.Generator().manual_seed(5)
     product = torch.randn(OUT, 2, generator=g, dtype=torch.float64) @ torch.randn(
         2, IN, generator=g, dtype=torch.float64
     )
-    b, a = factorise(product, 40)  # more than min(OUT, IN): zero directions fill the rest
-    assert b.shape == (OUT, 40) and a.shape == (40, IN)
+    b, a = factorise(product, 6, module="m", seed=1)
+    assert b.shape == (OUT, 6) and a.shape == (6, IN)
     assert torch.allclose(b @ a, product, atol=1e-10)
+    assert torch.all(b[:, 2:] == 0) and torch.all(a[2:].abs().sum(dim=1) > 0)  # B = 0, A random: trainable
+    zero_b, zero_a = factorise(torch.zeros(OUT, IN), 4, module="m", seed=1)  # round 1: nothing learnt yet
+    assert torch.all(zero_b == 0) and torch.equal(zero_a, factorise(torch.zeros(OUT, IN), 4, module="m", seed=1)[1])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fedtune.server.strategy import DeltaFedAvg, NormBounds
+from fedtune.server.strategy import LoraStrategy, NormBounds
 from flwr.app import ConfigRecord, Message, MessageType
 
 from fedtune import wire
@@ -25,9 +25,9 @@ class Nodes:
         return [1, 2, 3]
 
 
-def _strategy(bounds: NormBounds | None = None) -> DeltaFedAvg:
+def _strategy(bounds: NormBounds | None = None) -> LoraStrategy:
     opener = wire.Opener(COORD, AllowList([p.public for p in SITES.values()]))
-    return DeltaFedAvg(
+    return LoraStrategy(
         spec_sha256="spec",
         base_sha256="",
         min_updates=1,
@@ -38,7 +38,7 @@ def _strategy(bounds: NormBounds | None = None) -> DeltaFedAvg:
     )
 
 
-def _request(s: DeltaFedAvg, rnd: int, kind: str = "train") -> wire.RoundInstruction:
+def _request(s: LoraStrategy, rnd: int, kind: str = "train") -> wire.RoundInstruction:
     """Open a request on the strategy and return what a client receives."""
     config = wire.instruction_config(num_rounds=5)
     configure = s.configure_train if kind == "train" else s.configure_evaluate

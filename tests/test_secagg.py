@@ -27,8 +27,9 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def test_secagg_matches_fedavg_within_the_quantization_bound(tiny_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    base = replace(tiny_cfg, data={"hospitals": 3}, federation={"rounds": 1})
+def test_secagg_matches_the_plain_merge_within_the_quantization_bound(tiny_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # `ffa` (linear, B only) here; the crash tests below run `fedavg` through SecAgg+
+    base = replace(tiny_cfg, data={"hospitals": 3}, federation={"rounds": 1, "strategy": "ffa"})
     plain = prepare_run(base, run_dir=tmp_path / "plain")
     run_simulation(plain, say=lambda _: None)
     secure = prepare_run(replace(base, security={"secure_aggregation": True}), run_dir=tmp_path / "secure")
@@ -40,6 +41,7 @@ def test_secagg_matches_fedavg_within_the_quantization_bound(tiny_cfg, tmp_path:
     moved = _max_diff(exact, start)
     assert moved > 10 * bound  # the update is far larger than what quantization can change
     assert 0 < _max_diff(masked, exact) <= bound
+    assert all(torch.equal(masked[k], start[k]) for k in start if ".lora_A." in k)  # A stays the shared A
     (record,) = round_records(secure)
     assert set(record["train"]) == {"st-elsewhere", "northgate-general", "riverside-community"}
     assert all("delta-norm" not in m for m in record["train"].values())  # no hospital's update was seen

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fedtune.server.strategy import DeltaFedAvg
+from fedtune.server.strategy import LoraStrategy
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedtune import wire
@@ -29,8 +29,8 @@ def _delta(value: float) -> dict[str, torch.Tensor]:
     return {k: torch.full_like(v, value) for k, v in GLOBAL.items()}
 
 
-def _strategy(min_updates: int = 1) -> DeltaFedAvg:
-    s = DeltaFedAvg(spec_sha256="spec", base_sha256="", min_updates=min_updates, num_nodes=3)
+def _strategy(min_updates: int = 1) -> LoraStrategy:
+    s = LoraStrategy(spec_sha256="spec", base_sha256="", min_updates=min_updates, num_nodes=3)
     s.current = {k: v.clone() for k, v in GLOBAL.items()}
     return s
 

@@ -20,7 +20,7 @@ from fedtune.simulate import prepare_run, run_simulation
 
 pytestmark = pytest.mark.timeout(600)
 TRAIN_METRICS = {"steps", "train-seconds", "base-model-loads", "dp-epsilon", "dp-budget"}
-TRAIN_METRICS |= {"dp-noise-multiplier", "dp-sample-rate", "dp-steps"}
+TRAIN_METRICS |= {"dp-noise-multiplier", "dp-sample-rate", "dp-steps", "lora-rank"}  # lora-rank: the site's setting
 EVAL_METRICS = {"loss-sum", "tokens", "metric-sum", "exact-sum"}
 
 
