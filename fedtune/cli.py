@@ -83,6 +83,22 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from fedtune.compare import prepare_compare, run_compare
+
+    if args.resume:
+        if args.plan or args.out:
+            raise ConfigError("--resume continues a comparison with its own compare.json; drop PLAN and --out")
+        root = Path(args.resume).resolve()
+    elif args.plan:
+        root = prepare_compare(Path(args.plan), root=Path(args.out) if args.out else None)
+    else:
+        raise ConfigError("give a plan (`fedtune compare PLAN`) or a comparison to continue (`--resume DIR`)")
+    table = run_compare(root, say=lambda line: print(line, flush=True))
+    print("\n" + table, flush=True)
+    return 0
+
+
 def _data(args: argparse.Namespace) -> int:
     from fedtune import clinical
     from fedtune.data import write_records
@@ -290,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (or sweep) from its last round")
     sim.set_defaults(func=_simulate)
 
+    cmp = sub.add_parser("compare", help="LoRA merge strategies and server optimizers side by side, one table and plot")
+    cmp.add_argument("plan", nargs="?", help="plan TOML: `strategies` and `configs` (e.g. simulations/strategies.toml)")
+    cmp.add_argument("--out", help="comparison folder to create (default: <run.output_dir>/compare-<time>)")
+    cmp.add_argument("--resume", metavar="DIR", help="finish an interrupted comparison and redo its table")
+    cmp.set_defaults(func=_compare)
+
     data = sub.add_parser("data", help="write the embedded clinical dataset to disk (JSONL) to see the format")
     data.add_argument("--out", default="fedtune-data", help="folder to write (default: fedtune-data)")
     data.add_argument("--hospitals", type=int, default=3)
@@ -420,7 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedtune: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedtune: interrupted; resume a simulation with `fedtune simulate --resume RUN_DIR`", file=sys.stderr)
+        again = "fedtune compare --resume DIR" if args.func is _compare else "fedtune simulate --resume RUN_DIR"
+        print(f"fedtune: interrupted; continue with `{again}`", file=sys.stderr)
         return 130
 
 
