@@ -159,6 +159,12 @@ _HOSPITALS: dict[tuple[Path, str, str], Site] = {}
 def policy_refusal(hospital: HospitalConfig, cfg: ExperimentConfig) -> str:
     """Why this hospital's privacy policy refuses the run's rounds ("" when it does not)."""
     policy = hospital.privacy
+    rank = hospital.model.lora_rank
+    if rank and rank != cfg.lora.rank and cfg.federation.strategy != "svd":
+        return (
+            f"this hospital trains at rank {rank} (`model.lora_rank`) but the run's strategy "
+            f"{cfg.federation.strategy!r} needs rank {cfg.lora.rank}; only 'svd' merges mixed ranks"
+        )
     if policy.require_dp and not cfg.dp.enabled:
         return "this hospital trains only with DP-SGD (`privacy.require_dp`) and the run has `dp.enabled = false`"
     if cfg.dp.enabled and 0 < cfg.dp.noise_multiplier < policy.min_noise_multiplier:
@@ -192,13 +198,8 @@ def hospital_site(config: Path, experiment: str, run_dir: str) -> Site:
     except ConfigError as err:
         refusal = refusal or f"the run's DP settings do not fit this hospital's policy: {err}"
         cfg = replace(run_cfg, model={"source": source, "device": model.device, "precision": model.precision})
-    rank = hospital.model.lora_rank or cfg.lora.rank
-    if rank != cfg.lora.rank and cfg.federation.strategy != "svd":
-        refusal = refusal or (
-            f"this hospital trains at rank {rank} (`model.lora_rank`) but the run's strategy "
-            f"{cfg.federation.strategy!r} needs rank {cfg.lora.rank}; only 'svd' merges mixed ranks"
-        )
-        rank = cfg.lora.rank
+    # its own rank where the run can merge it (svd); a refused run keeps the run's, unused
+    rank = hospital.model.lora_rank if cfg.federation.strategy == "svd" else 0
     runtime = runtime_for(cfg.model, site_lora(cfg, rank))
     train = [e for f in hospital.data.train for e in load_records(hospital.path(f), site=hospital.name)]
     if hospital.data.eval:

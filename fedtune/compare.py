@@ -28,10 +28,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedtune.checkpoint import atomic_write_bytes, atomic_write_json
+from fedtune.checkpoint import atomic_write_json
 from fedtune.config import SERVER_OPTIMIZERS, STRATEGIES, ExperimentConfig, load_config, replace
 from fedtune.errors import CheckpointError, ConfigError
-from fedtune.report import markdown_table, round_records, save_figure, site_epsilons
+from fedtune.report import prefixed, round_records, save_figure, site_epsilons, write_table
 from fedtune.runfolder import RunFolder
 from fedtune.simulate import prepare_run, run_simulation
 
@@ -157,27 +157,17 @@ def run_compare(root: Path, *, say: Say = print) -> str:
         label = f"{sub.config}/{sub.variant}"
         say(f"--- compare run {i}/{len(runs)}: {label} (strategy {sub.strategy}, server optimizer {sub.optimizer})")
         folder = RunFolder(root / sub.folder)
-        run_simulation(folder, say=_prefixed(say, label))
+        run_simulation(folder, say=prefixed(say, label))
         if sub.base:  # one evaluation, no training: round 0 of the config's plot
             from fedtune.baselines import run_baselines
 
-            run_baselines(folder, say=_prefixed(say, label), only=["base"])
+            run_baselines(folder, say=prefixed(say, label), only=["base"])
     base_runs = {s.config: RunFolder(root / s.folder) for s in runs if s.base}
     results = [_result(RunFolder(root / sub.folder), sub, base_runs.get(sub.config)) for sub in runs]
-    rows = comparison_rows(results)
-    table = markdown_table(rows)
-    atomic_write_json(root / "strategies.json", rows)
-    atomic_write_bytes(root / "strategies.md", (f"# {root.name}: LoRA merge strategies\n\n" + table).encode())
+    table = write_table(root, "strategies", f"{root.name}: LoRA merge strategies", comparison_rows(results))
     plot_strategies(root, results)
     say(f"strategy table: {root / 'strategies.md'}, plot: {root / 'strategies.png'}")
     return table
-
-
-def _prefixed(say: Say, label: str) -> Say:
-    def inner(line: str) -> None:
-        say(f"[{label}] {line}")
-
-    return inner
 
 
 def _result(folder: RunFolder, sub: SubRun, base_run: RunFolder | None) -> dict[str, Any]:

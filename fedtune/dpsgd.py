@@ -33,10 +33,10 @@ from fedtune.train import (
     TrainResult,
     answer_token_nll,
     autocast_dtype,
-    lr_at,
     make_optimizer,
     proximal_anchor,
     proximal_pull,
+    set_lr,
 )
 
 
@@ -106,15 +106,7 @@ def train_local_dp(
     gsm.train()
     try:
         for step in range(steps):
-            lr = lr_at(
-                step_offset + step,
-                base_lr=settings.lr,
-                total_steps=total,
-                warmup_steps=settings.warmup_steps,
-                schedule=settings.lr_schedule,
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = set_lr(optimizer, settings, step_offset + step, total_steps=total)
             chosen = (torch.rand(n, generator=sampler) < q).nonzero().flatten().tolist()
             chunks = [chosen[i : i + settings.batch_size] for i in range(0, len(chosen), settings.batch_size)]
             if not chunks:

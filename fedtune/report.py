@@ -222,15 +222,30 @@ def plot_epsilon(folder: RunFolder, rounds: list[dict[str, Any]]) -> Path | None
     return save_figure(fig, folder.plots_dir / "epsilon.png")
 
 
+def write_table(root: Path, stem: str, title: str, rows: list[dict[str, Any]]) -> str:
+    """``<root>/<stem>.json`` (the rows) and ``<stem>.md`` (``# title`` and the table); return the table."""
+    table = markdown_table(rows)
+    atomic_write_json(root / f"{stem}.json", rows)
+    atomic_write_bytes(root / f"{stem}.md", (f"# {title}\n\n" + table).encode())
+    return table
+
+
+def prefixed(say: Callable[[str], None], label: str) -> Callable[[str], None]:
+    """``say`` with every line prefixed ``[label]`` (one sub-run's lines among several)."""
+
+    def inner(line: str) -> None:
+        say(f"[{label}] {line}")
+
+    return inner
+
+
 def write_summary(folder: RunFolder) -> str:
     """Write summary.md / summary.json and the plots; return the markdown table."""
     rounds = round_records(folder)
     baselines = json.loads(folder.baselines_path.read_text()) if folder.baselines_path.is_file() else {}
     cfg = folder.load_config()
     rows = summary_rows(rounds, baselines, folder.sites(), private=cfg.dp.enabled or cfg.client_dp.enabled)
-    table = markdown_table(rows)
-    atomic_write_json(folder.root / "summary.json", rows)
-    atomic_write_bytes(folder.root / "summary.md", (f"# {folder.root.name}\n\n" + table).encode())
+    table = write_table(folder.root, "summary", folder.root.name, rows)
     plot_rounds(folder, rounds, baselines)
     plot_epsilon(folder, rounds)
     return table

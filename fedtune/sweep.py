@@ -22,10 +22,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedtune.checkpoint import atomic_write_bytes, atomic_write_json
+from fedtune.checkpoint import atomic_write_json
 from fedtune.config import ExperimentConfig, replace
 from fedtune.errors import CheckpointError, ConfigError
-from fedtune.report import markdown_table, round_records, save_figure, site_epsilons
+from fedtune.report import prefixed, round_records, save_figure, site_epsilons, write_table
 from fedtune.runfolder import RunFolder
 from fedtune.simulate import prepare_run, run_simulation
 
@@ -91,26 +91,17 @@ def run_sweep(root: Path, *, say: Say = print) -> str:
     for i, name in enumerate(plan, start=1):
         label = "without DP" if plan[name] is None else f"DP, target epsilon {plan[name]:g}"
         say(f"--- sweep run {i}/{len(plan)}: {name} ({label})")
-        run_simulation(RunFolder(root / name), say=_prefixed(say, name))
+        run_simulation(RunFolder(root / name), say=prefixed(say, name))
     no_dp = RunFolder(root / NO_DP)
     if not no_dp.load_config().run.baselines:  # the base model's row costs one evaluation
         from fedtune.baselines import run_baselines
 
-        run_baselines(no_dp, say=_prefixed(say, NO_DP), only=["base"])
+        run_baselines(no_dp, say=prefixed(say, NO_DP), only=["base"])
     rows = privacy_utility_rows(root, plan)
-    table = markdown_table(rows)
-    atomic_write_json(root / "privacy_utility.json", rows)
-    atomic_write_bytes(root / "privacy_utility.md", (f"# {root.name}: privacy and utility\n\n" + table).encode())
+    table = write_table(root, "privacy_utility", f"{root.name}: privacy and utility", rows)
     plot_privacy_utility(root, rows)
     say(f"privacy-utility table: {root / 'privacy_utility.md'}, plot: {root / 'privacy_utility.png'}")
     return table
-
-
-def _prefixed(say: Say, name: str) -> Say:
-    def inner(line: str) -> None:
-        say(f"[{name}] {line}")
-
-    return inner
 
 
 def privacy_utility_rows(root: Path, plan: dict[str, float | None]) -> list[dict[str, Any]]:

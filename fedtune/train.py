@@ -59,6 +59,20 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, sch
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def set_lr(optimizer: torch.optim.Optimizer, settings: TrainSettings, step: int, *, total_steps: int) -> float:
+    """Put step ``step``'s learning rate of the run's schedule into ``optimizer``; return it."""
+    lr = lr_at(
+        step,
+        base_lr=settings.lr,
+        total_steps=total_steps,
+        warmup_steps=settings.warmup_steps,
+        schedule=settings.lr_schedule,
+    )
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def steps_per_round(settings: TrainSettings, num_examples: int) -> int:
     """``local_steps``, or the steps that make ``local_epochs`` passes over the data."""
     if settings.local_epochs > 0:
@@ -172,15 +186,7 @@ def train_local(
     seen = 0
     start = time.perf_counter()
     for step in range(steps):
-        lr = lr_at(
-            step_offset + step,
-            base_lr=settings.lr,
-            total_steps=total,
-            warmup_steps=settings.warmup_steps,
-            schedule=settings.lr_schedule,
-        )
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, settings, step_offset + step, total_steps=total)
         step_loss = 0.0
         for _ in range(settings.grad_accum):
             idx = next(batches)

@@ -67,6 +67,7 @@ def test_the_example_config_is_valid_and_paths_are_relative_to_it(hospital_dir: 
         ('envelope_key = "keys/st-elsewhere.key"', 'envelope_key = "keys/coordinator.pub"', "coordinator.pub has mode"),
         ('path = "tiny"', 'path = "data"', "`model.path`: "),
         ("[hospital]", "[hospital]\nlocation = 1", "unknown field `hospital.location`"),
+        ("lora_rank = 0", "lora_rank = -4", "`model.lora_rank` must be >= 0 (0: the run's rank), got -4"),
     ],
 )
 def test_each_mistake_is_one_line_naming_the_field(hospital_dir: Path, old: str, new: str, expected: str) -> None:
@@ -112,3 +113,20 @@ def test_the_commands_print_an_example_and_check_with_an_exit_code(hospital_dir:
     assert main(["client", "check", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "`model.threads` must be >= 0" in err
+
+
+@pytest.mark.parametrize(("strategy", "refused"), [("fedavg", True), ("ffa", True), ("svd", False)])
+def test_a_hospital_at_its_own_rank_takes_part_only_in_svd_runs(
+    hospital_dir: Path, strategy: str, refused: bool
+) -> None:
+    from fedtune.client.site import policy_refusal
+
+    from fedtune.config import load_config
+
+    path = hospital_dir / "hospital.toml"
+    path.write_text(path.read_text().replace("lora_rank = 0", "lora_rank = 4"))
+    hospital = load_hospital_config(path)
+    cfg = load_config(None, {"federation.strategy": strategy, "dp.enabled": True, "dp.noise_multiplier": 1.0})
+    reason = policy_refusal(hospital, cfg)
+    assert ("trains at rank 4 (`model.lora_rank`)" in reason) is refused
+    assert not reason or "only 'svd' merges mixed ranks" in reason

@@ -69,3 +69,42 @@ def test_training_lowers_held_out_loss_and_sends_a_delta(runtime: SiteRuntime) -
     assert after.loss < before.loss - 0.05
     moved = [k for k in start if not torch.equal(start[k], runtime.state()[k])]
     assert moved and all(".lora_" in k for k in moved)
+
+
+def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
+
+
+def test_fedprox_keeps_the_adapter_closer_to_the_round_start(runtime: SiteRuntime) -> None:
+    train, held = clinical.generate(1, n_train=16, n_eval=1, seed=0)["st-elsewhere"]
+    data = site_data(runtime, "s", train, held, 256)
+    start = {k: v + 0.01 * (k.count("lora_B")) for k, v in runtime.state().items()}  # B off zero: A gets gradients
+    moved = {}
+    for mu in (0.0, 20.0):
+        settings = TrainSettings(lr=1e-2, batch_size=4, max_length=256, optimizer="sgd", proximal_mu=mu)
+        runtime.train_steps(start, data, settings, steps=6, seed=0)
+        moved[mu] = _distance(runtime.state(), start)
+    assert 0 < moved[20.0] < 0.9 * moved[0.0], moved  # same batches, the pull shrinks the step away
+
+
+def test_ffa_trains_only_b_and_svd_starts_a_smaller_site_at_its_rank(runtime: SiteRuntime) -> None:
+    from fedtune.lora_merge import effective, make_rule, rank_of
+    from fedtune.wire import RoundInstruction
+
+    train, held = clinical.generate(1, n_train=16, n_eval=1, seed=0)["st-elsewhere"]
+    data = site_data(runtime, "s", train, held, 256)
+    start = runtime.state()
+    instruction = RoundInstruction(state=start, server_round=1, num_rounds=1)
+    settings = TrainSettings(lr=1e-2, batch_size=4, max_length=256, local_steps=3)
+    sent, _ = runtime.train_round(instruction, data, settings, seed=0, rule=make_rule("ffa", alpha=16, rank=4))
+    assert set(sent) == {k for k in start if ".lora_B." in k} and any(float(v.abs().sum()) > 0 for v in sent.values())
+    assert all(torch.equal(runtime.state()[k], start[k]) for k in start if ".lora_A." in k)  # A was frozen
+    # a rank-4 site in an svd run of global rank 8 starts from the rank-4 truncation and sends its factors
+    wide = make_rule("svd", alpha=16, rank=8)
+    glob = {k: torch.randn(8, v.shape[1]) if ".lora_A." in k else torch.randn(v.shape[0], 8) for k, v in start.items()}
+    sent, _ = runtime.train_round(
+        RoundInstruction(state=glob, server_round=1, num_rounds=1), data, settings, seed=0, rule=wide
+    )
+    assert rank_of(sent) == 4 and set(sent) == set(start)
+    wide.check(sent, glob)
+    assert set(effective(sent, alpha=16)) == set(effective(glob, alpha=16))
