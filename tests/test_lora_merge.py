@@ -120,3 +120,16 @@ def test_factorise_fills_unused_directions_so_they_can_learn() -> None:
     assert torch.all(b[:, 2:] == 0) and torch.all(a[2:].abs().sum(dim=1) > 0)  # B = 0, A random: trainable
     zero_b, zero_a = factorise(torch.zeros(OUT, IN), 4, module="m", seed=1)  # round 1: nothing learnt yet
     assert torch.all(zero_b == 0) and torch.equal(zero_a, factorise(torch.zeros(OUT, IN), 4, module="m", seed=1)[1])
+
+
+def test_factorise_of_a_large_matrix_is_exact_within_its_basis_and_near_optimal_beyond() -> None:
+    g = torch.Generator().manual_seed(7)
+    low = torch.randn(200, 20, generator=g, dtype=torch.float64) @ torch.randn(
+        20, 300, generator=g, dtype=torch.float64
+    )
+    b, a = factorise(low, 4, module="m")  # basis of 4 + 16 columns: the randomized path, rank 20 fits
+    s = torch.linalg.svdvals(low)
+    assert float((b @ a - low).norm()) == pytest.approx(float(s[4:].norm()), rel=1e-9)
+    dense = torch.randn(200, 300, generator=g, dtype=torch.float64)  # full rank: near the best rank-4 error
+    b, a = factorise(dense, 4, module="m")
+    assert float((b @ a - dense).norm()) <= 1.02 * float(torch.linalg.svdvals(dense)[4:].norm())
