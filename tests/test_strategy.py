@@ -210,3 +210,38 @@ def test_await_hospitals_goes_on_with_enough_and_fails_clearly_without() -> None
 
     assert await_hospitals(grid, want=3, need=3, timeout=30, say=say) == 3  # type: ignore[arg-type]
     assert joined[0] == "waiting for hospitals: 1/3 connected"
+
+
+@pytest.mark.parametrize("combine", ["median", "trimmed_mean", "mean"])
+def test_robust_combines_ignore_one_huge_update(combine: str) -> None:
+    from fedtune.server.strategy import Combine
+
+    s = LoraStrategy(
+        spec_sha256="spec", base_sha256="", min_updates=1, num_nodes=5, combine=Combine(combine, trim_fraction=0.2)
+    )
+    s.current = {k: v.clone() for k, v in GLOBAL.items()}
+    values = [1.0, 2.0, 3.0, 2.0, 4992.0]  # the last hospital pushes; the norm bound is off here
+    arrays, _ = s.aggregate_train(1, [_reply(f"h{i}", _delta(v), n=10) for i, v in enumerate(values)])
+    merged = wire.from_arrays(arrays)
+    # median 2; trimmed mean drops 1 and 4992 per coordinate: mean(2, 2, 3) = 2.33; the plain mean follows the push
+    want = {"median": 2.0, "trimmed_mean": 7.0 / 3.0, "mean": 1000.0}[combine]
+    for k in GLOBAL:
+        torch.testing.assert_close(merged[k], GLOBAL[k] + want)
+
+
+def test_a_server_optimizer_steps_along_the_merged_update() -> None:
+    from fedtune.server_opt import make_server_optimizer
+
+    s = LoraStrategy(
+        spec_sha256="spec",
+        base_sha256="",
+        min_updates=1,
+        num_nodes=2,
+        optimizer=make_server_optimizer("fedavgm", lr=0.5),
+    )
+    for rnd in (1, 2):
+        s.current = {k: v.clone() for k, v in GLOBAL.items()}
+        arrays, _ = s.aggregate_train(rnd, [_reply("a", _delta(1.0)), _reply("b", _delta(3.0))])
+    merged = wire.from_arrays(arrays)
+    for k in GLOBAL:  # round 2: v = 0.9 * 2 + 2 = 3.8, step = 0.5 * 3.8
+        torch.testing.assert_close(merged[k], GLOBAL[k] + 1.9)
