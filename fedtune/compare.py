@@ -8,11 +8,11 @@
 
 A plan file (TOML) names the variants and the experiment configs to run each in::
 
-    strategies = ["fedavg", "ffa", "svd", "fedavg+fedadam"]   # strategy[+server_optimizer]
+    strategies = ["fedavg", "ffa", "svd", "fedavg+fedadam@0.001"]   # strategy[+server_optimizer][@server_lr]
     configs = ["default.toml", "dp.toml"]                      # relative to the plan file
 
 Every sub-run is its config with only ``federation.strategy`` and
-``federation.server_optimizer`` changed, so the variants of one config see the same data,
+``federation.server_optimizer`` (and ``server_lr``) changed, so the variants of one config see the same data,
 seed and DP settings. No sub-run trains baselines (we compare federations); each config's
 base model is evaluated once, in its first variant's folder (round 0 of its plot). DP sub-runs keep their simulated
 hospitals' ledgers in their own folders, so the variants do not draw on each other's budget.
@@ -50,16 +50,34 @@ class SubRun:
     strategy: str
     optimizer: str
     base: bool = False
+    server_lr: float = 0.0  # 0: the config's (or the optimizer's usual value)
 
     @property
     def folder(self) -> str:
-        """Relative run folder: ``<config>/<variant with + as ->``."""
-        return f"{self.config}/{self.variant.replace('+', '-')}"
+        """Relative run folder: ``<config>/<variant with + as - and @ as -lr>``."""
+        return f"{self.config}/{_name(self.variant)}"
 
 
-def parse_variant(text: str, *, source: str) -> tuple[str, str]:
-    """``"fedavg+fedadam"`` -> ("fedavg", "fedadam"); ``"ffa"`` -> ("ffa", "none")."""
-    strategy, plus, optimizer = text.strip().partition("+")
+def _name(variant: str) -> str:
+    return variant.replace("+", "-").replace("@", "-lr")
+
+
+def parse_variant(text: str, *, source: str) -> tuple[str, str, float]:
+    """``"fedavg+fedadam"`` -> ("fedavg", "fedadam", 0.0); ``"ffa"`` -> ("ffa", "none", 0.0);
+    ``"fedavg+fedadam@0.001"`` -> ("fedavg", "fedadam", 0.001): a server learning rate."""
+    rest, at, lr_text = text.strip().partition("@")
+    server_lr = 0.0
+    if at:
+        try:
+            server_lr = float(lr_text)
+        except ValueError:
+            server_lr = -1.0
+        if not server_lr > 0:
+            raise ConfigError(
+                f"{source}: `strategies` entry {text!r} must give a positive server learning rate after '@', "
+                "e.g. 'fedavg+fedadam@0.001'"
+            )
+    strategy, plus, optimizer = rest.partition("+")
     if strategy not in STRATEGIES:
         raise ConfigError(
             f"{source}: `strategies` entry {text!r} names an unknown strategy {strategy!r}; "
@@ -70,7 +88,7 @@ def parse_variant(text: str, *, source: str) -> tuple[str, str]:
             f"{source}: `strategies` entry {text!r} names an unknown server optimizer {optimizer!r}; "
             f"use one of {', '.join(OPTIMIZERS)} after '+', or the strategy alone for none"
         )
-    return strategy, optimizer if plus else "none"
+    return strategy, optimizer if plus else "none", server_lr
 
 
 def _string_list(data: dict[str, Any], key: str, source: str) -> list[str]:
@@ -108,13 +126,16 @@ def load_plan(plan_path: Path) -> list[tuple[ExperimentConfig, SubRun]]:
     out = []
     for label, cfg in configs.items():
         for i, v in enumerate(variants):
-            strategy, optimizer = parsed[v]
-            sub = SubRun(label, v, strategy, optimizer, base=i == 0)
+            strategy, optimizer, server_lr = parsed[v]
+            sub = SubRun(label, v, strategy, optimizer, base=i == 0, server_lr=server_lr)
+            federation: dict[str, Any] = {"strategy": strategy, "server_optimizer": optimizer}
+            if server_lr:
+                federation["server_lr"] = server_lr
             try:
                 sub_cfg = replace(
                     cfg,
-                    federation={"strategy": strategy, "server_optimizer": optimizer},
-                    run={"baselines": False, "name": f"{label}-{v.replace('+', '-')}"},
+                    federation=federation,
+                    run={"baselines": False, "name": f"{label}-{_name(v)}"},
                     dp={"ledger_dir": ""},
                 )
             except ConfigError as err:

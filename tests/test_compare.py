@@ -53,8 +53,9 @@ def _plan(tmp_path: Path, body: str, *, configs: dict[str, str] | None = None) -
 
 
 def test_parse_variant() -> None:
-    assert parse_variant("fedavg", source="p") == ("fedavg", "none")
-    assert parse_variant(" ffa+fedyogi ", source="p") == ("ffa", "fedyogi")
+    assert parse_variant("fedavg", source="p") == ("fedavg", "none", 0.0)
+    assert parse_variant(" ffa+fedyogi ", source="p") == ("ffa", "fedyogi", 0.0)
+    assert parse_variant("fedavg+fedadam@0.001", source="p") == ("fedavg", "fedadam", 0.001)
 
 
 @pytest.mark.parametrize(
@@ -75,6 +76,8 @@ def test_parse_variant() -> None:
         ('strategies = ["fedavg"]\nconfigs = ["missing.toml"]', r"missing\.toml: cannot read config"),
         ('strategies = ["fedavg"]\nconfigs = ["a.toml", "a.toml"]', r"two `configs` share `run.name` 'a'"),
         ("strategies = [", r"plan\.toml: not valid TOML"),
+        ('strategies = ["fedavg+fedadam@fast"]\nconfigs = ["a.toml"]', r"must give a positive server learning rate"),
+        ('strategies = ["fedavg+fedadam@-1"]\nconfigs = ["a.toml"]', r"must give a positive server learning rate"),
     ],
 )
 def test_plan_errors(tmp_path: Path, body: str, pattern: str) -> None:
