@@ -8,6 +8,7 @@ apps reads raw TOML: they receive an :class:`ExperimentConfig`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -208,13 +209,16 @@ class FederationSettings:
             f"got {self.server_optimizer!r}",
         )
         _require(
-            self.server_lr >= 0,
+            math.isfinite(self.server_lr) and self.server_lr >= 0,
             f"`federation.server_lr` must be >= 0 (0: the optimizer's default), got {self.server_lr}",
         )
         for name in ("server_momentum", "server_beta1", "server_beta2"):
             value = getattr(self, name)
             _require(0 <= value < 1, f"`federation.{name}` must be in [0, 1), got {value}")
-        _require(self.server_tau > 0, f"`federation.server_tau` must be positive, got {self.server_tau}")
+        _require(
+            math.isfinite(self.server_tau) and self.server_tau > 0,
+            f"`federation.server_tau` must be positive, got {self.server_tau}",
+        )
         _require(
             self.aggregation in AGGREGATIONS,
             f"`federation.aggregation` must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}",

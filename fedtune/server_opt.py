@@ -16,12 +16,11 @@ first step with the update's keys and shapes, and are kept in float64.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 
-from fedtune.config import SERVER_OPTIMIZERS
+from fedtune.config import FederationSettings
 from fedtune.errors import CheckpointError, ConfigError
 
 State = dict[str, torch.Tensor]
@@ -173,24 +172,21 @@ class FedYogi(FedAdam):
         v.sub_((1.0 - self.beta2) * u2 * torch.sign(v - u2))
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
 def make_server_optimizer(
     name: str, *, lr: float, momentum: float = 0.9, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
 ) -> ServerOptimizer:
-    """Build the server optimizer ``name`` (one of ``SERVER_OPTIMIZERS``); bad values raise ``ConfigError``."""
-    _require(
-        name in SERVER_OPTIMIZERS,
-        f"`federation.server_optimizer` must be one of {', '.join(SERVER_OPTIMIZERS)}, got {name!r}",
+    """Build the server optimizer ``name`` (one of ``SERVER_OPTIMIZERS``) at the resolved
+    learning rate ``lr``; bad values raise ``ConfigError`` (the config's own checks)."""
+    FederationSettings(
+        server_optimizer=name,
+        server_lr=lr,
+        server_momentum=momentum,
+        server_beta1=beta1,
+        server_beta2=beta2,
+        server_tau=tau,
     )
-    _require(math.isfinite(lr) and lr > 0, f"`federation.server_lr` must be positive, got {lr}")
-    _require(0.0 <= momentum < 1.0, f"`federation.server_momentum` must be in [0, 1), got {momentum}")
-    _require(0.0 <= beta1 < 1.0, f"`federation.server_beta1` must be in [0, 1), got {beta1}")
-    _require(0.0 <= beta2 < 1.0, f"`federation.server_beta2` must be in [0, 1), got {beta2}")
-    _require(math.isfinite(tau) and tau > 0, f"`federation.server_tau` must be positive, got {tau}")
+    if not lr > 0:  # the config's 0 means "the optimizer's default"; here it is resolved
+        raise ConfigError(f"`federation.server_lr` must be positive, got {lr}")
     if name == "fedavgm":
         return FedAvgM(lr, momentum)
     if name == "fedadam":

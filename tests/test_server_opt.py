@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
+from fedtune.config import SERVER_OPTIMIZERS
 from fedtune.errors import CheckpointError, ConfigError
-from fedtune.server_opt import DEFAULT_LR, SERVER_OPTIMIZERS, ServerOptimizer, make_server_optimizer
+from fedtune.server_opt import DEFAULT_LR, ServerOptimizer, make_server_optimizer
 
 SHAPES = {"a.lora_A.weight": (4, 6), "a.lora_B.weight": (6, 4), "b.bias": (5,)}
 HYPER = {"momentum": 0.8, "beta1": 0.85, "beta2": 0.97, "tau": 1e-2}
