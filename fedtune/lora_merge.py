@@ -182,9 +182,11 @@ class MergeRule:
         """The rank the site trained at, as its (checked) reply shows."""
         return self.rank
 
-    def update(self, global_state: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]) -> State:
-        """One site's update in the rule's update space."""
-        return dict(sent)
+    def updates(
+        self, global_state: Mapping[str, torch.Tensor], replies: Sequence[Mapping[str, torch.Tensor]]
+    ) -> list[State]:
+        """Each site's update in the rule's update space, for the round's checked replies."""
+        return [dict(sent) for sent in replies]
 
     def apply(self, global_state: Mapping[str, torch.Tensor], step: Mapping[str, torch.Tensor]) -> State:
         """The next global adapter after the server takes ``step`` in update space."""
@@ -245,9 +247,11 @@ class SVDRule(MergeRule):
     def reply_rank(self, sent: Mapping[str, torch.Tensor]) -> int:
         return rank_of(sent)
 
-    def update(self, global_state: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]) -> State:
-        now = effective(global_state, alpha=self.alpha)
-        return {m: v - now[m] for m, v in effective(sent, alpha=self.alpha).items()}
+    def updates(
+        self, global_state: Mapping[str, torch.Tensor], replies: Sequence[Mapping[str, torch.Tensor]]
+    ) -> list[State]:
+        now = effective(global_state, alpha=self.alpha)  # once a round: dense, out x in per module
+        return [{m: v - now[m] for m, v in effective(sent, alpha=self.alpha).items()} for sent in replies]
 
     def apply(self, global_state: Mapping[str, torch.Tensor], step: Mapping[str, torch.Tensor]) -> State:
         now = effective(global_state, alpha=self.alpha)
@@ -272,5 +276,5 @@ def merge(
     """One plain round end to end: each site trained ``trained[i]`` from its start; the
     coordinator merges their replies by the weighted mean and applies it."""
     starts = [rule.local_start(global_state, rank=rank_of(t)) for t in trained]
-    updates = [rule.update(global_state, rule.reply(t, s)) for t, s in zip(trained, starts, strict=True)]
-    return rule.apply(global_state, weighted_mean(updates, weights))
+    replies = [rule.reply(t, s) for t, s in zip(trained, starts, strict=True)]
+    return rule.apply(global_state, weighted_mean(rule.updates(global_state, replies), weights))

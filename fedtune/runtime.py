@@ -48,6 +48,7 @@ class SiteRuntime:
         self.model: PeftModel = adapter.attach_lora(self.base.model, lora)
         self.lora = lora
         self.spec_sha256 = adapter.spec_sha256(lora, adapter.get_state(self.model))
+        self._run_specs: dict[LoraSettings, str] = {}
 
     def identity(self, site: str, *, run_lora: LoraSettings | None = None) -> Identity:
         """Who this site is and what it trains; ``run_lora``: the run's adapter, when this
@@ -55,7 +56,9 @@ class SiteRuntime:
         check alpha and target modules (the reply's shapes say the site's rank)."""
         spec = self.spec_sha256
         if run_lora is not None and run_lora.rank != self.lora.rank:
-            spec = adapter.spec_at_rank(run_lora, self.state())
+            if run_lora not in self._run_specs:  # identity() is asked for every outgoing message
+                self._run_specs[run_lora] = adapter.spec_at_rank(run_lora, self.state())
+            spec = self._run_specs[run_lora]
         return Identity(site=site, base_sha256=self.base.sha256, spec_sha256=spec)
 
     def set_trainable(self, *, freeze_a: bool) -> None:

@@ -267,7 +267,8 @@ class LoraStrategy(FedAvg):
                 self._reject(server_round, site, str(err))
                 continue
             valid.append((msg, reply))
-        updates = {r.identity.site: self.rule.update(self.current, r.delta or {}) for _, r in valid}
+        computed = self.rule.updates(self.current, [r.delta or {} for _, r in valid])
+        updates = {r.identity.site: u for (_, r), u in zip(valid, computed, strict=True)}
         valid = self._within_bounds(server_round, valid, updates)
         if len(valid) < self.min_updates:
             if self.report.refused:
