@@ -61,8 +61,9 @@ class SiteRuntime:
             spec = self._run_specs[run_lora]
         return Identity(site=site, base_sha256=self.base.sha256, spec_sha256=spec)
 
-    def set_trainable(self, *, freeze_a: bool) -> None:
-        """Train A and B, or only B (``ffa``: A stays the shared one)."""
+    def load(self, start: dict[str, torch.Tensor], *, freeze_a: bool) -> None:
+        """Load ``start`` into the adapter; train A and B, or only B (``ffa``: A stays the shared one)."""
+        adapter.set_state(self.model, start)
         for key, param in adapter.lora_parameters(self.model).items():
             param.requires_grad_(not (freeze_a and ".lora_A." in key))
 
@@ -86,8 +87,7 @@ class SiteRuntime:
         freeze_a: bool = False,
     ) -> TrainResult:
         """Load ``start`` into the adapter and train it (B only with ``freeze_a``) for ``steps`` steps."""
-        adapter.set_state(self.model, start)
-        self.set_trainable(freeze_a=freeze_a)
+        self.load(start, freeze_a=freeze_a)
         return train_local(
             self.model,
             data.train_tokens,
@@ -141,8 +141,7 @@ class SiteRuntime:
         """
         steps = steps_per_round(settings, len(data.train_tokens))
         start = rule.local_start(instruction.state, rank=self.lora.rank)
-        adapter.set_state(self.model, start)
-        self.set_trainable(freeze_a=rule.freeze_a)
+        self.load(start, freeze_a=rule.freeze_a)
         result, mechanism = train_local_dp(
             self.model,
             data.train_tokens,
