@@ -152,7 +152,6 @@ class MergeRule:
     rank: int
     seed: int = 0
     name = "fedavg"
-    linear = True  # the merged update is a (weighted) sum of what the sites send
     freeze_a = False
 
     # -- at the site -----------------------------------------------------------------
@@ -217,7 +216,6 @@ class SVDRule(MergeRule):
     """Effective updates merged densely, re-factorised at the run's rank; sites at any rank."""
 
     name = "svd"
-    linear = False
 
     def local_start(self, global_state: Mapping[str, torch.Tensor], *, rank: int) -> State:
         if rank == self.rank:
