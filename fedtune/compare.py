@@ -24,7 +24,6 @@ import json
 import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from fedtune.checkpoint import atomic_write_json
 from fedtune.config import SERVER_OPTIMIZERS, STRATEGIES, ExperimentConfig, load_config, replace
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.report import prefixed, round_records, save_figure, site_epsilons, write_table
-from fedtune.runfolder import RunFolder
+from fedtune.runfolder import RunFolder, new_folder
 from fedtune.simulate import prepare_run, run_simulation
 
 PLAN_FILE = "compare.json"
@@ -147,11 +146,7 @@ def load_plan(plan_path: Path) -> list[tuple[ExperimentConfig, SubRun]]:
 def prepare_compare(plan_path: Path, *, root: Path | None = None) -> Path:
     """Create the comparison folder and every sub-run folder; return the comparison folder."""
     runs = load_plan(plan_path)
-    if root is None:
-        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        root = Path(runs[0][0].run.output_dir) / f"compare-{stamp}"
-    if root.exists() and any(root.iterdir()):
-        raise ConfigError(f"comparison folder {root} already exists and is not empty; use --resume or another --out")
+    root = new_folder(root, parent=runs[0][0].run.output_dir, stem="compare", what="comparison")
     root = root.resolve()
     for sub_cfg, sub in runs:
         prepare_run(sub_cfg, run_dir=root / sub.folder)

@@ -19,13 +19,24 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fedtune.checkpoint import atomic_write_bytes, atomic_write_json
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.data import Example, load_records, write_records
-from fedtune.errors import CheckpointError
+from fedtune.errors import CheckpointError, ConfigError
 from fedtune.keys import KeyPair, save_keys
+
+
+def new_folder(root: Path | None, *, parent: str, stem: str, what: str) -> Path:
+    """``root``, or ``<parent>/<stem>-<UTC time>`` when None; a ``what`` folder that already
+    holds anything is refused (its work would be overwritten)."""
+    if root is None:
+        root = Path(parent) / f"{stem}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    if root.exists() and any(root.iterdir()):
+        raise ConfigError(f"{what} folder {root} already exists and is not empty; use --resume or another --out")
+    return root
 
 
 @dataclass(frozen=True)

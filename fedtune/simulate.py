@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from fedtune.errors import CheckpointError, ConfigError, FedTuneError
 from fedtune.launcher import flwr_run, last_error
 from fedtune.models import resolve_model_dir
 from fedtune.report import round_printer, write_summary
-from fedtune.runfolder import RunFolder
+from fedtune.runfolder import RunFolder, new_folder
 
 Say = Callable[[str], None]
 
@@ -67,11 +66,7 @@ def site_splits(cfg: ExperimentConfig) -> dict[str, tuple[list[Example], list[Ex
 
 def prepare_run(cfg: ExperimentConfig, *, run_dir: Path | None = None) -> RunFolder:
     """Create a new run folder with its config and materialised site data."""
-    if run_dir is None:
-        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run folder {run_dir} already exists and is not empty; use --resume or another --out")
+    run_dir = new_folder(run_dir, parent=cfg.run.output_dir, stem=cfg.run.name, what="run")
     if cfg.dp.ledger_dir:
         # Flower's workers run elsewhere than the user's shell: the run keeps an absolute path.
         cfg = replace(cfg, dp={"ledger_dir": str(Path(cfg.dp.ledger_dir).expanduser().resolve())})

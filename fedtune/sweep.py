@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from fedtune.checkpoint import atomic_write_json
 from fedtune.config import ExperimentConfig, replace
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.report import prefixed, round_records, save_figure, site_epsilons, write_table
-from fedtune.runfolder import RunFolder
+from fedtune.runfolder import RunFolder, new_folder
 from fedtune.simulate import prepare_run, run_simulation
 
 SWEEP_FILE = "sweep.json"
@@ -51,11 +50,7 @@ def is_sweep(path: Path) -> bool:
 
 def prepare_sweep(cfg: ExperimentConfig, epsilons: Sequence[float], *, root: Path | None = None) -> Path:
     """Create the sweep folder and every sub-run folder; return the sweep folder."""
-    if root is None:
-        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        root = Path(cfg.run.output_dir) / f"{cfg.run.name}-privacy-{stamp}"
-    if root.exists() and any(root.iterdir()):
-        raise ConfigError(f"sweep folder {root} already exists and is not empty; use --resume or another --out")
+    root = new_folder(root, parent=cfg.run.output_dir, stem=f"{cfg.run.name}-privacy", what="sweep")
     plan: dict[str, float | None] = {NO_DP: None}
     plan.update({f"eps-{e:g}": e for e in epsilons})
     configs = {NO_DP: replace(cfg, dp={"enabled": False})}
