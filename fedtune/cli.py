@@ -217,7 +217,7 @@ def _keys_show(args: argparse.Namespace) -> int:
 
 def _pki(args: argparse.Namespace) -> int:
     from fedtune import pki
-    from fedtune.keys import KeyPair, save_keys
+    from fedtune.keys import KeyPair, load_identity, save_keys
 
     out = Path(args.out) if getattr(args, "out", None) else None
     if args.pki_command == "ca":
@@ -239,12 +239,23 @@ def _pki(args: argparse.Namespace) -> int:
         print(f"certificate fingerprint (SHA-256): {pki.fingerprint(cert)}")
     elif args.pki_command == "hospital":
         assert out is not None
-        node = pki.create_node_key(out, args.name, force=args.force)
-        private, public = save_keys(KeyPair.generate(args.name, "hospital"), out, overwrite=args.force)
-        print(f"wrote {node.key} (SuperNode key, mode 0600) and {node.pub}")
-        print(f"wrote {private} (envelope key, mode 0600) and {public}")
-        print(f"send {node.pub} and {public} to the coordinator; the private keys never leave this machine")
-        print(f"node key fingerprint: {pki.node_fingerprint(pki.load_node_public(node.pub))}")
+        if args.rotate_node_key:  # a new SuperNode key; the envelope key stays
+            if not (out / f"{args.name}.key").is_file():
+                missing = out / f"{args.name}.key"
+                raise ConfigError(f"{missing} is missing: create the keys first, without --rotate-node-key")
+            node = pki.create_node_key(out, args.name, force=True)
+            print(f"wrote a new {node.key} (SuperNode key, mode 0600) and {node.pub}; the old node key is void")
+            print(f"send {node.pub} to the coordinator, who admits it with `fedtune server add-hospital`")
+            public = out / f"{args.name}.pub"
+        else:
+            node = pki.create_node_key(out, args.name, force=args.force)
+            private, public = save_keys(KeyPair.generate(args.name, "hospital"), out, overwrite=args.force)
+            print(f"wrote {node.key} (SuperNode key, mode 0600) and {node.pub}")
+            print(f"wrote {private} (envelope key, mode 0600) and {public}")
+            print(f"send {node.pub} and {public} to the coordinator; the private keys never leave this machine")
+        print("the coordinator will read these fingerprints back to you; compare them:")
+        print(f"  node key     {pki.node_fingerprint(pki.load_node_public(node.pub))}")
+        print(f"  envelope key {load_identity(public).fingerprint}")
     else:
         _pki_show(args.files)
     return 0
@@ -348,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     hospital = pki_sub.add_parser("hospital", help="a hospital's SuperNode key and envelope keys (run at the hospital)")
     hospital.add_argument("--name", required=True, help="the hospital's name in the federation")
     hospital.add_argument("--out", required=True, help="folder to write into")
+    hospital.add_argument(
+        "--rotate-node-key",
+        action="store_true",
+        help="replace only the SuperNode key (a revoked one is never admitted again); the envelope key stays",
+    )
     for p in (ca, server, hospital):
         p.add_argument("--force", action="store_true", help="replace existing files")
         p.set_defaults(func=_pki)

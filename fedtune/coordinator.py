@@ -24,6 +24,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -37,8 +38,8 @@ from fedtune import pki
 from fedtune.checkpoint import atomic_write_json
 from fedtune.errors import ConfigError, FedTuneError
 from fedtune.hospital import parse_address
-from fedtune.keys import load_private, load_public
-from fedtune.launcher import _bin, flower_env
+from fedtune.keys import KeyPair, load_private, load_public
+from fedtune.launcher import _bin, flower_env, stop_process
 
 CONNECTION = "fedtune"
 INSECURE_WARNING = (
@@ -50,6 +51,10 @@ INSECURE_WARNING = (
 @dataclass(frozen=True)
 class CoordinatorHome:
     root: Path
+
+    def __post_init__(self) -> None:
+        # resolved at the edge: Flower's processes start in other folders
+        object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
 
     @property
     def pki_dir(self) -> Path:
@@ -88,6 +93,15 @@ class CoordinatorHome:
         return self.pki_dir / "ca.pem"
 
     @property
+    def internal_dir(self) -> Path:
+        """The loopback SuperLink's TLS material, made at every start."""
+        return self.root / "internal"
+
+    @property
+    def internal_ca(self) -> Path:
+        return self.internal_dir / "ca.pem"
+
+    @property
     def tls(self) -> pki.ServerFiles:
         return pki.ServerFiles.at(self.pki_dir)
 
@@ -114,10 +128,11 @@ class CoordinatorHome:
             info = dict(json.loads(self.server_json.read_text()))
         except (OSError, ValueError):
             return None
-        if _alive(int(info.get("pid", 0))):
+        if _alive(int(info.get("pid", 0))) and _alive(int(info.get("front-pid", 0))):
             return info
         scheme = "http" if info.get("insecure") else "https"
-        if _healthy(scheme, str(info.get("address", "")), int(info.get("port", 0)), self):
+        address, port = str(info.get("address", "")), int(info.get("port", 0))
+        if address and 0 < port < 65536 and _healthy(f"{scheme}://{address}:{port}", self.ca_cert):
             return info
         return None
 
@@ -153,29 +168,49 @@ def _preflight(home: CoordinatorHome, address: str, insecure: bool) -> None:
         raise ConfigError(f"{home.coordinator_key} is a {keys.role} key, not the coordinator's")
 
 
-def write_connection(home: CoordinatorHome, address: str, port: int, *, insecure: bool) -> None:
-    """The `flwr` CLI's connection to this SuperLink (Control API, same port as the Fleet API)."""
-    conn: dict[str, Any] = {"address": f"{address}:{port}"}
+def internal_tls(home: CoordinatorHome) -> pki.ServerFiles:
+    """TLS for the loopback SuperLink: a CA and a certificate for 127.0.0.1, made at every start.
+
+    The public certificate names the addresses hospitals dial, not 127.0.0.1, and is
+    served only by the front. The CA key is deleted as soon as it has signed, so
+    nothing can issue another certificate this CA vouches for.
+    """
+    import shutil
+
+    folder = home.internal_dir
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, mode=0o700)
+    pki.create_ca(folder, name="fedtune coordinator loopback CA")
+    files = pki.issue_server_cert(folder, folder, ["127.0.0.1", "localhost"])
+    pki.CAFiles.at(folder).key.unlink()
+    return files
+
+
+def write_connection(home: CoordinatorHome, control_port: int, *, insecure: bool) -> None:
+    """The `flwr` CLI's connection to this coordinator's SuperLink: on loopback, never the public port."""
+    conn: dict[str, Any] = {"address": f"127.0.0.1:{control_port}"}
     if insecure:
         conn["insecure"] = True
     else:
-        conn["root-certificates"] = str(home.ca_cert.resolve())
+        conn["root-certificates"] = str(home.internal_ca)
     home.flwr_home.mkdir(parents=True, exist_ok=True)
     (home.flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
 
 
-def superlink_command(home: CoordinatorHome, host: str, port: int, *, insecure: bool) -> list[str]:
+def superlink_command(home: CoordinatorHome, control_port: int, *, insecure: bool) -> list[str]:
+    """The SuperLink, on loopback only: hospitals reach its Fleet API through the front."""
     cmd = [_bin("flower-superlink")]
     if insecure:
         cmd.append("--insecure")
     else:
+        tls = pki.ServerFiles.at(home.internal_dir)
         cmd += [
             "--ssl-certfile",
-            str(home.tls.cert),
+            str(tls.cert),
             "--ssl-keyfile",
-            str(home.tls.key),
+            str(tls.key),
             "--ssl-ca-certfile",
-            str(home.ca_cert),
+            str(home.internal_ca),
             "--enable-supernode-auth",
         ]
     return cmd + [
@@ -185,9 +220,9 @@ def superlink_command(home: CoordinatorHome, host: str, port: int, *, insecure: 
         "--database",
         str(home.root / "state.db"),
         "--host",
-        host,
+        "127.0.0.1",
         "--port",
-        str(port),
+        str(control_port),
     ]
 
 
@@ -198,10 +233,14 @@ def serve(
     host: str,
     port: int,
     insecure: bool,
+    control_port: int = 0,
     say: Any = print,
     ready_timeout: float = 60.0,
 ) -> int:
-    """Run the SuperLink in the foreground until SIGINT/SIGTERM; return its exit code."""
+    """Run the SuperLink (loopback) and its public front until SIGINT/SIGTERM; return the exit code."""
+    from fedtune.front import Front, Upstream, describe
+    from fedtune.launcher import free_port
+
     parse_address(f"{address}:{port}", "--address/--port")
     running = home.server()
     if running is not None:
@@ -211,74 +250,83 @@ def serve(
         say(INSECURE_WARNING)
     home.root.mkdir(parents=True, exist_ok=True)
     home.logs_dir.mkdir(exist_ok=True)
-    write_connection(home, address, port, insecure=insecure)
+    control_port = control_port or free_port()
+    if not insecure:
+        internal_tls(home)
+    write_connection(home, control_port, insecure=insecure)
     env = flower_env(home)
     with open(home.logs_dir / "superlink.log", "ab") as log:
         proc = subprocess.Popen(
-            superlink_command(home, host, port, insecure=insecure),
+            superlink_command(home, control_port, insecure=insecure),
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=home.root,
         )
-    stop = {"asked": False}
-
-    def forward(signum: int, _frame: Any) -> None:
-        stop["asked"] = True
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGINT)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    front: Front | None = None
     try:
-        scheme = "http" if insecure else "https"
+        upstream = Upstream(control_port, None if insecure else home.internal_ca)
         deadline = time.monotonic() + ready_timeout
-        while not _healthy(scheme, address if not insecure else host, port, home, timeout=1.0):
+        while not _healthy(upstream.url, upstream.ca, timeout=1.0):
             if proc.poll() is not None:
                 raise FedTuneError(
                     f"the SuperLink exited with code {proc.returncode}; see {home.logs_dir / 'superlink.log'}"
                 )
             if time.monotonic() > deadline:
                 raise FedTuneError(f"the SuperLink did not answer within {ready_timeout:.0f} s; see logs/superlink.log")
-            time.sleep(0.3)
-        atomic_write_json(
-            home.server_json,
-            {
-                "pid": proc.pid,
-                "address": address,
-                "host": host,
-                "port": port,
-                "insecure": insecure,
-                "started": datetime.now(UTC).isoformat(timespec="seconds"),
-            },
+            if stop.wait(0.3):
+                return 0
+        front = Front(
+            upstream,
+            host=host,
+            port=port,
+            certfile=None if insecure else home.tls.cert,
+            keyfile=None if insecure else home.tls.key,
+            refusal_log=home.logs_dir / "front.log",
         )
+        front.start()
+        info = {
+            "pid": proc.pid,
+            "front-pid": os.getpid(),
+            "address": address,
+            "host": host,
+            "port": port,
+            "control-port": control_port,
+            "insecure": insecure,
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        atomic_write_json(home.server_json, info)
         say(
-            f"SuperLink serving {'WITHOUT TLS' if insecure else 'with TLS and SuperNode authentication'} on "
-            f"{host}:{port} (hospitals dial {address}:{port}); state in {home.root / 'state.db'}; Ctrl-C stops it"
+            f"SuperLink serving {'WITHOUT TLS' if insecure else 'with TLS and SuperNode authentication'}: "
+            f"{describe(info)}; hospitals dial {address}:{port}; state in {home.root / 'state.db'}; Ctrl-C stops it"
         )
-        code = proc.wait()
-        return 0 if stop["asked"] else code
+        while not stop.wait(0.2):
+            if proc.poll() is not None:
+                raise FedTuneError(
+                    f"the SuperLink exited with code {proc.returncode}; see {home.logs_dir / 'superlink.log'}"
+                )
+            if not front.alive:
+                raise FedTuneError(f"the coordinator's front stopped: {front.error}; see {home.logs_dir}")
+        return 0
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if front is not None:
+            front.stop()  # first: hospitals see the coordinator go away, and its links to the SuperLink close
+        stop_process(proc)
         with contextlib.suppress(FileNotFoundError):
             home.server_json.unlink()
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
-def _healthy(scheme: str, address: str, port: int, home: CoordinatorHome, *, timeout: float = 2.0) -> bool:
+def _healthy(url: str, ca: Path | None, *, timeout: float = 2.0) -> bool:
+    """Whether ``url`` answers ``GET /health`` (verifying TLS against ``ca`` for https)."""
     import ssl
 
-    if not address or not 0 < port < 65536:
-        return False
     try:
-        context = ssl.create_default_context(cafile=str(home.ca_cert)) if scheme == "https" else None
-        with urllib.request.urlopen(f"{scheme}://{address}:{port}/health", timeout=timeout, context=context):
+        context = ssl.create_default_context(cafile=str(ca)) if url.startswith("https") and ca else None
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout, context=context):
             return True
     except (OSError, ValueError, ssl.SSLError):
         return False
@@ -319,7 +367,19 @@ def add_hospital(home: CoordinatorHome, name: str, node_pub: Path, envelope_pub:
     registry = home.registry()
     if name in registry:
         raise ConfigError(f"hospital {name!r} is already registered; remove it first to replace its keys")
-    result = flwr_cli(home, "supernode", "register", str(Path(node_pub).resolve()), "--name", name)
+    try:
+        result = flwr_cli(home, "supernode", "register", str(Path(node_pub).resolve()), "--name", name)
+    except FedTuneError as err:
+        if "already in use" not in str(err):
+            raise
+        owner = next((n for n, e in registry.items() if e.get("node-key") == pki.node_fingerprint(node_key)), "")
+        if owner:
+            raise ConfigError(f"{node_pub} is already the node key of hospital {owner!r}") from None
+        raise ConfigError(
+            f"{node_pub}: the SuperLink has seen this node key before (revoked by remove-hospital, or registered "
+            f"outside fedtune) and never admits it again; the hospital makes a new one with `fedtune pki hospital "
+            f"--name {name} --out keys --rotate-node-key` and sends its {name}.node.pub"
+        ) from None
     home.hospitals_dir.mkdir(parents=True, exist_ok=True)
     (home.hospitals_dir / f"{name}.pub").write_bytes(Path(envelope_pub).read_bytes())
     (home.hospitals_dir / f"{name}.node.pub").write_bytes(Path(node_pub).read_bytes())
@@ -389,6 +449,18 @@ def main_status(home: CoordinatorHome) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _coordinator_keys(home: CoordinatorHome) -> KeyPair:
+    if not home.coordinator_key.exists():
+        raise ConfigError(
+            f"{home.coordinator_key} is missing: hospitals serve only runs signed with it; create it with "
+            f"`fedtune pki server --ca {home.pki_dir} --out {home.pki_dir} --address ADDRESS`"
+        )
+    key = load_private(home.coordinator_key)  # checks mode and role
+    if key.role != "coordinator":
+        raise ConfigError(f"{home.coordinator_key} is a {key.role} key, not the coordinator's")
+    return key
+
+
 def install_run_keys(home: CoordinatorHome, folder: Any) -> None:
     """The run's coordinator key and its allow-list: the hospitals registered now.
 
@@ -398,9 +470,7 @@ def install_run_keys(home: CoordinatorHome, folder: Any) -> None:
 
     from fedtune.checkpoint import atomic_write_bytes
 
-    key = load_private(home.coordinator_key)  # checks mode and role before copying
-    if key.role != "coordinator":
-        raise ConfigError(f"{home.coordinator_key} is a {key.role} key, not the coordinator's")
+    _coordinator_keys(home)  # checks mode and role before copying
     atomic_write_bytes(folder.coordinator_key, home.coordinator_key.read_bytes(), mode=0o600)
     shutil.rmtree(folder.allowlist_dir, ignore_errors=True)
     folder.allowlist_dir.mkdir(parents=True)
@@ -448,7 +518,7 @@ def launch(home: CoordinatorHome, folder: Any, *, say: Any = print, poll: float 
     cfg = folder.load_config()
     if cfg.security.seal:
         install_run_keys(home, folder)
-    write_app(folder)
+    write_app(folder, signer=_coordinator_keys(home))  # hospitals serve only runs the coordinator signed
     env = flower_env(home)
     total = cfg.federation.rounds
     show_new_rounds = round_printer(folder, total, say)
