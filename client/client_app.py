@@ -8,13 +8,11 @@ instead, and the coordinator sees only the sum.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from logging import WARNING
 from pathlib import Path
 
 import torch
-from fedtune.client import worker
 from fedtune.client.audit import Outgoing
 from fedtune.client.dp_round import open_ledger, private_train_round
 from fedtune.client.site import Site, base_model_loads, hospital_site, round_seed, simulated
@@ -75,16 +73,7 @@ def _kind(msg: Message, reply: Message) -> str:
     return f"{kind}/error" if reply.has_error() else kind
 
 
-def relay_to_worker(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """At a real hospital, hand the message to the daemon's resident worker (the base
-    model stays loaded there); the worker runs this same app without the relay."""
-    path = context.node_config.get(worker.NODE_CONFIG_KEY)
-    if path and not os.environ.get(worker.IN_WORKER):
-        return worker.call_worker(Path(str(path)), msg, context)
-    return call_next(msg, context)
-
-
-app = ClientApp(mods=[relay_to_worker, audited, secagg_when_asked])
+app = ClientApp(mods=[audited, secagg_when_asked])
 
 
 def reply(

@@ -5,9 +5,14 @@ SuperNode that dials the coordinator with TLS (the federation's CA) and authenti
 with the hospital's node key; the SuperNode reconnects with exponential backoff whenever
 the coordinator is away (for ever, unless ``--max-retries`` says otherwise). Its output
 becomes structured logs: one JSON object per line in ``daemon.log_file``, and plain lines
-on stderr. ``daemon.health`` is the SuperNode's local HTTP API, whose ``GET /health``
-answers while the daemon is up. ``--insecure`` (no TLS, no node authentication) prints a
-warning on every start.
+on stderr. ``daemon.health`` is the SuperNode's local HTTP API (loopback), whose
+``GET /health`` answers while the daemon is up. ``--insecure`` (no TLS, no node
+authentication) prints a warning on every start.
+
+The SuperNode runs with ``--isolation process``: it executes nothing itself. The daemon
+is its ClientApp runtime (:mod:`fedtune.client.appio`): it serves only fedtune's own
+installed ClientApp, only for runs the coordinator signed, from this long-lived process
+where the base model stays resident.
 """
 
 from __future__ import annotations
@@ -35,13 +40,11 @@ _LEVEL = re.compile(r"^(?:\x1b\[[0-9;]*m)?(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def supernode_command(
-    cfg: HospitalConfig, *, insecure: bool, max_retries: int = 0, worker_socket: Path | None = None
-) -> list[str]:
-    from fedtune.launcher import _bin
-
+def supernode_command(cfg: HospitalConfig, *, insecure: bool, max_retries: int = 0, secret_file: Path) -> list[str]:
+    """The hospital's SuperNode: dials the coordinator, runs no app itself (the daemon does)."""
     host, port = parse_address(cfg.daemon.health, "daemon.health")
-    cmd = [_bin("flower-supernode"), "--superlink", cfg.coordinator.address]
+    # Flower's flower-supernode, with its message polling paced for rounds (fedtune.client.supernode)
+    cmd = [sys.executable, "-m", "fedtune.client.supernode", "--superlink", cfg.coordinator.address]
     if insecure:
         cmd.append("--insecure")
     else:
@@ -52,10 +55,10 @@ def supernode_command(
             str(cfg.path(cfg.keys.node_key)),
         ]
     cmd += [
-        "--node-config",
-        f'hospital-config="{cfg.source}"' + (f' hospital-worker="{worker_socket}"' if worker_socket else ""),
         "--isolation",
-        "subprocess",
+        "process",  # the daemon is the ClientApp runtime; no app bundle is ever executed
+        "--superexec-auth-secret-file",
+        str(secret_file),
         "--host",
         host,
         "--port",
@@ -64,6 +67,15 @@ def supernode_command(
     if max_retries:
         cmd += ["--max-retries", str(max_retries)]
     return cmd
+
+
+def new_secret(path: Path) -> bytes:
+    """Fresh random bytes only the daemon and its SuperNode know (0600), written at every start."""
+    from fedtune.checkpoint import atomic_write_bytes
+
+    secret = os.urandom(32)
+    atomic_write_bytes(path, secret, mode=0o600)
+    return secret
 
 
 def log_record(line: str, hospital: str, source: str = "supernode") -> dict[str, Any]:
@@ -123,33 +135,27 @@ def run_daemon(config: Path, *, insecure: bool = False, max_retries: int = 0, ec
             f"hospital `{cfg.name}` dialling {cfg.coordinator.address} "
             f"{'WITHOUT TLS' if insecure else 'with TLS and node authentication'}; health on http://{cfg.daemon.health}/health",
         )
-        from fedtune.client.client_app import app
-        from fedtune.client.site import base_model_loads
-        from fedtune.client.worker import IN_WORKER, Worker, socket_path
-        from flwr.app import Context, Message
+        from fedtune.client.appio import AppRuntime
+        from fedtune.client.audit import AuditLog
 
+        from fedtune.authorization import SeenRuns
+        from fedtune.keys import load_public
         from fedtune.launcher import flower_env
 
         env = flower_env(_DaemonHome(cfg.state_dir))
-        env.pop(IN_WORKER, None)
-        os.environ[IN_WORKER] = "1"  # this process runs the app itself; the ClientApp processes relay to it
-        stack.callback(os.environ.pop, IN_WORKER, None)
-
-        def serve(message: Message, context: Context) -> Message:
-            reply = app(message, context)
-            kind, group = message.metadata.message_type, message.metadata.group_id
-            log.event(
-                "ERROR" if reply.has_error() else "INFO",
-                f"{kind} (round {group or '?'}) served by the resident worker; "
-                f"base model loads in this process: {base_model_loads()}",
-            )
-            return reply
-
-        resident = Worker(socket_path(cfg.state_dir), serve)
-        resident.start()
-        stack.callback(resident.stop)
+        secret_file = cfg.state_dir / "superexec.secret"
+        runtime = AppRuntime(
+            address=cfg.daemon.health,
+            secret=new_secret(secret_file),
+            hospital=cfg.name,
+            hospital_config=cfg.source,
+            coordinator=load_public(cfg.path(cfg.coordinator.envelope_key)),
+            seen=SeenRuns(cfg.state_dir / "runs.json"),
+            audit=AuditLog(cfg.audit_path),
+            say=log.event,
+        )
         proc = subprocess.Popen(
-            supernode_command(cfg, insecure=insecure, max_retries=max_retries, worker_socket=resident.path),
+            supernode_command(cfg, insecure=insecure, max_retries=max_retries, secret_file=secret_file),
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -157,6 +163,8 @@ def run_daemon(config: Path, *, insecure: bool = False, max_retries: int = 0, ec
             cwd=cfg.state_dir,
             start_new_session=True,
         )
+        runtime.start()
+        stack.callback(runtime.stop)
         stop = {"asked": False}
 
         def forward(signum: int, _frame: Any) -> None:
@@ -172,6 +180,8 @@ def run_daemon(config: Path, *, insecure: bool = False, max_retries: int = 0, ec
             for line in proc.stdout:
                 if line.strip():
                     log.write(log_record(line, cfg.name))
+                    if "Received successfully" in line:
+                        runtime.wake()  # the SuperNode holds a message for the app: no polling delay
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()

@@ -24,9 +24,9 @@ from typing import Protocol
 import tomli_w
 
 from fedtune.errors import FedTuneError
+from fedtune.keys import KeyPair
 from fedtune.runfolder import RunFolder
 
-APP_NAME = "fedtune-run"
 CONNECTION = "fedtune-local"
 
 
@@ -83,6 +83,8 @@ def flower_env(folder: FlowerHome) -> dict[str, str]:
             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
             "RAY_USAGE_STATS_ENABLED": "0",
             "PYTHONUNBUFFERED": "1",
+            # how often a SuperLink's SuperExec looks for a ServerApp to start (Flower's default: 1 s)
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
             # Flower starts its helpers (flower-superexec, flwr-simulation) by name.
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
         }
@@ -90,13 +92,25 @@ def flower_env(folder: FlowerHome) -> dict[str, str]:
     return env
 
 
-def write_app(folder: RunFolder) -> None:
-    """The Flower App bundle: only a pyproject naming the installed fedtune apps."""
+def write_app(folder: RunFolder, *, signer: KeyPair | None = None) -> None:
+    """The Flower App bundle: only a pyproject naming the installed fedtune apps.
+
+    ``signer``: the coordinator's key; a deployment run carries its signature over the
+    run's settings (``run-authorization``), without which no hospital serves it.
+    """
+    from fedtune import authorization
+
     folder.app_dir.mkdir(parents=True, exist_ok=True)
+    experiment = folder.load_config().to_toml()
+    config = {"run-dir": str(folder.root.resolve()), "experiment": experiment}
+    if signer is not None:
+        config[authorization.CONFIG_KEY] = authorization.sign_run(
+            signer, run=folder.root.name, experiment=experiment, issued_ms=int(time.time() * 1000)
+        )
     project = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
         "project": {
-            "name": APP_NAME,
+            "name": authorization.APP_NAME,
             "version": "1.0.0",
             "description": "A fedtune federation (apps installed with the fedtune package).",
             "license": "Apache-2.0",
@@ -105,13 +119,10 @@ def write_app(folder: RunFolder) -> None:
         "tool": {
             "flwr": {
                 "app": {
-                    "publisher": "fedtune",
-                    "components": {
-                        "serverapp": "fedtune.server.server_app:app",
-                        "clientapp": "fedtune.client.client_app:app",
-                    },
+                    "publisher": authorization.PUBLISHER,
+                    "components": dict(authorization.COMPONENTS),
                     # the coordinator's run folder, and the run's settings for the hospitals
-                    "config": {"run-dir": str(folder.root.resolve()), "experiment": folder.load_config().to_toml()},
+                    "config": config,
                 }
             }
         },
@@ -205,16 +216,26 @@ def _await_health(proc: subprocess.Popen[bytes], port: int, log: Path, what: str
             time.sleep(0.3)
 
 
-def stop_process(proc: subprocess.Popen[bytes], *, grace: float = 20.0) -> None:
-    """SIGINT, wait, then SIGKILL: Flower processes shut down cleanly on SIGINT."""
+def stop_process(proc: subprocess.Popen[bytes], *, grace: float = 20.0, nudge: float = 2.0) -> None:
+    """SIGINT; a second SIGINT after ``nudge`` seconds; SIGKILL after ``grace`` more.
+
+    Flower's processes shut down cleanly on SIGINT, but uvicorn then waits for open
+    connections to close, and over TLS each idle one holds it for asyncio's 30-second
+    SSL shutdown timeout; a second SIGINT is uvicorn's "force quit": it stops waiting and
+    still runs the clean shutdown (SuperExec stopped, state closed).
+    """
     if proc.poll() is not None:
         return
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    for sig, wait in ((signal.SIGINT, nudge), (signal.SIGINT, grace)):
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    proc.kill()
+    proc.wait()
 
 
 def run_processes(folder: RunFolder) -> list[int]:

@@ -218,7 +218,7 @@ def test_three_hospitals_two_sealed_rounds_through_the_commands(server, tmp_path
         logged = [
             json.loads(x)["message"] for x in (config.parent / "state" / "client.log.jsonl").read_text().splitlines()
         ]
-        served = [m for m in logged if "served by the resident worker" in m]
+        served = [m for m in logged if "s in the daemon's process" in m]
         assert len(served) == 4 and all(m.endswith("base model loads in this process: 1") for m in served)
     for config in configs:  # each hospital's audit trail: 2 sealed updates and 2 evaluations, intact
         log = AuditLog(config.parent / "state" / "audit.jsonl")
