@@ -6,6 +6,7 @@ from logging import INFO
 from pathlib import Path
 
 from fedtune.server.federation import run_federation
+from fedtune.server.grid import PromptGrid
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
@@ -29,4 +30,4 @@ def main(grid: Grid, context: Context) -> None:
     opener = None
     if cfg.security.seal:
         opener = wire.Opener(load_private(folder.coordinator_key), AllowList.from_folder(folder.allowlist_dir))
-    run_federation(grid, folder, cfg, opener=opener, context=context, say=_say)
+    run_federation(PromptGrid(grid), folder, cfg, opener=opener, context=context, say=_say)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fedtune.server.client_dp import ClientLevelDP, clip
-from flwr.app import Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from opacus.accountants import RDPAccountant
 
@@ -33,16 +33,21 @@ def _deltas() -> list[dict[str, torch.Tensor]]:
     return [{k: s * torch.randn(v.shape, generator=g) for k, v in CURRENT.items()} for s in scales]
 
 
+def _named(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """One Array per tensor: the record layout Flower's own strategies work on (fedtune packs)."""
+    return ArrayRecord({k: Array.from_numpy_ndarray(v.numpy()) for k, v in sorted(state.items())})
+
+
 def _flower_clipped_mean(deltas: list[dict[str, torch.Tensor]], num_sampled: int) -> dict[str, torch.Tensor]:
     """Flower's own wrapper on the equivalent full-model replies, with zero noise."""
     inner = FedAvg(weighted_by_key=wire.NUM_EXAMPLES, arrayrecord_key=wire.GLOBAL)
     dp = DifferentialPrivacyServerSideFixedClipping(inner, 0.0, S, num_sampled)
-    dp.current_arrays = wire.to_arrays(CURRENT)
+    dp.current_arrays = _named(CURRENT)
     replies = [
         Message(
             RecordDict(
                 {
-                    wire.GLOBAL: wire.to_arrays({k: CURRENT[k] + d[k] for k in CURRENT}),
+                    wire.GLOBAL: _named({k: CURRENT[k] + d[k] for k in CURRENT}),
                     wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 1}),
                 }
             ),
@@ -53,7 +58,7 @@ def _flower_clipped_mean(deltas: list[dict[str, torch.Tensor]], num_sampled: int
     ]
     arrays, _ = dp.aggregate_train(1, replies)
     assert arrays is not None
-    return {k: v - CURRENT[k] for k, v in wire.from_arrays(arrays).items()}
+    return {k: torch.from_numpy(a.numpy().copy()) - CURRENT[k] for k, a in arrays.items()}
 
 
 def _our_mean_and_noise(

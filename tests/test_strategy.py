@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from fedtune.server.strategy import LoraStrategy
@@ -245,3 +246,29 @@ def test_a_server_optimizer_steps_along_the_merged_update() -> None:
     merged = wire.from_arrays(arrays)
     for k in GLOBAL:  # round 2: v = 0.9 * 2 + 2 = 3.8, step = 0.5 * 3.8
         torch.testing.assert_close(merged[k], GLOBAL[k] + 1.9)
+
+
+def test_the_adapter_travels_packed_and_malformed_packing_is_refused() -> None:
+    from flwr.app import Array, ArrayRecord
+
+    state = {"b.weight": torch.randn(3, 4), "a.weight": torch.randn(2, 5), "c.bias": torch.randn(7)}
+    record = wire.to_arrays(state)
+    assert set(record) == {wire.PACKED, wire.INDEX}
+    assert record[wire.PACKED].numpy().shape == (12 + 10 + 7,)  # one object instead of one per tensor
+    back = wire.from_arrays(record)
+    assert list(back) == sorted(state)
+    for k, v in state.items():
+        torch.testing.assert_close(back[k], v, rtol=0, atol=0)
+    flat = record[wire.PACKED].numpy()
+    index = record[wire.INDEX]
+    short = ArrayRecord({wire.INDEX: index, wire.PACKED: Array.from_numpy_ndarray(flat[:-1].copy())})
+    with pytest.raises(ValueError, match="does not fit"):
+        wire.from_arrays(short)
+    extra = ArrayRecord({wire.INDEX: index, wire.PACKED: Array.from_numpy_ndarray(np.append(flat, np.float32(1)))})
+    with pytest.raises(ValueError, match="not named by the index"):
+        wire.from_arrays(extra)
+    bad = np.frombuffer(b'[["a", [-1]]]', dtype=np.uint8).copy()
+    with pytest.raises(ValueError, match="non-negative dims"):
+        wire.from_arrays(ArrayRecord({wire.INDEX: Array.from_numpy_ndarray(bad), wire.PACKED: record[wire.PACKED]}))
+    with pytest.raises(ValueError, match="holds `index` and `adapter`"):
+        wire.from_arrays(ArrayRecord({"a.weight": Array.from_numpy_ndarray(np.zeros(3, np.float32))}))
