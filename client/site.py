@@ -121,13 +121,14 @@ class Site:
     def audit(self) -> AuditLog:
         return AuditLog(self.audit_path)
 
-    def privacy_spent(self) -> tuple[float | None, float | None]:
-        """Epsilon spent so far on this hospital's training records, at the policy's delta."""
+    def privacy_spent(self) -> tuple[float | None, float | None, int | None]:
+        """Epsilon spent so far on this hospital's training records, at the policy's delta, and
+        how many releases its ledger holds (what the audit trail records; None without DP)."""
         if not self.cfg.dp.enabled:
-            return None, None
+            return None, None, None
         ledger = open_ledger(self.ledger_path, self.cfg.dp)
         dataset = ledger.register(record_digests(self.data.train), label=self.data.site)
-        return ledger.spent(dataset), self.cfg.dp.delta
+        return ledger.spent(dataset), self.cfg.dp.delta, ledger.releases()
 
 
 def site_lora(cfg: ExperimentConfig, rank: int = 0) -> LoraSettings:

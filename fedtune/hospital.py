@@ -55,7 +55,8 @@ min_noise_multiplier = 0.5             # refuse rounds with less noise than this
                                        # for its dp.target_epsilon (from its own records)
 budget_epsilon = 8.0                   # lifetime epsilon per record, across all runs
 delta = 1e-5
-ledger = "state/privacy.json"
+ledger = "state/privacy.json"          # back it up, but never restore an older copy: a ledger
+                                       # behind the audit trail is refused at start and in rounds
 
 [audit]
 log = "state/audit.jsonl"

@@ -1,17 +1,20 @@
 """A real hospital's privacy policy, through its ClientApp in-process: the noise floor holds
-whether the run fixes the noise or a target epsilon."""
+whether the run fixes the noise or a target epsilon, and a privacy ledger older than what
+the hospital already sent (a restored backup) is refused at start and before a DP round."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fedtune.client import client_app
-from fedtune.client.audit import AuditLog
-from fedtune.client.dp_round import plan_mechanism
-from fedtune.client.ledger import PrivacyLedger
+from fedtune.client.audit import AuditLog, Outgoing
+from fedtune.client.dp_round import open_ledger, plan_mechanism
+from fedtune.client.ledger import LedgerRolledBack, PrivacyLedger, check_ledger_current
 from fedtune.client.site import hospital_site
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
@@ -21,6 +24,7 @@ from fedtune.config import DPSettings, ExperimentConfig, load_config
 from fedtune.data import write_records
 from fedtune.hospital import EXAMPLE, load_hospital_config
 from fedtune.keys import AllowList, KeyPair, load_private, load_public, save_keys
+from fedtune.privacy import Mechanism
 
 pytestmark = pytest.mark.usefixtures("flower_run_id")
 
@@ -99,7 +103,7 @@ def _train(config: Path, cfg: ExperimentConfig, rnd: int) -> wire.Reply | wire.R
 
 def _releases(config: Path) -> int:
     ledger = load_hospital_config(config).ledger_path
-    return sum(r["releases"] for r in PrivacyLedger.open(ledger).report()) if ledger.exists() else 0
+    return PrivacyLedger.open(ledger).releases() if ledger.exists() else 0
 
 
 def _audit(config: Path) -> list[dict[str, Any]]:
@@ -129,7 +133,7 @@ def test_noise_below_the_floor_is_refused_sealed_and_nothing_is_spent(
     assert f"is below this hospital's floor {FLOOR:g} (`privacy.min_noise_multiplier`)" in refusal.reason
     assert _releases(hospital) == 0  # nothing trained, nothing spent
     (record,) = _audit(hospital)  # the refusal left, and is on the record
-    assert record["kind"] == "train"
+    assert record["kind"] == "train" and record["ledger_releases"] == 0
 
 
 def test_noise_planned_above_the_floor_trains_and_is_spent(hospital: Path) -> None:
@@ -138,3 +142,106 @@ def test_noise_planned_above_the_floor_trains_and_is_spent(hospital: Path) -> No
     assert isinstance(reply, wire.Reply) and reply.delta
     assert reply.metrics["dp-noise-multiplier"] >= FLOOR
     assert _releases(hospital) == 1
+    assert [r["ledger_releases"] for r in _audit(hospital)] == [1]
+
+
+# -- a ledger that went backwards ------------------------------------------------------
+
+
+def test_a_ledger_restored_from_an_older_copy_is_refused_at_start_and_before_a_round(
+    hospital: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedtune.cli import main
+
+    cfg = _run(noise_multiplier=2.0)
+    ledger = load_hospital_config(hospital).ledger_path
+    assert isinstance(_train(hospital, cfg, 1), wire.Reply)
+    backup = ledger.read_bytes()  # last night's backup
+    assert isinstance(_train(hospital, cfg, 2), wire.Reply)
+    newest = ledger.read_bytes()
+    assert check_ledger_current(ledger, load_hospital_config(hospital).audit_path) == 2
+
+    ledger.write_bytes(backup)  # the restore: the ledger forgets round 2's release
+    sent = _audit(hospital)[-1]
+    with pytest.raises(LedgerRolledBack) as err:
+        check_ledger_current(ledger, load_hospital_config(hospital).audit_path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"privacy ledger {ledger} holds 1 releases, but record {sent['seq']} of the audit trail" in message
+    assert "when it held 2: it is an older copy" in message and "restore the newest ledger" in message
+
+    for command in ("start", "check"):  # the daemon does not start; `check` says the same
+        assert main(["client", command, "--config", str(hospital)]) == 2
+        out = capsys.readouterr().err
+        assert out.count("\n") == 1 and out.startswith("fedtune: error: ") and message in out
+
+    refusal = _train(hospital, cfg, 3)  # a daemon already running refuses the next DP round
+    assert isinstance(refusal, wire.Refusal) and refusal.kind == wire.REFUSED_POLICY
+    assert "privacy ledger is older than what it already sent" in refusal.reason
+    assert str(ledger) not in refusal.reason  # the coordinator learns no paths
+    assert _releases(hospital) == 1  # nothing trained on the old copy
+
+    ledger.write_bytes(newest)  # restoring the newest ledger is accepted
+    assert main(["client", "check", "--config", str(hospital)]) == 0
+    assert "privacy ledger current (2 releases)" in capsys.readouterr().out
+    assert isinstance(_train(hospital, cfg, 3), wire.Reply)
+    assert _releases(hospital) == 3
+
+
+def _ledger_with(path: Path, releases: int) -> PrivacyLedger:
+    ledger = open_ledger(path, DPSettings(enabled=True, noise_multiplier=1.0))
+    dataset = ledger.register([bytes([i]) * 32 for i in range(4)], label="st-elsewhere")
+    for n in range(releases):
+        ledger.record(dataset, Mechanism(1.0, 0.25, 2), release_id=f"r{n}", run_id="run-a", server_round=n + 1)
+    return ledger
+
+
+def _send(log: AuditLog, n: int, **extra: Any) -> None:
+    for i in range(n):
+        log.append(Outgoing(run="run-a", round=i + 1, kind="train", payload=b"sealed", epsilon=0.1, **extra))
+
+
+def test_a_current_ledger_and_a_trail_without_the_count_are_accepted(tmp_path: Path) -> None:
+    ledger, log = tmp_path / "privacy.json", AuditLog(tmp_path / "audit.jsonl")
+    assert check_ledger_current(ledger, log.path) == 0  # a new hospital: neither exists yet
+    _send(log, 3)  # an older trail: records from before the count existed
+    assert all("ledger_releases" not in r for r in log.records()) and log.verify().ok
+    assert check_ledger_current(ledger, log.path) == 0
+    _ledger_with(ledger, 2)
+    assert check_ledger_current(ledger, log.path) == 2
+    _send(log, 1, ledger_releases=2)
+    assert log.verify().ok and log.records()[-1]["ledger_releases"] == 2
+    assert check_ledger_current(ledger, log.path) == 2  # equal is current
+    _send(log, 1, ledger_releases=1)  # a slower process read the ledger earlier: the largest count counts
+    assert log.ledger_releases_sent() == (2, 4)
+
+
+def test_a_deleted_ledger_is_refused(tmp_path: Path) -> None:
+    ledger, log = tmp_path / "privacy.json", AuditLog(tmp_path / "audit.jsonl")
+    _ledger_with(ledger, 1)
+    _send(log, 1, ledger_releases=1)
+    ledger.unlink()
+    with pytest.raises(LedgerRolledBack, match=r"holds 0 releases, but record 1 of the audit trail .* held 1"):
+        check_ledger_current(ledger, log.path)
+
+
+def test_the_count_is_read_incrementally_and_again_when_the_log_is_replaced(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    _send(log, 2, ledger_releases=1)
+    assert log.ledger_releases_sent() == (1, 1)
+    _send(log, 1, ledger_releases=5)
+    assert log.ledger_releases_sent() == (5, 3)  # appended since the last call
+    with open(log.path, "ab") as f:
+        f.write(b'{"seq": 4, "ledger_releases": 9')  # an append in progress: not counted yet
+    assert log.ledger_releases_sent() == (5, 3)
+    with open(log.path, "ab") as f:
+        f.write(b"}\n")
+    assert log.ledger_releases_sent() == (9, 4)
+    # replaced by another log (a new file) or rewritten in place: read from the start again
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"seq": 1, "ledger_releases": 2}) + "\n")
+    os.replace(other, log.path)
+    assert log.ledger_releases_sent() == (2, 1)
+    lines = [json.dumps({"seq": n, "ledger_releases": 3}) + "\n" for n in (1, 2)]
+    log.path.write_text("".join(lines))  # same file, other content, longer
+    assert log.ledger_releases_sent() == (3, 1)
