@@ -2,7 +2,9 @@
 
 Each record is one JSON line: its sequence number, UTC time, the fedtune run and round,
 the message kind, the SHA-256 and size of the message content exactly as serialized for
-the wire, the privacy budget spent so far, and the adapter spec and base model hashes.
+the wire, the privacy budget spent so far, and the adapter spec and base model hashes;
+under DP also ``ledger_releases``, the privacy ledger's release count when it left
+(optional: older records lack it), by which a ledger restored from an older copy is found.
 ``prev`` is the previous record's ``hash`` (a fixed genesis value for the first) and
 ``hash`` is the SHA-256 of the record's canonical JSON without it, so that an edit, a
 deletion or a reordering anywhere breaks the chain from that record on. Deleting the
@@ -58,6 +60,21 @@ class Outgoing:
     delta: float | None = None
     adapter_sha256: str = ""
     base_sha256: str = ""
+    ledger_releases: int | None = None  # releases in the privacy ledger when this left (None: no DP)
+
+
+@dataclass(frozen=True)
+class _Scanned:
+    """How far ``ledger_releases_sent`` read a log, and the largest count it found there."""
+
+    file: tuple[int, int]  # (st_dev, st_ino): a replaced log is read again from the start
+    offset: int  # the end of the last complete line read
+    tail: bytes  # that line: a log rewritten in place is read again from the start
+    most: int
+    seq: int
+
+
+_SCANNED: dict[Path, _Scanned] = {}
 
 
 @dataclass(frozen=True)
@@ -131,6 +148,8 @@ class AuditLog:
                 "base_sha256": out.base_sha256,
                 "prev": str(last["hash"]) if last else GENESIS,
             }
+            if out.ledger_releases is not None:  # optional, so trails without it read and verify as before
+                record["ledger_releases"] = out.ledger_releases
             record["hash"] = record_hash(record)
             line = (json.dumps(record, sort_keys=True, ensure_ascii=True) + "\n").encode()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -152,6 +171,44 @@ class AuditLog:
                     if isinstance(record, dict):
                         out.append(record)
         return out
+
+    def ledger_releases_sent(self) -> tuple[int, int]:
+        """The largest ``ledger_releases`` a record carries, and that record's ``seq`` ((0, 0): none).
+
+        Asked before every DP round, of a log that grows without bound: only the lines
+        appended since this process last asked are parsed. Lines that do not parse are
+        skipped (``verify`` judges them); a torn last line is read again next time.
+        """
+        key = self.path.absolute()
+        try:
+            f = open(self.path, "rb")  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            _SCANNED.pop(key, None)
+            return 0, 0
+        with f:
+            st = os.fstat(f.fileno())
+            seen = _SCANNED.get(key)
+            if seen is not None and seen.offset:
+                f.seek(seen.offset - len(seen.tail))
+                same = seen.file == (st.st_dev, st.st_ino) and f.read(len(seen.tail)) == seen.tail
+                if not same:
+                    seen = None
+            offset, tail, most, seq = (seen.offset, seen.tail, seen.most, seen.seq) if seen else (0, b"", 0, 0)
+            f.seek(offset)
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break
+                offset, tail = offset + len(line), line
+                try:
+                    record = json.loads(line)
+                    value = record.get("ledger_releases")
+                except (ValueError, AttributeError):
+                    continue
+                if isinstance(value, int) and not isinstance(value, bool) and value > most:
+                    number = record.get("seq")
+                    most, seq = value, number if isinstance(number, int) else 0
+        _SCANNED[key] = _Scanned((st.st_dev, st.st_ino), offset, tail, most, seq)
+        return most, seq
 
     def verify(self) -> Verdict:
         """Check the whole chain and the head; name the first bad record."""

@@ -9,12 +9,13 @@ instead, and the coordinator sees only the sum.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from logging import WARNING
+from logging import ERROR, WARNING
 from pathlib import Path
 
 import torch
 from fedtune.client.audit import Outgoing
 from fedtune.client.dp_round import open_ledger, private_train_round
+from fedtune.client.ledger import LedgerRolledBack, check_ledger_current
 from fedtune.client.site import Site, base_model_loads, hospital_site, round_seed, simulated
 from flwr.app import Context, Message, MessageType
 from flwr.client.mod import secaggplus_mod
@@ -47,7 +48,7 @@ def audited(msg: Message, context: Context, call_next: ClientAppCallable) -> Mes
     site = _site(context)
     payload = b"" if reply.has_error() else recorddict_to_proto(reply.content).SerializeToString(deterministic=True)
     group = msg.metadata.group_id
-    epsilon, delta = site.privacy_spent()
+    epsilon, delta, releases = site.privacy_spent()  # after the reply: the ledger holds its release
     identity = site.identity()
     site.audit.append(
         Outgoing(
@@ -59,6 +60,7 @@ def audited(msg: Message, context: Context, call_next: ClientAppCallable) -> Mes
             delta=delta,
             adapter_sha256=identity.spec_sha256,
             base_sha256=identity.base_sha256,
+            ledger_releases=releases,
         )
     )
     return reply
@@ -102,11 +104,12 @@ def _site(context: Context) -> Site:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter on this site's data; reply with the delta."""
     site = _site(context)
-    if site.refusal:
-        log(WARNING, "%s: round refused: %s", site.data.site, site.refusal)
+    refusal = site.refusal or _ledger_refusal(site)
+    if refusal:
+        log(WARNING, "%s: round refused: %s", site.data.site, refusal)
     if wire.is_secagg_train(msg.content):
-        if site.refusal:  # a hospital refusing a secure round drops out of it, sending nothing
-            raise FedTuneError(f"{site.data.site} refuses this run: {site.refusal}")
+        if refusal:  # a hospital refusing a secure round drops out of it, sending nothing
+            raise FedTuneError(f"{site.data.site} refuses this run: {refusal}")
         instruction = wire.unpack_secagg_instruction(msg.content, site.runtime.state())
         # Under DP a spent budget raises here: the hospital drops out of the secure round, sending nothing.
         delta, metrics = _local_update(instruction, site)
@@ -114,15 +117,11 @@ def train(msg: Message, context: Context) -> Message:
         content = wire.pack_secagg_reply(identity, metrics, num_examples=len(site.data.train), delta=delta)
         return Message(content, reply_to=msg)
     instruction = wire.unpack_instruction(msg.content)
-    if site.refusal:
-        refusal = wire.pack_refusal(
-            site.identity(),
-            kind=wire.REFUSED_POLICY,
-            reason=site.refusal,
-            sealer=site.sealer,
-            instruction=instruction,
+    if refusal:
+        content = wire.pack_refusal(
+            site.identity(), kind=wire.REFUSED_POLICY, reason=refusal, sealer=site.sealer, instruction=instruction
         )
-        return Message(refusal, reply_to=msg)
+        return Message(content, reply_to=msg)
     try:
         delta, metrics = _local_update(instruction, site)
     except BudgetExceeded as err:
@@ -135,6 +134,22 @@ def train(msg: Message, context: Context) -> Message:
         )
         return Message(refusal, reply_to=msg)
     return reply(site, msg, instruction, metrics, num_examples=len(site.data.train), delta=delta)
+
+
+def _ledger_refusal(site: Site) -> str:
+    """Before every DP round: why this hospital's ledger may not be trained on ("" when current).
+
+    An older copy of the ledger under-counts what was spent (``check_ledger_current``); the
+    hospital's log gets the whole line, the coordinator only that the hospital refuses.
+    """
+    if not site.cfg.dp.enabled:
+        return ""
+    try:
+        check_ledger_current(site.ledger_path, site.audit_path)
+    except LedgerRolledBack as err:
+        log(ERROR, "%s: %s", site.data.site, err)
+        return err.public_reason()
+    return ""
 
 
 def _local_update(instruction: wire.RoundInstruction, site: Site) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

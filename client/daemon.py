@@ -1,6 +1,7 @@
 """The hospital's client daemon: ``fedtune client start --config hospital.toml``.
 
-It validates the whole config first (one-line error, non-zero exit), then runs a Flower
+It validates the whole config first (one-line error, non-zero exit), refuses a privacy
+ledger older than what the audit trail shows was already released, then runs a Flower
 SuperNode that dials the coordinator with TLS (the federation's CA) and authenticates
 with the hospital's node key; the SuperNode reconnects with exponential backoff whenever
 the coordinator is away (for ever, unless ``--max-retries`` says otherwise). Its output
@@ -123,7 +124,10 @@ class StructuredLog:
 
 def run_daemon(config: Path, *, insecure: bool = False, max_retries: int = 0, echo: IO[str] | None = sys.stderr) -> int:
     """Validate, then run the SuperNode in the foreground until it exits or SIGINT/SIGTERM."""
+    from fedtune.client.ledger import check_ledger_current
+
     cfg = load_hospital_config(config, insecure=insecure)
+    check_ledger_current(cfg.ledger_path, cfg.audit_path)  # an older copy of the ledger: refused, one line
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     log = StructuredLog(cfg.log_path, cfg.name, echo)
     with contextlib.ExitStack() as stack:

@@ -28,6 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fedtune.client.audit import AuditLog
+
 from fedtune.checkpoint import atomic_write_bytes
 from fedtune.data import dataset_id
 from fedtune.errors import ConfigError, PrivacyError
@@ -276,6 +278,11 @@ class PrivacyLedger:
                 raise
             return after
 
+    def releases(self) -> int:
+        """How many releases the ledger holds, over all its datasets (it only ever grows)."""
+        self._refresh()
+        return sum(len(info["releases"]) for info in self._datasets.values())
+
     def history(self, dataset: str) -> list[dict[str, Any]]:
         """The dataset's releases, oldest first (copies)."""
         self._refresh()
@@ -348,6 +355,44 @@ class PrivacyLedger:
             self._datasets = new
             self._digest_cache.clear()
             self._write()
+
+
+class LedgerRolledBack(PrivacyError):
+    """The ledger holds fewer releases than the hospital had recorded when it sent its last
+    messages: it is an older copy, and training on it would spend again what was spent."""
+
+    def public_reason(self) -> str:
+        """What a refusal may tell the coordinator: no paths, no counts."""
+        return (
+            "this hospital's privacy ledger is older than what it already sent (a restored copy); "
+            "it trains no more until its operators restore the newest ledger"
+        )
+
+
+def check_ledger_current(ledger_path: Path, audit_path: Path) -> int:
+    """Refuse a ledger older than what the hospital already released; return its release count.
+
+    The audit trail is the witness. A release is written to the ledger (fsync) before its
+    update is built, and the audit record of the message that carries it is appended after,
+    with the ledger's release count at that moment (``ledger_releases``); the ledger only
+    grows (``record`` appends, ``load_state_dict`` refuses to forget). So a current ledger
+    holds at least the largest count in the trail; fewer means it was replaced by an older
+    copy (a backup, a snapshot of its volume) or deleted, and would under-count the spend.
+    The trail is already there, append-only, hash-chained and read from where the last
+    call stopped, so this costs no second file to keep in step. Records without the field
+    (older trails, rounds without DP) prove nothing and are accepted. Not seen here: the
+    ledger and the trail rolled back together (one snapshot of the whole state folder);
+    only a witness outside the hospital (the coordinator's record of the trail's head) sees that.
+    """
+    held = PrivacyLedger.open(ledger_path).releases() if Path(ledger_path).exists() else 0
+    sent, seq = AuditLog(audit_path).ledger_releases_sent()
+    if held < sent:
+        raise LedgerRolledBack(
+            f"privacy ledger {ledger_path} holds {held} releases, but record {seq} of the audit trail {audit_path} "
+            f"was sent when it held {sent}: it is an older copy (a restored backup or snapshot) and under-counts the "
+            "privacy spent; restore the newest ledger and never train on an older copy"
+        )
+    return held
 
 
 def _parse(state: Any, where: str) -> dict[str, dict[str, Any]]:

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.client.audit import AuditLog
-from fedtune.client.dp_round import open_ledger
+from fedtune.client.dp_round import open_ledger, plan_mechanism
 
 from fedtune.config import DPSettings, ExperimentConfig, LoraSettings, ModelSettings, parse_config, replace
 from fedtune.data import load_records, record_digests, split_train_eval
-from fedtune.errors import ConfigError
+from fedtune.errors import ConfigError, PrivacyError
 from fedtune.hospital import HospitalConfig, load_hospital_config
 from fedtune.keys import load_private, load_public
 from fedtune.lora_merge import MergeRule, make_rule
@@ -121,13 +121,14 @@ class Site:
     def audit(self) -> AuditLog:
         return AuditLog(self.audit_path)
 
-    def privacy_spent(self) -> tuple[float | None, float | None]:
-        """Epsilon spent so far on this hospital's training records, at the policy's delta."""
+    def privacy_spent(self) -> tuple[float | None, float | None, int | None]:
+        """Epsilon spent so far on this hospital's training records, at the policy's delta, and
+        how many releases its ledger holds (what the audit trail records; None without DP)."""
         if not self.cfg.dp.enabled:
-            return None, None
+            return None, None, None
         ledger = open_ledger(self.ledger_path, self.cfg.dp)
         dataset = ledger.register(record_digests(self.data.train), label=self.data.site)
-        return ledger.spent(dataset), self.cfg.dp.delta
+        return ledger.spent(dataset), self.cfg.dp.delta, ledger.releases()
 
 
 def site_lora(cfg: ExperimentConfig, rank: int = 0) -> LoraSettings:
@@ -156,8 +157,15 @@ def simulated(run_dir: Path, partition_id: int) -> Site:
 _HOSPITALS: dict[tuple[Path, str, str], Site] = {}
 
 
-def policy_refusal(hospital: HospitalConfig, cfg: ExperimentConfig) -> str:
-    """Why this hospital's privacy policy refuses the run's rounds ("" when it does not)."""
+def policy_refusal(hospital: HospitalConfig, cfg: ExperimentConfig, *, num_examples: int) -> str:
+    """Why this hospital's privacy policy refuses the run's rounds ("" when it does not).
+
+    ``cfg`` is the run as this hospital applies it (its delta and budget) and
+    ``num_examples`` its number of training examples: with ``dp.target_epsilon`` the noise
+    is this hospital's own plan (:func:`plan_mechanism`: its examples, the run's rounds,
+    steps and batch size), and the floor holds for that noise just as for a fixed
+    ``dp.noise_multiplier``.
+    """
     policy = hospital.privacy
     rank = hospital.model.lora_rank
     if rank and rank != cfg.lora.rank and cfg.federation.strategy != "svd":
@@ -167,12 +175,26 @@ def policy_refusal(hospital: HospitalConfig, cfg: ExperimentConfig) -> str:
         )
     if policy.require_dp and not cfg.dp.enabled:
         return "this hospital trains only with DP-SGD (`privacy.require_dp`) and the run has `dp.enabled = false`"
-    if cfg.dp.enabled and 0 < cfg.dp.noise_multiplier < policy.min_noise_multiplier:
-        return (
-            f"the run's noise multiplier {cfg.dp.noise_multiplier:g} is below this hospital's floor "
-            f"{policy.min_noise_multiplier:g} (`privacy.min_noise_multiplier`)"
+    if not cfg.dp.enabled:
+        return ""
+    try:
+        planned = plan_mechanism(cfg.dp, cfg.train, num_examples=num_examples, num_rounds=cfg.federation.rounds)
+    except (ConfigError, PrivacyError) as err:
+        return f"this hospital cannot plan the run's DP-SGD noise: {err}"
+    if planned.noise_multiplier >= policy.min_noise_multiplier:
+        return ""
+    if cfg.dp.noise_multiplier > 0:
+        noise = f"the run's noise multiplier {planned.noise_multiplier:g}"
+    else:
+        noise = (
+            f"the noise multiplier {planned.noise_multiplier:.4g} this hospital plans for the run's "
+            f"`dp.target_epsilon` = {cfg.dp.target_epsilon:g} over {cfg.federation.rounds} rounds "
+            f"({num_examples} training examples)"
         )
-    return ""
+    return (
+        f"{noise} is below this hospital's floor {policy.min_noise_multiplier:g} "
+        "(`privacy.min_noise_multiplier`); it trains only with at least that much noise"
+    )
 
 
 def hospital_site(config: Path, experiment: str, run_dir: str) -> Site:
@@ -188,7 +210,7 @@ def hospital_site(config: Path, experiment: str, run_dir: str) -> Site:
     run_cfg = parse_config(experiment, source="the coordinator's run settings")
     model = hospital.model
     source = model.path if model.path in ("smollm2", "tiny") else str(hospital.path(model.path))
-    refusal = policy_refusal(hospital, run_cfg)
+    misfit = ""
     try:
         cfg = replace(
             run_cfg,
@@ -196,7 +218,7 @@ def hospital_site(config: Path, experiment: str, run_dir: str) -> Site:
             dp={"budget_epsilon": hospital.privacy.budget_epsilon, "delta": hospital.privacy.delta, "ledger_dir": ""},
         )
     except ConfigError as err:
-        refusal = refusal or f"the run's DP settings do not fit this hospital's policy: {err}"
+        misfit = f"the run's DP settings do not fit this hospital's policy: {err}"
         cfg = replace(run_cfg, model={"source": source, "device": model.device, "precision": model.precision})
     # its own rank where the run can merge it (svd); a refused run keeps the run's, unused
     rank = hospital.model.lora_rank if cfg.federation.strategy == "svd" else 0
@@ -207,6 +229,8 @@ def hospital_site(config: Path, experiment: str, run_dir: str) -> Site:
     else:
         train, held = split_train_eval(train, eval_fraction=hospital.data.eval_fraction, seed=cfg.run.seed)
     data = site_data(runtime, hospital.name, train, held, cfg.train.max_length)
+    # decided once per run, here where the planned noise is known: it needs the run's settings and this data
+    refusal = misfit or policy_refusal(hospital, cfg, num_examples=len(data.train_tokens))
     sealer = None
     if cfg.security.seal:
         own = load_private(hospital.path(hospital.keys.envelope_key))

@@ -174,10 +174,15 @@ def _client_example_config(args: argparse.Namespace) -> int:
 
 
 def _client_check(args: argparse.Namespace) -> int:
+    from fedtune.client.ledger import check_ledger_current
     from fedtune.hospital import load_hospital_config
 
     cfg = load_hospital_config(args.config)
-    print(f"{cfg.source}: OK, hospital `{cfg.name}` -> {cfg.coordinator.address}")
+    releases = check_ledger_current(cfg.ledger_path, cfg.audit_path)
+    print(
+        f"{cfg.source}: OK, hospital `{cfg.name}` -> {cfg.coordinator.address}; "
+        f"privacy ledger current ({releases} releases)"
+    )
     return 0
 
 
@@ -418,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     privacy.set_defaults(func=_client_privacy)
     example = client_sub.add_parser("example-config", help="print a commented hospital.toml to start from")
     example.set_defaults(func=_client_example_config)
-    check = client_sub.add_parser("check", help="validate hospital.toml and every file it names, then exit")
+    check = client_sub.add_parser(
+        "check", help="validate hospital.toml and every file it names, the privacy ledger current, then exit"
+    )
     check.add_argument("--config", required=True, help="the hospital's hospital.toml")
     check.set_defaults(func=_client_check)
     audit = client_sub.add_parser("audit", help="the audit trail of every message that left the hospital")

@@ -50,10 +50,13 @@ lora_rank = 0                          # train at this LoRA rank (0: the run's);
 
 [privacy]
 require_dp = true                      # refuse rounds without DP-SGD
-min_noise_multiplier = 0.5             # refuse rounds with less noise than this
+min_noise_multiplier = 0.5             # refuse rounds with less noise than this: the run's
+                                       # dp.noise_multiplier, or the noise this hospital plans
+                                       # for its dp.target_epsilon (from its own records)
 budget_epsilon = 8.0                   # lifetime epsilon per record, across all runs
 delta = 1e-5
-ledger = "state/privacy.json"
+ledger = "state/privacy.json"          # back it up, but never restore an older copy: a ledger
+                                       # behind the audit trail is refused at start and in rounds
 
 [audit]
 log = "state/audit.jsonl"

@@ -127,6 +127,6 @@ def test_a_hospital_at_its_own_rank_takes_part_only_in_svd_runs(
     path.write_text(path.read_text().replace("lora_rank = 0", "lora_rank = 4"))
     hospital = load_hospital_config(path)
     cfg = load_config(None, {"federation.strategy": strategy, "dp.enabled": True, "dp.noise_multiplier": 1.0})
-    reason = policy_refusal(hospital, cfg)
+    reason = policy_refusal(hospital, cfg, num_examples=10)
     assert ("trains at rank 4 (`model.lora_rank`)" in reason) is refused
     assert not reason or "only 'svd' merges mixed ranks" in reason
