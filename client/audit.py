@@ -17,8 +17,9 @@ appended and fsynced, then the head names it. A crash in between leaves a state 
 says what happened, and recovery (:meth:`AuditLog.recover`: ``fedtune client audit
 recover``, or the next append or head read, logged at WARNING) only ever completes or
 drops the append the head file declared: the record appended exactly as declared is
-anchored; a declared record that never reached the log is dropped (its message was not
-sent: the append comes first). A record appended behind fedtune's back, with a correct
+anchored (its message may not have left: the trail errs on the side of disclosure); a
+declared record that never reached the log is dropped (its message was not sent: the
+append comes first). A record appended behind fedtune's back, with a correct
 chain link or not, is never adopted: ``verify`` fails naming it and appends refuse.
 
 **What a local check cannot catch, and the witness that can.** Whoever can rewrite both
