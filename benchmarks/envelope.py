@@ -52,7 +52,7 @@ def time_path(delta: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
     coordinator = KeyPair.generate("coordinator", "coordinator")
     hospital = KeyPair.generate("st-elsewhere", "hospital")
     allow = AllowList([hospital.public])
-    header = EnvelopeHeader("run", 1, "st-elsewhere", "train", "a" * 64, "b" * 64, 0, "c" * 32)
+    header = EnvelopeHeader("run", 1, "st-elsewhere", "train", "a" * 64, "b" * 64, 0, "c" * 32, 0, "d" * 64)
     seal_s, open_s = [], []
     for _ in range(repeats):
         start = time.perf_counter()

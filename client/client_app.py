@@ -88,7 +88,13 @@ def reply(
     delta: dict[str, torch.Tensor] | None = None,
 ) -> Message:
     content = wire.pack_reply(
-        site.identity(), metrics, num_examples=num_examples, delta=delta, sealer=site.sealer, instruction=instruction
+        site.identity(),
+        metrics,
+        num_examples=num_examples,
+        delta=delta,
+        sealer=site.sealer,
+        instruction=instruction,
+        audit=site.audit.head(),  # the trail's head now: the `prev` of the record `audited` appends for this reply
     )
     return Message(content, reply_to=msg)
 
@@ -119,7 +125,12 @@ def train(msg: Message, context: Context) -> Message:
     instruction = wire.unpack_instruction(msg.content)
     if refusal:
         content = wire.pack_refusal(
-            site.identity(), kind=wire.REFUSED_POLICY, reason=refusal, sealer=site.sealer, instruction=instruction
+            site.identity(),
+            kind=wire.REFUSED_POLICY,
+            reason=refusal,
+            sealer=site.sealer,
+            instruction=instruction,
+            audit=site.audit.head(),
         )
         return Message(content, reply_to=msg)
     try:
@@ -131,6 +142,7 @@ def train(msg: Message, context: Context) -> Message:
             reason=err.public_reason(),  # the full message (with the dataset's id) stays in the hospital's log
             sealer=site.sealer,
             instruction=instruction,
+            audit=site.audit.head(),
         )
         return Message(refusal, reply_to=msg)
     return reply(site, msg, instruction, metrics, num_examples=len(site.data.train), delta=delta)

@@ -77,19 +77,59 @@ def _audit_logs(path: Path) -> list[Path]:
     return paths
 
 
-def audit_verify(path: Path) -> tuple[bool, str]:
-    """``fedtune client audit verify``: check every log's chain; name the first bad record."""
+def audit_verify(path: Path, *, witness: Path | None = None) -> tuple[bool, str]:
+    """``fedtune client audit verify``: check every log's chain and head; name the first bad record.
+
+    With ``witness`` (a file from ``fedtune server witness``), also check the one log
+    against what the coordinator received: what only a check outside the hospital can catch."""
     from fedtune.client.audit import AuditLog
 
+    from fedtune.witness import load_witness
+
+    logs = _audit_logs(path)
+    seen = load_witness(witness) if witness is not None else None
+    if seen is not None and (path.is_dir() or len(logs) != 1):
+        raise ConfigError(
+            f"{path}: `--witness` checks one hospital's trail; pass that hospital's log file, not a folder"
+        )
     ok, lines = True, []
-    for p in _audit_logs(path):
+    for p in logs:
         verdict = AuditLog(p).verify()
         if verdict.ok:
             lines.append(f"{p}: OK, {verdict.records} records, head {verdict.head}")
+        elif verdict.interrupted:
+            ok = False
+            lines.append(f"{p}: INTERRUPTED at record {verdict.bad}: {verdict.reason}")
         else:
             ok = False
             lines.append(f"{p}: BROKEN at record {verdict.bad}: {verdict.reason} ({verdict.records} good before it)")
+        if seen is None:
+            continue
+        if not verdict.ok:
+            lines.append(f"{p}: not checked against the coordinator's witness until the chain verifies")
+            continue
+        check = AuditLog(p).check_witness(seen)
+        if check.ok:
+            lines.append(
+                f"{p}: WITNESSED by the coordinator for `{seen.hospital}`: {check.witnessed} sealed replies, "
+                f"every record up to {check.last} anchored"
+                + (f"; {check.uncovered} later record(s) of runs the witness does not cover" if check.uncovered else "")
+            )
+        else:
+            ok = False
+            lines.append(f"{p}: NOT WITNESSED at record {check.bad}: {check.reason} (witness of `{seen.hospital}`)")
     return ok, "\n".join(lines) + "\n"
+
+
+def audit_recover(path: Path) -> str:
+    """``fedtune client audit recover``: settle an append a crash interrupted, in every log."""
+    from fedtune.client.audit import AuditLog
+
+    lines = []
+    for p in _audit_logs(path):
+        done = AuditLog(p).recover()
+        lines.append(f"{p}: {'recovered: ' + done if done else 'nothing to recover'}")
+    return "\n".join(lines) + "\n"
 
 
 def audit_show(path: Path, *, last: int = 0, as_json: bool = False) -> str:
@@ -106,7 +146,7 @@ def audit_show(path: Path, *, last: int = 0, as_json: bool = False) -> str:
         state = (
             f"chain OK, head {verdict.head}"
             if verdict.ok
-            else f"chain BROKEN at record {verdict.bad}: {verdict.reason}"
+            else f"chain {'INTERRUPTED' if verdict.interrupted else 'BROKEN'} at record {verdict.bad}: {verdict.reason}"
         )
         rows = [
             {

@@ -122,6 +122,8 @@ def _client_privacy(args: argparse.Namespace) -> int:
 def _server(args: argparse.Namespace) -> int:
     from fedtune import coordinator
 
+    if args.server_command == "witness":
+        return _server_witness(args)
     home = coordinator.CoordinatorHome(Path(args.home))
     if args.server_command == "start":
         return coordinator.serve(home, address=args.address, host=args.host, port=args.port, insecure=args.insecure)
@@ -133,6 +135,33 @@ def _server(args: argparse.Namespace) -> int:
         return 0
     coordinator.remove_hospital(home, args.name)
     print(f"hospital `{args.name}` removed: its SuperNode can no longer connect and its updates are refused")
+    return 0
+
+
+def _server_witness(args: argparse.Namespace) -> int:
+    import json
+
+    from fedtune import coordinator
+
+    if args.run_dir and (args.home or args.run):
+        raise ConfigError("`--run-dir` names one run folder; give it without `--home` or `--run`")
+    home = coordinator.CoordinatorHome(Path(args.home or "coordinator"))
+    witness, skipped = coordinator.gather_witness(
+        args.hospital, home=home, run=args.run, run_dir=Path(args.run_dir) if args.run_dir else None
+    )
+    if skipped:
+        print(f"fedtune: warning: {skipped} torn or unreadable witness line(s) skipped", file=sys.stderr)
+    if not args.out:
+        print(json.dumps(witness.to_json(), indent=1))
+        return 0
+    witness.write(Path(args.out))
+    last = witness.entries[-1]
+    print(
+        f"wrote {args.out}: {len(witness.entries)} sealed replies from `{witness.hospital}` over "
+        f"{len(witness.runs)} run(s), the last built on its audit record {last.audit_seq} "
+        f"(run {last.run}, round {last.round}, {last.kind})"
+    )
+    print(f"the hospital checks its trail with `fedtune client audit verify LOG --witness {Path(args.out).name}`")
     return 0
 
 
@@ -187,12 +216,15 @@ def _client_check(args: argparse.Namespace) -> int:
 
 
 def _client_audit(args: argparse.Namespace) -> int:
-    from fedtune.client.commands import audit_show, audit_verify
+    from fedtune.client.commands import audit_recover, audit_show, audit_verify
 
     if args.audit_command == "show":
         print(audit_show(Path(args.log), last=args.last, as_json=args.json), end="")
         return 0
-    ok, text = audit_verify(Path(args.log))
+    if args.audit_command == "recover":
+        print(audit_recover(Path(args.log)), end="")
+        return 0
+    ok, text = audit_verify(Path(args.log), witness=Path(args.witness) if args.witness else None)
     print(text, end="")
     return 0 if ok else 1
 
@@ -394,6 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (start, add, remove):
         p.add_argument("--home", default="coordinator", help="the coordinator's folder (default: ./coordinator)")
         p.set_defaults(func=_server)
+    witness = server_sub.add_parser(
+        "witness", help="what the coordinator received from a hospital: its audit heads, for `client audit verify`"
+    )
+    witness.add_argument("--hospital", required=True, help="the hospital's (or simulated site's) name")
+    witness.add_argument("--home", help="the coordinator's folder (default: ./coordinator); every run of it")
+    witness.add_argument("--run", help="only this run of the home (a folder name under runs/)")
+    witness.add_argument("--run-dir", help="one run folder instead of a home (a simulation's)")
+    witness.add_argument("--out", help="write the witness file here (JSON; default: print it)")
+    witness.set_defaults(func=_server)
     run = sub.add_parser("run", help="launch a federation run on the coordinator's SuperLink, or resume one")
     run.add_argument("config", nargs="?", help="the run config (TOML: rounds, strategy, dp, security, timeouts)")
     run.add_argument("--resume", metavar="RUN", help="continue this run folder from its last completed round")
@@ -434,7 +475,17 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="check the hash chain; name the first altered, deleted or moved record"
     )
     verify.add_argument("log", help="an audit log (*.jsonl), or a folder of them (a simulation's <run>/audit)")
+    verify.add_argument(
+        "--witness",
+        metavar="FILE",
+        help="also check the trail against the coordinator's record of it (`fedtune server witness --out FILE`)",
+    )
     verify.set_defaults(func=_client_audit)
+    recover = audit_sub.add_parser(
+        "recover", help="settle an append a crash interrupted (only the one the head file declared)"
+    )
+    recover.add_argument("log", help="an audit log (*.jsonl), or a folder of them (a simulation's <run>/audit)")
+    recover.set_defaults(func=_client_audit)
     shown = audit_sub.add_parser("show", help="the records as a table: what left, when, its hash and size, epsilon")
     shown.add_argument("log", help="an audit log (*.jsonl), or a folder of them (a simulation's <run>/audit)")
     shown.add_argument("--last", type=int, default=0, metavar="N", help="only the last N records")

@@ -1,5 +1,5 @@
 """The coordinator's home folder and its SuperLink: ``fedtune server start``,
-``add-hospital``, ``remove-hospital`` and ``fedtune status``.
+``add-hospital``, ``remove-hospital``, ``witness`` and ``fedtune status``.
 
 Layout of ``--home`` (default ``./coordinator``)::
 
@@ -8,7 +8,7 @@ Layout of ``--home`` (default ``./coordinator``)::
     flwr/       FLWR_HOME: the `flwr` CLI's connection to this SuperLink
     state.db    the SuperLink's persistent state (registered nodes, runs)
     logs/       superlink.log
-    runs/       one folder per federation run
+    runs/       one folder per federation run (each with its witness.jsonl)
     server.json the running SuperLink's pid and address (removed when it stops)
 
 The SuperLink runs with TLS, SuperNode authentication and runtime dependency installation
@@ -40,6 +40,7 @@ from fedtune.errors import ConfigError, FedTuneError
 from fedtune.hospital import parse_address
 from fedtune.keys import KeyPair, load_private, load_public
 from fedtune.launcher import _bin, flower_env, stop_process
+from fedtune.witness import Witness, WitnessLog, gather
 
 CONNECTION = "fedtune"
 INSECURE_WARNING = (
@@ -539,3 +540,37 @@ def launch(home: CoordinatorHome, folder: Any, *, say: Any = print, poll: float 
     table = write_summary(folder)
     say(f"exported the global adapter (PEFT) to {folder.adapter_dir}; plots in {folder.plots_dir}")
     return str(table)
+
+
+def gather_witness(
+    hospital: str, *, home: CoordinatorHome | None = None, run: str | None = None, run_dir: Path | None = None
+) -> tuple[Witness, int]:
+    """``fedtune server witness``: what the coordinator received from ``hospital`` (and lines skipped).
+
+    Over every run of ``home`` (``all_runs``), one run of it (``run``), or one run folder
+    (``run_dir``: a simulation's, or a copy of a deployment run's)."""
+    from fedtune.runfolder import RunFolder
+
+    if run_dir is not None:
+        folder = RunFolder(Path(run_dir).resolve())
+        folder.load_config()  # a clear error when it is not a run folder
+        runs = {folder.root.name: WitnessLog(folder.witness_path)}
+        where = f"run folder {folder.root}"
+    else:
+        home = home or CoordinatorHome(Path("coordinator"))
+        names = sorted(p.name for p in home.runs_dir.iterdir() if p.is_dir()) if home.runs_dir.is_dir() else []
+        if run is not None:
+            if run not in names:
+                raise ConfigError(f"`--run` {run!r} is not a run of {home.root} (runs: {', '.join(names) or 'none'})")
+            names = [run]
+        if not names:
+            raise ConfigError(f"{home.runs_dir}: no runs yet; launch one with `fedtune run --home {home.root}`")
+        runs = {name: WitnessLog(RunFolder(home.runs_dir / name).witness_path) for name in names}
+        where = f"run {run} of {home.root}" if run is not None else f"the {len(names)} run(s) of {home.root}"
+    witness, skipped, seen = gather(hospital, runs, all_runs=run_dir is None and run is None)
+    if not witness.entries:
+        raise ConfigError(
+            f"no sealed reply from hospital `{hospital}` is recorded in {where} "
+            f"(hospitals recorded there: {', '.join(sorted(seen)) or 'none'}); check `--hospital`"
+        )
+    return witness, skipped

@@ -1,10 +1,10 @@
 """The sealed envelope: what a hospital sends the coordinator, encrypted and signed.
 
-Format, version 1 (all integers big-endian)::
+Format, version 2 (all integers big-endian)::
 
     offset  size  field
     0       3     magic b"FTE"
-    3       1     format version (1)
+    3       1     format version (2)
     4       2     header length H (<= 4096)
     6       H     header: canonical JSON (sorted keys, no spaces), see EnvelopeHeader
     6+H     32    ephemeral X25519 public key
@@ -16,16 +16,27 @@ The AES key is HKDF-SHA256 of the X25519 agreement between the ephemeral key and
 coordinator's key, with both public keys in HKDF's info: only that coordinator can
 decrypt, and a fresh ephemeral key per message makes every key single-use. Bytes
 [0, 50+H) are GCM's associated data, so the header (run, round, sender, adapter and
-base hashes, time, the round's challenge) is bound to the ciphertext; the signature
-binds all of it to the sender. Opening verifies the signature before decrypting, and
-every failure (format, unknown sender, signature, tag) is the same opaque
-:class:`~fedtune.errors.InvalidEnvelope`.
+base hashes, time, the round's challenge, the hospital's audit chain head) is bound to
+the ciphertext; the signature binds all of it to the sender. Opening verifies the
+signature before decrypting, and every failure (format, unknown sender, signature, tag)
+is the same opaque :class:`~fedtune.errors.InvalidEnvelope`; an envelope of another
+format version is refused before anything else with
+:class:`~fedtune.errors.EnvelopeVersionError` (an ``InvalidEnvelope`` whose message
+names the version: the version byte is public, so saying it costs nothing).
+
+Version 2 added ``audit_seq`` and ``audit_head`` to the header: the sequence number and
+hash of the last record of the hospital's audit trail when the reply was built (0 and
+the trail's genesis value for an empty trail). The coordinator records them, so a
+trail rewritten or extended after the fact no longer matches what the coordinator saw
+(``fedtune server witness``, ``fedtune client audit verify --witness``). Version 1
+envelopes (no audit head) are refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import time
 from dataclasses import asdict, dataclass
@@ -37,16 +48,17 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from fedtune.errors import InvalidEnvelope
+from fedtune.errors import EnvelopeVersionError, InvalidEnvelope
 from fedtune.keys import AllowList, KeyPair, PublicIdentity
 
 MAGIC = b"FTE"
-VERSION = 1
+VERSION = 2
 MAX_HEADER = 4096
 _PREFIX = struct.Struct(">3sBH")  # magic, version, header length
 _EPH, _NONCE, _TAG, _SIG = 32, 12, 16, 64
-_INFO = b"fedtune envelope v1"
+_INFO = b"fedtune envelope v2"
 KINDS = ("train", "evaluate")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,8 @@ class EnvelopeHeader:
     base: str
     time_ms: int
     challenge: str
+    audit_seq: int  # the hospital's audit trail: seq of its last record before this message (0: none)
+    audit_head: str  # ... and that record's hash (the trail's genesis value when empty)
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
@@ -76,11 +90,11 @@ class EnvelopeHeader:
         if not isinstance(doc, dict) or set(doc) != set(fields):
             raise InvalidEnvelope()
         for name in fields:
-            want = int if name in ("round", "time_ms") else str
+            want = int if name in ("round", "time_ms", "audit_seq") else str
             value = doc[name]
             if not isinstance(value, want) or isinstance(value, bool):
                 raise InvalidEnvelope()
-        if doc["kind"] not in KINDS:
+        if doc["kind"] not in KINDS or doc["audit_seq"] < 0 or not _SHA256_HEX.fullmatch(doc["audit_head"]):
             raise InvalidEnvelope()
         return EnvelopeHeader(**doc)
 
@@ -114,6 +128,9 @@ def seal(
     """
     if header.sender != sender.name:
         raise ValueError(f"header sender {header.sender!r} is not the signing key's {sender.name!r}")
+    if header.audit_seq < 0 or not _SHA256_HEX.fullmatch(header.audit_head):
+        got = f"{header.audit_seq}, {header.audit_head!r}"
+        raise ValueError(f"header audit head must be a seq >= 0 and a SHA-256 hex, got {got}")
     encoded = header.encode()
     if len(encoded) > MAX_HEADER:
         raise ValueError(f"envelope header of {len(encoded)} bytes exceeds {MAX_HEADER}")
@@ -133,8 +150,10 @@ def peek_header(data: bytes) -> EnvelopeHeader:
     if len(data) < _PREFIX.size:
         raise InvalidEnvelope()
     magic, version, length = _PREFIX.unpack_from(data)
-    if magic != MAGIC or version != VERSION or length > MAX_HEADER:
+    if magic != MAGIC or length > MAX_HEADER:
         raise InvalidEnvelope()
+    if version != VERSION:
+        raise EnvelopeVersionError(version, VERSION)
     if len(data) < _PREFIX.size + length + _EPH + _NONCE + _TAG + _SIG:
         raise InvalidEnvelope()
     return EnvelopeHeader.decode(data[_PREFIX.size : _PREFIX.size + length])

@@ -52,3 +52,15 @@ class InvalidEnvelope(FedTuneError):
 
     def __init__(self) -> None:
         super().__init__("invalid envelope")
+
+
+class EnvelopeVersionError(InvalidEnvelope):
+    """An envelope of a format version this fedtune does not read (the version byte is public)."""
+
+    def __init__(self, got: int, want: int) -> None:
+        FedTuneError.__init__(
+            self,
+            f"envelope format version {got} is not accepted (this coordinator reads version {want} only); "
+            "the sender runs another fedtune version: upgrade the hospital and the coordinator to the same release",
+        )
+        self.got, self.want = got, want

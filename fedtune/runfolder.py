@@ -6,6 +6,8 @@
 <run>/data/<site>/{train,eval}.jsonl
 <run>/checkpoints/           round-NNNN.safetensors + latest.json
 <run>/metrics.jsonl          per round: per site and pooled
+<run>/witness.jsonl          every sealed reply received: its sender's audit head and content hash
+<run>/audit/<site>.jsonl     (simulations) each simulated hospital's audit trail, with .head
 <run>/adapter/               the final global adapter in PEFT format
 <run>/baselines.json         base / local-only / centralized results
 <run>/summary.md, plots/     the comparison table and PNG plots
@@ -56,6 +58,10 @@ class RunFolder:
     @property
     def metrics_path(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def witness_path(self) -> Path:
+        return self.root / "witness.jsonl"
 
     @property
     def adapter_dir(self) -> Path:

@@ -10,9 +10,13 @@ every train and evaluate request): a sealed reply must echo both, so an envelope
 earlier round, attempt or run is refused.
 
 Client -> server, sealed (the default): one ConfigRecord ``envelope`` holding the bytes of
-a :mod:`fedtune.envelope`, whose header names the sender, run, round, kind, challenge and
-the adapter and base hashes, and whose encrypted payload is a safetensors blob: the delta's
-tensors (train only) with ``num-examples``, ``metrics`` and ``refusal`` in its metadata.
+a :mod:`fedtune.envelope`, whose header names the sender, run, round, kind, challenge, the
+adapter and base hashes and the head of the hospital's audit trail when the reply was
+built (:class:`~fedtune.witness.ChainHead`), and whose encrypted payload is a safetensors
+blob: the delta's tensors (train only) with ``num-examples``, ``metrics`` and ``refusal``
+in its metadata. The coordinator records each opened envelope's audit head with the
+SHA-256 of the content as received (:func:`wire_bytes`, the serialization the hospital's
+audit trail hashes) in the run's ``witness.jsonl`` (:mod:`fedtune.witness`).
 
 Client -> server, plain (``security.seal = false``, research only): ``delta`` (ArrayRecord,
 train only), ``metrics`` (MetricRecord with ``num-examples`` and numbers only) and
@@ -43,6 +47,7 @@ from safetensors.torch import save as save_safetensors
 from fedtune.envelope import EnvelopeHeader, now_ms, open_envelope, seal
 from fedtune.errors import InvalidEnvelope, UpdateRejected
 from fedtune.keys import AllowList, KeyPair, PublicIdentity
+from fedtune.witness import ChainHead
 
 GLOBAL = "global"
 CONFIG = "config"
@@ -231,7 +236,7 @@ def decode_payload(data: bytes) -> tuple[State, int, dict[str, float], dict[str,
 
 
 def _seal_content(
-    payload: bytes, identity: Identity, *, sealer: Sealer, instruction: RoundInstruction, kind: str
+    payload: bytes, identity: Identity, *, sealer: Sealer, instruction: RoundInstruction, kind: str, audit: ChainHead
 ) -> RecordDict:
     header = EnvelopeHeader(
         run=instruction.run_id,
@@ -242,19 +247,25 @@ def _seal_content(
         base=identity.base_sha256,
         time_ms=now_ms(),
         challenge=instruction.challenge,
+        audit_seq=audit.seq,
+        audit_head=audit.hash,
     )
     envelope = seal(payload, header, sender=sealer.keys, recipient=sealer.coordinator)
     return RecordDict({ENVELOPE: ConfigRecord({"data": envelope})})
 
 
-def open_content(content: RecordDict, *, opener: Opener, expected: Expected) -> Reply | Refusal:
-    """Open a sealed reply: InvalidEnvelope for anything cryptographic, UpdateRejected with the
-    reason when an authentic envelope answers another request or carries a bad payload."""
+def open_sealed(content: RecordDict, *, opener: Opener) -> tuple[EnvelopeHeader, bytes]:
+    """Verify and decrypt a sealed reply: (authenticated header, payload); InvalidEnvelope otherwise."""
     record = content.config_records.get(ENVELOPE)
     data = record.get("data") if record is not None else None
     if not isinstance(data, bytes):
         raise InvalidEnvelope()
-    header, payload = open_envelope(data, recipient=opener.keys, senders=opener.senders)
+    return open_envelope(data, recipient=opener.keys, senders=opener.senders)
+
+
+def check_opened(header: EnvelopeHeader, payload: bytes, *, expected: Expected) -> Reply | Refusal:
+    """An opened envelope's reply, or UpdateRejected with the reason when it answers another
+    request or carries a bad payload."""
     for field, want in (("kind", expected.kind), ("run", expected.run), ("round", expected.round)):
         if getattr(header, field) != want:
             raise UpdateRejected(f"envelope is for {field} {getattr(header, field)!r}, expected {want!r}")
@@ -267,6 +278,13 @@ def open_content(content: RecordDict, *, opener: Opener, expected: Expected) -> 
     return _checked_reply(identity, num, metrics, tensors if expected.kind == "train" else None, expected.kind)
 
 
+def open_content(content: RecordDict, *, opener: Opener, expected: Expected) -> Reply | Refusal:
+    """Open a sealed reply: InvalidEnvelope for anything cryptographic, UpdateRejected with the
+    reason when an authentic envelope answers another request or carries a bad payload."""
+    header, payload = open_sealed(content, opener=opener)
+    return check_opened(header, payload, expected=expected)
+
+
 def pack_reply(
     identity: Identity,
     metrics: Mapping[str, float],
@@ -275,14 +293,16 @@ def pack_reply(
     delta: Mapping[str, torch.Tensor] | None = None,
     sealer: Sealer | None = None,
     instruction: RoundInstruction | None = None,
+    audit: ChainHead | None = None,
 ) -> RecordDict:
-    """A train reply (with ``delta``) or an evaluate reply (without); sealed when ``sealer`` is given."""
+    """A train reply (with ``delta``) or an evaluate reply (without); sealed when ``sealer`` is given,
+    naming ``audit``, the head of the hospital's audit trail before this message."""
     if sealer is not None:
-        if instruction is None:
-            raise ValueError("a sealed reply needs the instruction it answers")
+        if instruction is None or audit is None:
+            raise ValueError("a sealed reply needs the instruction it answers and the hospital's audit head")
         payload = encode_payload(metrics=metrics, num_examples=num_examples, delta=delta)
         kind = "train" if delta is not None else "evaluate"
-        return _seal_content(payload, identity, sealer=sealer, instruction=instruction, kind=kind)
+        return _seal_content(payload, identity, sealer=sealer, instruction=instruction, kind=kind, audit=audit)
     record = RecordDict(
         {
             METRICS: MetricRecord({NUM_EXAMPLES: int(num_examples), **{k: float(v) for k, v in metrics.items()}}),
@@ -301,13 +321,15 @@ def pack_refusal(
     reason: str,
     sealer: Sealer | None = None,
     instruction: RoundInstruction | None = None,
+    audit: ChainHead | None = None,
 ) -> RecordDict:
-    """A reply that says why this site sends nothing this round (sealed when ``sealer`` is given)."""
+    """A reply that says why this site sends nothing this round (sealed when ``sealer`` is given,
+    naming ``audit``, the head of the hospital's audit trail before this message)."""
     if sealer is not None:
-        if instruction is None:
-            raise ValueError("a sealed refusal needs the instruction it answers")
+        if instruction is None or audit is None:
+            raise ValueError("a sealed refusal needs the instruction it answers and the hospital's audit head")
         payload = encode_payload(metrics={}, num_examples=0, refusal={"kind": kind, "reason": reason})
-        return _seal_content(payload, identity, sealer=sealer, instruction=instruction, kind="train")
+        return _seal_content(payload, identity, sealer=sealer, instruction=instruction, kind="train", audit=audit)
     return RecordDict({IDENTITY: identity.to_record(), REFUSAL: ConfigRecord({"kind": kind, "reason": reason})})
 
 
@@ -375,6 +397,12 @@ def unpack_reply(content: RecordDict, *, expect_delta: bool) -> Reply:
 def message_bytes(content: RecordDict) -> int:
     """Serialized size of a message body as it travels (protobuf bytes)."""
     return len(recorddict_to_proto(content).SerializeToString())
+
+
+def wire_bytes(content: RecordDict) -> bytes:
+    """A message body serialized deterministically: what the hospital's audit trail hashes
+    (``sha256`` and ``bytes`` of each record) and the coordinator's witness hashes on receipt."""
+    return recorddict_to_proto(content).SerializeToString(deterministic=True)
 
 
 # -- secure aggregation: Flower's legacy FitIns / FitRes records, which SecAgg+ masks ---------

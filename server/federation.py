@@ -32,6 +32,7 @@ from fedtune.privacy import BudgetExceeded
 from fedtune.report import round_line
 from fedtune.runfolder import RunFolder
 from fedtune.server_opt import DEFAULT_LR, make_server_optimizer
+from fedtune.witness import WitnessLog
 
 State = dict[str, torch.Tensor]
 
@@ -76,6 +77,7 @@ def build_strategy(
     *,
     opener: wire.Opener | None = None,
     run_id: str = "",
+    witness: WitnessLog | None = None,
 ) -> LoraStrategy:
     """The round's strategy: samples ``cfg.sampled_per_round()`` hospitals, needs ``min_clients`` or all of them."""
     # Flower's FedAvg samples max(int(N * fraction_train), min_train_nodes) nodes a round.
@@ -101,6 +103,7 @@ def build_strategy(
         rule=make_rule(fed.strategy, alpha=cfg.lora.alpha, rank=cfg.lora.rank, seed=cfg.lora.init_seed),
         combine=Combine(fed.aggregation, fed.trim_fraction),
         optimizer=optimizer,
+        witness=witness,
     )
     strategy.fraction_train = cfg.federation.fraction_train
     strategy.min_train_nodes = sampled
@@ -199,7 +202,8 @@ def run_federation(
     client_dp = _client_dp(cfg, extra, cfg.sampled_per_round())
     if cfg.security.seal and opener is None:
         raise FedTuneError("`security.seal` is on but the coordinator has no keys to open envelopes with")
-    strategy = build_strategy(cfg, meta, client_dp, opener=opener, run_id=folder.root.name)
+    witness = WitnessLog(folder.witness_path) if opener is not None else None  # kept across resumes: facts
+    strategy = build_strategy(cfg, meta, client_dp, opener=opener, run_id=folder.root.name, witness=witness)
     if done:  # round 0 has no optimizer state yet; a later round's must be there
         strategy.optimizer.load_state_dict(resumed.aux)
     timeout = cfg.federation.round_timeout

@@ -13,6 +13,12 @@ finiteness, one update per hospital, norm bounds), and only then merged, in four
 3. the server optimizer (:mod:`fedtune.server_opt`) turns the combined update into a step;
 4. the rule applies the step to the global adapter.
 
+Every authentic envelope (signature verified, decrypted) is witnessed before anything
+else is checked: its sender, run, round, kind, the sender's audit trail head it carries
+and the SHA-256 of the content as received go to the run's ``witness.jsonl``
+(:mod:`fedtune.witness`), which ``fedtune server witness`` hands to a hospital to check
+its audit trail against.
+
 A rejected reply is logged with its site and reason, counted, and kept out of the merge;
 the round goes on with the valid ones if enough remain. A site that refuses a round (its
 privacy budget is spent) is counted apart; when refusals leave too few updates, the
@@ -21,6 +27,7 @@ federation stops cleanly after its last completed round.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import statistics
 from collections import Counter
@@ -38,11 +45,12 @@ from flwr.supercore import log
 from fedtune import wire
 from fedtune.aggregate import coordinate_median, trimmed_mean, weighted_mean
 from fedtune.delta import l2_norm
-from fedtune.envelope import peek_header
+from fedtune.envelope import EnvelopeHeader, peek_header
 from fedtune.errors import FederationStopped, FedTuneError, InvalidEnvelope, UpdateRejected
 from fedtune.evaluate import EvalResult
 from fedtune.lora_merge import MergeRule
 from fedtune.server_opt import ServerOptimizer, make_server_optimizer
+from fedtune.witness import WitnessEntry, WitnessLog
 
 State = dict[str, torch.Tensor]
 
@@ -122,6 +130,9 @@ class LoraStrategy(FedAvg):
         How the valid updates are combined (ignored under client-level DP).
     optimizer
         The server optimizer (default: the plain step, server learning rate 1).
+    witness
+        Where every authentic sealed reply's audit head and content hash are recorded
+        (the run's ``witness.jsonl``); None records nothing.
     """
 
     def __init__(
@@ -138,6 +149,7 @@ class LoraStrategy(FedAvg):
         rule: MergeRule | None = None,
         combine: Combine = Combine(),
         optimizer: ServerOptimizer | None = None,
+        witness: WitnessLog | None = None,
     ) -> None:
         super().__init__(
             min_train_nodes=num_nodes,
@@ -159,6 +171,7 @@ class LoraStrategy(FedAvg):
         self.rule = rule if rule is not None else MergeRule(alpha=1.0, rank=1)
         self.combine = combine
         self.optimizer = optimizer if optimizer is not None else make_server_optimizer("none", lr=1.0)
+        self.witness = witness
         self._expected: dict[str, wire.Expected] = {}
         self._sent_train = 0
 
@@ -212,9 +225,31 @@ class LoraStrategy(FedAvg):
             expected = self._expected.get(kind)
             if expected is None or expected.round != server_round:
                 raise UpdateRejected(f"no {kind} request is open for round {server_round}")
-            return wire.open_content(msg.content, opener=self.opener, expected=expected)
+            header, payload = wire.open_sealed(msg.content, opener=self.opener)
+            self._witness(msg, header)
+            return wire.check_opened(header, payload, expected=expected)
         refusal = wire.unpack_refusal(msg.content)
         return refusal if refusal is not None else wire.unpack_reply(msg.content, expect_delta=kind == "train")
+
+    def _witness(self, msg: Message, header: EnvelopeHeader) -> None:
+        """Record an authentic reply's audit head and content hash, as the hospital signed and sent it.
+
+        What the header says (run, round, kind), not what this request expected: a late or
+        replayed envelope is still a message the hospital sent."""
+        if self.witness is None:
+            return
+        data = wire.wire_bytes(msg.content)
+        entry = WitnessEntry(
+            hospital=header.sender,
+            run=header.run,
+            round=header.round,
+            kind=header.kind,
+            audit_seq=header.audit_seq,
+            audit_head=header.audit_head,
+            sha256=hashlib.sha256(data).hexdigest(),
+            bytes=len(data),
+        )
+        self.witness.append(entry)
 
     def _check_identity(self, identity: wire.Identity) -> None:
         if identity.spec_sha256 != self.spec_sha256:

@@ -33,6 +33,7 @@ def _sealed(site: Site, instruction: wire.RoundInstruction, delta: dict[str, tor
         delta=delta,
         sealer=sealer,
         instruction=instruction,
+        audit=site.audit.head(),
     )
 
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedtune.envelope import EnvelopeHeader, open_envelope, peek_header, seal
-from fedtune.errors import ConfigError, InvalidEnvelope, KeyFileError
+from fedtune.errors import ConfigError, EnvelopeVersionError, InvalidEnvelope, KeyFileError
 from fedtune.keys import AllowList, KeyPair, load_private, load_public, save_keys
 
 
@@ -39,6 +39,8 @@ HEADER = EnvelopeHeader(
     base="cd" * 32,
     time_ms=1_700_000_000_000,
     challenge="00112233445566778899aabbccddeeff",
+    audit_seq=41,
+    audit_head="ef" * 32,
 )
 PAYLOAD = b"adapter delta bytes " * 50
 
@@ -61,9 +63,11 @@ def test_round_trip_and_fresh_randomness() -> None:
 def test_known_answer() -> None:
     # Pinned so the format cannot drift without a new version byte: same keys, ephemeral
     # key, nonce and header must give exactly these bytes (Ed25519 is deterministic).
+    # Version 2 (the audit head in the header) replaced version 1's pinned answer
+    # 9390c2bb...49e529; test_the_format_is_what_the_module_documents rebuilds these bytes independently.
     env = _kat_envelope()
-    assert env[:4] == b"FTE\x01"
-    assert hashlib.sha256(env).hexdigest() == "9390c2bbe8a325d6938d48b25353626aa0e6afbce08673528117196dad49e529"
+    assert env[:4] == b"FTE\x02"
+    assert hashlib.sha256(env).hexdigest() == "05f5afbc8bcefff9a86cc85137c83b22de2eec8cc6f84006f8f26fef62fb3fc3"
     assert open_envelope(env, recipient=COORD, senders=ALLOWED) == (HEADER, PAYLOAD)
 
 
@@ -80,13 +84,14 @@ def test_the_format_is_what_the_module_documents() -> None:
     eph_pub = eph.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     coord_pub = COORD.encryption.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     header = (
-        b'{"base":"' + b"cd" * 32 + b'","challenge":"00112233445566778899aabbccddeeff","kind":"train",'
+        b'{"audit_head":"' + b"ef" * 32 + b'","audit_seq":41,'
+        b'"base":"' + b"cd" * 32 + b'","challenge":"00112233445566778899aabbccddeeff","kind":"train",'
         b'"round":3,"run":"run-1","sender":"st-elsewhere","spec":"' + b"ab" * 32 + b'","time_ms":1700000000000}'
     )
-    key = HKDF(hashes.SHA256(), 32, None, b"fedtune envelope v1" + eph_pub + coord_pub).derive(
+    key = HKDF(hashes.SHA256(), 32, None, b"fedtune envelope v2" + eph_pub + coord_pub).derive(
         eph.exchange(COORD.encryption.public_key())
     )
-    aad = b"FTE" + bytes([1]) + struct.pack(">H", len(header)) + header + eph_pub + b"\x07" * 12
+    aad = b"FTE" + bytes([2]) + struct.pack(">H", len(header)) + header + eph_pub + b"\x07" * 12
     body = aad + AESGCM(key).encrypt(b"\x07" * 12, PAYLOAD, aad)
     assert _kat_envelope() == body + ALICE.signing.sign(body)
 
@@ -106,13 +111,28 @@ def _regions(env: bytes) -> dict[str, int]:
     }
 
 
-@pytest.mark.parametrize("region", list(_regions(_kat_envelope())))
+@pytest.mark.parametrize("region", [r for r in _regions(_kat_envelope()) if r != "version"])
 def test_a_flipped_bit_anywhere_is_the_one_opaque_error(region: str) -> None:
     env = bytearray(_kat_envelope())
     env[_regions(bytes(env))[region]] ^= 0x01
     with pytest.raises(InvalidEnvelope) as info:
         open_envelope(bytes(env), recipient=COORD, senders=ALLOWED)
     assert str(info.value) == "invalid envelope"  # says nothing of where
+
+
+@pytest.mark.parametrize("version", [1, 3, 0, 255])
+def test_another_format_version_is_refused_saying_so(version: int) -> None:
+    # A version-1 envelope (before the audit head) or any other version is refused before
+    # anything is checked, with a message that names the version: the version byte is
+    # public, so saying it tells an attacker nothing. It is still an InvalidEnvelope.
+    env = bytearray(_kat_envelope())
+    env[3] = version
+    with pytest.raises(EnvelopeVersionError, match=f"envelope format version {version} is not accepted") as info:
+        open_envelope(bytes(env), recipient=COORD, senders=ALLOWED)
+    assert isinstance(info.value, InvalidEnvelope) and "reads version 2 only" in str(info.value)
+    assert "upgrade" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(EnvelopeVersionError):
+        peek_header(bytes(env))
 
 
 @pytest.mark.parametrize("cut", [0, 3, 6, 40, 200, -65, -64, -1])
@@ -141,10 +161,25 @@ def test_wrong_recipient_unknown_sender_and_another_hospitals_signature() -> Non
 
 
 def test_header_must_be_canonical_and_complete() -> None:
-    for raw in (b"{}", b"[]", b"not json", HEADER.encode().replace(b'"round":3', b'"round":"3"')):
+    encoded = HEADER.encode()
+    for raw in (
+        b"{}",
+        b"[]",
+        b"not json",
+        encoded.replace(b'"round":3', b'"round":"3"'),
+        encoded.replace(b'"audit_seq":41,', b""),  # a version-1 header: no audit head
+        encoded.replace(b'"audit_seq":41', b'"audit_seq":-1'),
+        encoded.replace(b'"audit_seq":41', b'"audit_seq":"41"'),
+        encoded.replace(b"ef" * 32, b"EF" * 32),
+        encoded.replace(b"ef" * 32, b"ef" * 31),
+    ):
         with pytest.raises(InvalidEnvelope):
             EnvelopeHeader.decode(raw)
+    assert EnvelopeHeader.decode(encoded) == HEADER
     assert peek_header(_kat_envelope()) == HEADER
+    bad = EnvelopeHeader(**{**HEADER.__dict__, "audit_head": "not a hash"})
+    with pytest.raises(ValueError, match="audit head must be"):
+        seal(PAYLOAD, bad, sender=ALICE, recipient=COORD.public)
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

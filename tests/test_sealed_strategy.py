@@ -11,11 +11,13 @@ from fedtune import wire
 from fedtune.aggregate import weighted_mean
 from fedtune.delta import apply_delta
 from fedtune.keys import AllowList, KeyPair
+from fedtune.witness import ChainHead
 
 GLOBAL = {"l.lora_A.weight": torch.ones(2, 3), "l.lora_B.weight": torch.zeros(3, 2)}
 COORD = KeyPair.generate("coordinator", "coordinator")
 SITES = {name: KeyPair.generate(name, "hospital") for name in ("a", "b", "c")}
 MALLORY = KeyPair.generate("a", "hospital")  # claims to be "a" with her own key
+HEAD = ChainHead(0, "0" * 64)  # the hospitals' audit heads (what the coordinator does with them: test_witness.py)
 
 pytestmark = pytest.mark.usefixtures("flower_run_id")
 
@@ -66,6 +68,7 @@ def _sealed(
         delta=delta,
         sealer=sealer,
         instruction=instruction,
+        audit=HEAD,
     )
     return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
 
@@ -154,6 +157,7 @@ def test_sealed_refusals_and_evaluations() -> None:
         reason="spent",
         sealer=wire.Sealer(SITES["b"], COORD.public),
         instruction=ins,
+        audit=HEAD,
     )
     s.aggregate_train(
         1, [_sealed("a", ins, _delta(1.0)), Message(refusal, dst_node_id=0, message_type=MessageType.TRAIN)]
@@ -167,6 +171,7 @@ def test_sealed_refusals_and_evaluations() -> None:
         num_examples=2,
         sealer=wire.Sealer(SITES["a"], COORD.public),
         instruction=ev,
+        audit=HEAD,
     )
     stale = wire.pack_reply(
         wire.Identity("b", "base", "spec"),
@@ -174,6 +179,7 @@ def test_sealed_refusals_and_evaluations() -> None:
         num_examples=2,
         sealer=wire.Sealer(SITES["b"], COORD.public),
         instruction=ins,
+        audit=HEAD,
     )
     results = s.evaluate_replies(
         1, [Message(c, dst_node_id=0, message_type=MessageType.EVALUATE) for c in (good, stale)]

@@ -1,6 +1,7 @@
 """What leaves a hospital: every message a client sends in a real `flwr run` is only a
 sealed envelope, its payload holds adapter tensors and the allowed numbers, and no text
-from the hospital's records appears in either form."""
+from the hospital's records appears in either form; and the coordinator's witness of
+each hospital's audit trail, recorded in the same run, vouches for exactly that trail."""
 
 from __future__ import annotations
 
@@ -91,3 +92,30 @@ def test_only_sealed_envelopes_and_no_patient_text_leave(tiny_cfg, tmp_path: Pat
     import hashlib
 
     assert sorted(audited) == sorted((hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size) for p in sent)
+
+    # the coordinator witnessed every sealed reply: each trail verifies against its witness ...
+    from fedtune.client.audit import record_hash
+
+    from fedtune.cli import main
+    from fedtune.witness import load_witness
+
+    for site in folder.sites():
+        trail, out = folder.root / "audit" / f"{site}.jsonl", tmp_path / f"{site}.witness.json"
+        assert main(["server", "witness", "--run-dir", str(folder.root), "--hospital", site, "--out", str(out)]) == 0
+        witness = load_witness(out)
+        records = AuditLog(trail).records()
+        assert [(e.audit_seq, e.audit_head, e.sha256, e.bytes) for e in witness.entries] == [
+            (r["seq"] - 1, r["prev"], r["sha256"], r["bytes"]) for r in records
+        ]  # the head each reply carried is its record's prev; the hash the coordinator computed is the audit's
+        assert main(["client", "audit", "verify", str(trail), "--witness", str(out)]) == 0
+    # ... and a record forged onto one with a correct chain link and its head file rewritten to match
+    # passes the local check (its limit) but not the witness
+    log = AuditLog(trail)
+    forged = {**records[-1], "seq": len(records) + 1, "sha256": "0" * 64, "prev": records[-1]["hash"]}
+    forged["hash"] = record_hash(forged)
+    with open(trail, "a") as f:
+        f.write(json.dumps(forged, sort_keys=True) + "\n")
+    assert not log.verify().ok  # the head file left alone: not anchored
+    log.head_path.write_text(json.dumps({"seq": forged["seq"], "hash": forged["hash"]}))
+    assert log.verify().ok
+    assert main(["client", "audit", "verify", str(trail), "--witness", str(out)]) == 1
