@@ -8,6 +8,7 @@ Files hold one of two shapes per record: ``instruction``/``input``/``output`` or
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import hashlib
@@ -88,14 +89,13 @@ def _rows(path: Path) -> list[tuple[str, Any]]:
             import pyarrow.parquet as pq
 
             return [(f"row {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist(), 1)]
-        # bytes, not read_text: no newline translation inside quoted CSV fields; -sig drops a BOM
-        text = path.read_bytes().decode("utf-8-sig")
+        # bytes, not read_text: no newline translation inside quoted CSV fields
+        data = path.read_bytes()
     except OSError as err:
         raise DataError(f"{path}: cannot read data file ({err.strerror or err}); check the path") from err
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason}); re-save the file as UTF-8") from err
     except Exception as err:  # pyarrow's own error types for a corrupt file
         raise DataError(f"{path}: not a readable Parquet file ({err}); re-export it") from err
+    text = _utf8(path, data)
     if suffix == ".csv":
         return _csv_rows(path, text)
     rows: list[tuple[str, Any]] = []
@@ -110,6 +110,20 @@ def _rows(path: Path) -> list[tuple[str, Any]]:
                 f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}); fix or remove the record"
             ) from err
     return rows
+
+
+def _utf8(path: Path, data: bytes) -> str:
+    """The file's text; a byte that is not UTF-8 is reported with its line and byte offset."""
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # a BOM is dropped
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = bom + err.start  # in the file, BOM included, as `xxd` or `od` show it
+        line = data.count(b"\n", 0, offset) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[offset]:02x} at byte offset {offset}: {err.reason}); "
+            f"re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
+        ) from err
 
 
 def _csv_rows(path: Path, text: str) -> list[tuple[str, Any]]:

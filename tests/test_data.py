@@ -147,7 +147,7 @@ def test_file_level_errors(tmp_path: Path) -> None:
         with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')}: no records found"):
             load_records(tmp_path / name)
     (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(DataError, match=r"bin\.jsonl: not UTF-8 text"):
+    with pytest.raises(DataError, match=r"bin\.jsonl:1: not UTF-8 text \(byte 0xff at byte offset 0"):
         load_records(tmp_path / "bin.jsonl")
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=r"bad\.parquet: not a readable Parquet file"):
@@ -157,6 +157,28 @@ def test_file_level_errors(tmp_path: Path) -> None:
 def _write_csv(path: Path, rows: list[list[str]]) -> None:
     with path.open("w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows(rows)
+
+
+@pytest.mark.parametrize(("name", "bom"), [("latin1.jsonl", b""), ("latin1.csv", b""), ("bom.jsonl", b"\xef\xbb\xbf")])
+def test_non_utf8_file_names_line_and_byte_offset(tmp_path: Path, name: str, bom: bytes) -> None:
+    """A Latin-1 export (e.g. from a hospital's Windows tool): line 3 holds 'é' as the byte 0xe9."""
+    if name.endswith(".csv"):
+        lines = ["instruction,output", "Summarise,ok", "Caf\u00e9 du patient,ok"]
+    else:
+        good = json.dumps({"instruction": "Summarise", "output": "ok"})
+        lines = [good, good, '{"instruction": "Caf\u00e9 du patient", "output": "ok"}']
+    data = bom + "\n".join(lines).encode("latin-1") + b"\n"
+    (tmp_path / name).write_bytes(data)
+    offset = data.index(b"\xe9")
+    with pytest.raises(DataError) as caught:
+        load_records(tmp_path / name)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path / name}:3: not UTF-8 text (byte 0xe9 at byte offset {offset}: ")
+    assert message.endswith("re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`")
+    # the same file re-saved as UTF-8 loads (the BOM, if any, is dropped)
+    (tmp_path / name).write_bytes(bom + "\n".join(lines).encode("utf-8") + b"\n")
+    assert load_records(tmp_path / name)[-1].messages[0][1].startswith("Caf\u00e9")
 
 
 def test_csv_loads_and_counts_header_as_line_1(tmp_path: Path) -> None:
