@@ -18,7 +18,10 @@ SuperNode's runtime API itself, from one thread of its own long-lived process:
   tokenized data, the keys, the ledger and the audit trail stay resident across messages
   and rounds (no process start and no model load per message).
 
-One task at a time: there is one model.
+Each task is taken in a thread of its own, since its input may still be on its way
+(a large adapter over a slow link) or never come (a task left behind by a run that
+stopped): the next task is never held up by it. The app itself runs one message at a
+time: there is one model.
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ from flwr.common.constant import ErrorCode, SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
     SuperExecAuthHttpInterceptor,
 )
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
@@ -52,8 +56,26 @@ from fedtune.keys import PublicIdentity
 # (wake()); asking the SuperNode once a second besides costs nothing noticeable and
 # covers a missed line.
 POLL = 1.0
+MAX_TASKS = 16  # tasks being pulled or served at once; more wait for one to finish
 
 Say = Callable[[str, str], None]  # (level, message)
+_RETRY_STATUS = frozenset({502, 503, 504})
+
+
+def local_retry(max_time: float = 30.0) -> RetryInvoker:
+    """Retries for calls to the SuperNode on loopback: transport errors and 502-504, for at most ``max_time`` s.
+
+    Not Flower's ``make_simple_http_retry_invoker``: it retries for ever, and answers a 401
+    by sending SIGINT to its own process, which suits a throwaway ``flwr-clientapp`` but
+    would stop the daemon; a task stuck in it would also stop every task after it.
+    """
+    return RetryInvoker(
+        wait_gen_factory=lambda: exponential(max_delay=2),
+        recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
+        max_tries=None,
+        max_time=max_time,
+        should_giveup=lambda e: isinstance(e, httpx.HTTPStatusError) and e.response.status_code not in _RETRY_STATUS,
+    )
 
 
 @dataclass
@@ -94,6 +116,8 @@ class AppRuntime:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._authorized: dict[int, AuthorizedRun] = {}
+        self._model = threading.Lock()  # one model: one message at a time
+        self._slots = threading.BoundedSemaphore(MAX_TASKS)
 
     # -- the loop ------------------------------------------------------------------------
     def start(self) -> None:
@@ -132,16 +156,23 @@ class AppRuntime:
                     self._stop.wait(POLL)  # the SuperNode is starting or gone; the daemon watches it
                     continue
                 if res.HasField("task") and res.token:
-                    self.serve(res.token)
+                    self._slots.acquire()
+                    threading.Thread(target=self._serve_slot, args=(res.token,), daemon=True).start()
                     continue  # the next message may already be waiting
                 self._wake.wait(POLL)
         finally:
             client.close()
 
     # -- one task ------------------------------------------------------------------------
+    def _serve_slot(self, token: str) -> None:
+        try:
+            self.serve(token)
+        finally:
+            self._slots.release()
+
     def serve(self, token: str) -> None:
         """Pull one task's input, check its run, run the app (or refuse), push the reply."""
-        retry = make_simple_http_retry_invoker()
+        retry = local_retry()
         client = RuntimeHttpClient.from_server_address(
             server_address=self.address,
             insecure=True,
@@ -158,12 +189,16 @@ class AppRuntime:
         status, details = SubStatus.FAILED, "the hospital could not serve this message"
         try:
             message, context, run, fab = pull_task_input(client)
-            reply = self._answer(message, context, run.run_id, fab.content)
+            with self._model:
+                reply = self._answer(message, context, run.run_id, fab.content)
             push_message(client, reply, context)
             status, details = SubStatus.COMPLETED, ""
-        except Exception as err:  # noqa: BLE001 - one line at ERROR; the coordinator's round goes on
+        except Exception as err:  # noqa: BLE001 - one line; the coordinator's round goes on
             self.stats.failed += 1
-            self.say("ERROR", f"a message could not be served: {type(err).__name__}: {err}")
+            if context is None and isinstance(err, RuntimeError | ObjectPullError):  # its run stopped before it came
+                self.say("WARNING", f"skipped a task whose message never arrived whole (its run stopped?): {err}")
+            else:
+                self.say("ERROR", f"a message could not be served: {type(err).__name__}: {err}")
         finally:
             retry.max_tries = 1
             push_task_output(client=client, context=context, sub_status=status, details=details)

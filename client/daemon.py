@@ -141,12 +141,13 @@ def run_daemon(config: Path, *, insecure: bool = False, max_retries: int = 0, ec
         )
         from fedtune.client.appio import AppRuntime
         from fedtune.client.audit import AuditLog
+        from fedtune.client.supernode import PARENT_ENV
 
         from fedtune.authorization import SeenRuns
         from fedtune.keys import load_public
         from fedtune.launcher import flower_env
 
-        env = flower_env(_DaemonHome(cfg.state_dir))
+        env = {**flower_env(_DaemonHome(cfg.state_dir)), PARENT_ENV: str(os.getpid())}
         secret_file = cfg.state_dir / "superexec.secret"
         runtime = AppRuntime(
             address=cfg.daemon.health,

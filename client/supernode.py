@@ -85,9 +85,37 @@ def install(module: ModuleType, pacer: Pacer) -> bool:
     return True
 
 
+PARENT_ENV = "FEDTUNE_DAEMON_PID"
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: get SIGTERM when the daemon that started us dies, however it dies (SIGKILL, OOM).
+
+    A SuperNode that outlives its daemon keeps the hospital "online" at the coordinator
+    while nothing serves its messages, and holds the daemon's port against a restart.
+    SIGTERM lets Flower's handler leave cleanly (the coordinator sees it go at once).
+    """
+    import ctypes
+    import os
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the daemon died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main() -> None:
+    import os
+
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    parent = os.environ.get(PARENT_ENV, "")
+    if parent.isdigit() and sys.platform.startswith("linux"):
+        die_with_parent(int(parent))
 
     if not install(loop, Pacer()):
         print("WARNING: this Flower's SuperNode loop is not the one fedtune paces; running it unchanged", flush=True)

@@ -1,146 +1,224 @@
-"""The coordinator and the hospital daemon through the fedtune commands, on loopback:
-a SuperLink with TLS and SuperNode authentication, a registered hospital that connects,
-an unregistered one that is refused, and a hospital without TLS material that is refused
-unless it says --insecure."""
+"""The coordinator and the hospital daemons through the fedtune commands, on loopback.
+
+One federation (a coordinator with TLS and SuperNode authentication, three admitted
+hospitals with their daemons) serves the module's tests in order: outsiders holding only
+the public ``ca.pem`` try to steer it while a real run goes on, which must finish; a
+foreign app submitted through the coordinator's own control channel is refused by every
+hospital; a stranger and a hospital without TLS are refused; a removed hospital is
+re-admitted with a new node key. The fault tests (a hospital killed mid-round, the
+coordinator SIGKILLed and resumed) build their own federations.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import tomli_w
 
-from fedtune import coordinator, pki
+from fedtune import coordinator
 from fedtune.cli import main
-from fedtune.clinical import generate_site
-from fedtune.data import write_records
-from fedtune.hospital import EXAMPLE
-from fedtune.launcher import free_port
+from fedtune.loopback import HOSPITALS, Loopback, federation, fedtune_process, stop, until
 
-pytestmark = pytest.mark.timeout(300)
-
-
-def _fedtune(*args: str, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "fedtune", *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+pytestmark = pytest.mark.timeout(420)
+APPS = Path(__file__).resolve().parent / "apps"
+NAMES = list(HOSPITALS[:3])
+RUN_TOML = (
+    '[run]\nname = "{name}"\nbaselines = false\n[model]\nsource = "tiny"\nthreads = 1\nprecision = "fp32"\n'
+    "[train]\nlocal_steps = 2\nbatch_size = 4\nmax_length = 256\n[eval]\nmax_new_tokens = 4\n"
+    "[federation]\nrounds = {rounds}\nmin_clients = {min_clients}\nround_timeout = {timeout}\njoin_timeout = 120.0\n"
+)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return int(proc.returncode)
-
-
-def _until(check, what: str, limit: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + limit
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
-def _hospital(root: Path, name: str, home: coordinator.CoordinatorHome, port: int, index: int) -> Path:
-    folder = root / name
-    main(["pki", "hospital", "--name", name, "--out", str(folder / "keys")])
-    (folder / "keys" / "ca.pem").write_bytes(home.ca_cert.read_bytes())
-    (folder / "keys" / "coordinator.pub").write_bytes((home.pki_dir / "coordinator.pub").read_bytes())
-    records = generate_site(index, 12, seed=0)
-    write_records(folder / "data" / "train.jsonl", records[:10])
-    write_records(folder / "data" / "eval.jsonl", records[10:])
-    text = (
-        EXAMPLE.replace("st-elsewhere", name)
-        .replace("coordinator.example.org:9092", f"127.0.0.1:{port}")
-        .replace('path = "models/SmolLM2-135M-Instruct"', 'path = "tiny"')
-        .replace("127.0.0.1:9094", f"127.0.0.1:{free_port()}")
-    )
-    (folder / "hospital.toml").write_text(text)
-    return folder / "hospital.toml"
-
-
-@pytest.fixture()
-def server(tmp_path: Path) -> Iterator[tuple[coordinator.CoordinatorHome, int, subprocess.Popen[bytes]]]:
-    home = coordinator.CoordinatorHome(tmp_path / "coordinator")
-    main(["pki", "ca", "--out", str(home.pki_dir)])
-    main(["pki", "server", "--ca", str(home.pki_dir), "--out", str(home.pki_dir), "--address", "127.0.0.1"])
-    port = free_port()
-    proc = _start_server(home, port, tmp_path / "server.out")
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loopback]:
+    running = federation(tmp_path_factory.mktemp("federation"), 3)
     try:
-        yield home, port, proc
+        yield running
     finally:
-        assert _stop(proc) == 0
-        assert not home.server_json.exists()
+        codes = running.close()
+        assert codes["coordinator"] == 0, codes
+        assert not running.home.server_json.exists()
 
 
-def _node_status(home: coordinator.CoordinatorHome, name: str) -> str:
-    _, hospitals, _ = coordinator.status_rows(home)
-    return next((h["status"] for h in hospitals if h["hospital"] == name), "absent")
+def _flwr(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Flower's own `flwr` CLI with its config in ``home`` (FLWR_HOME)."""
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    return subprocess.run([flwr, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_registered_hospital_connects_unregistered_is_refused(server, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    home, port, _ = server
-    admitted = _hospital(tmp_path, "st-elsewhere", home, port, 0)
-    stranger = _hospital(tmp_path, "northgate-general", home, port, 1)
-    keys = admitted.parent / "keys"
-    assert main(["server", "add-hospital", "--home", str(home.root), "--name", "st-elsewhere",
-                 "--node-key", str(keys / "st-elsewhere.node.pub"),
-                 "--envelope-key", str(keys / "st-elsewhere.pub")]) == 0  # fmt: skip
-    assert "registered as SuperNode" in capsys.readouterr().out
-    assert (home.hospitals_dir / "st-elsewhere.pub").exists()  # the allow-list
-    assert _node_status(home, "st-elsewhere") == "registered"
+def _outsider_home(fed: Loopback, folder: Path) -> Path:
+    """An outsider's `flwr` config: the coordinator's public address and the public ca.pem."""
+    folder.mkdir(parents=True, exist_ok=True)
+    conn = {"address": fed.address, "root-certificates": str(fed.home.ca_cert)}
+    (folder / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": "target", "target": conn}}))
+    return folder
 
-    daemon = _fedtune("client", "start", "--config", str(admitted), log=tmp_path / "admitted.out")
-    refused = _fedtune(
-        "client", "start", "--config", str(stranger), "--max-retries", "3", log=tmp_path / "stranger.out"
+
+def _listening(port: int) -> set[str]:
+    """The local addresses listening on ``port`` (IPv4), from /proc/net/tcp."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if int(hex_port, 16) == port and state == "0A":  # LISTEN
+            found.add(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+    return found
+
+
+def _attack(fed: Loopback, tmp: Path) -> dict[str, object]:
+    """Everything an outsider with the public ca.pem tries; what each attempt got."""
+    results: dict[str, object] = {}
+    tls = ssl.create_default_context(cafile=str(fed.home.ca_cert))
+    with httpx.Client(base_url=f"https://{fed.address}", verify=tls, timeout=30) as client:
+        for path in ("/v1/control/list-runs", "/v1/control/list-nodes", "/v1/control/register-node",
+                     "/v1/control/unregister-node", "/v1/control/start-run", "/v1/control/stream-logs",
+                     "/v1/runtime/acquire-task", "/v1/runtime/push-messages", "/v1/runtime/get-nodes"):  # fmt: skip
+            results[path] = client.post(path, content=b"", headers={"content-type": "application/protobuf"}).status_code
+        for path in ("/docs", "/openapi.json"):
+            results[path] = client.get(path).status_code
+        # a Fleet call without a registered node's signature reaches the SuperLink, which refuses it
+        results["fleet unsigned"] = client.post(
+            "/v1/fleet/get-run", content=b"", headers={"content-type": "application/protobuf"}
+        ).status_code
+    outsider = _outsider_home(fed, tmp / "outsider-flwr")
+    key = tmp / "intruder"
+    main(["pki", "hospital", "--name", "intruder", "--out", str(key)])
+    victim = str(fed.home.registry()["st-elsewhere"]["node-id"])
+    results["flwr ls"] = _flwr(outsider, "ls").returncode
+    results["flwr register"] = _flwr(outsider, "supernode", "register", str(key / "intruder.node.pub")).returncode
+    results["flwr unregister"] = _flwr(outsider, "supernode", "unregister", victim).returncode
+    results["flwr run"] = _flwr(outsider, "run", str(APPS / "foreign"), "target").returncode
+    return results
+
+
+def test_outsiders_cannot_steer_the_federation_while_it_runs(fed: Loopback, tmp_path: Path) -> None:
+    from fedtune.client.audit import AuditLog
+
+    from fedtune.report import round_records
+    from fedtune.runfolder import RunFolder
+
+    info = json.loads(fed.home.server_json.read_text())
+    assert _listening(info["control-port"]) == {"127.0.0.1"}  # the SuperLink itself: loopback only
+    run_cfg = tmp_path / "run.toml"
+    run_cfg.write_text(RUN_TOML.format(name="e2e", rounds=2, min_clients=0, timeout=120.0))
+    run = fedtune_process("run", str(run_cfg), "--home", str(fed.home.root), log=tmp_path / "run.out")
+    attacks = _attack(fed, tmp_path)
+    assert run.wait(timeout=300) == 0, (tmp_path / "run.out").read_text()[-3000:]
+
+    assert all(attacks[p] == 404 for p in attacks if str(p).startswith("/")), attacks
+    assert attacks["fleet unsigned"] == 401, attacks
+    assert all(attacks[f"flwr {cmd}"] != 0 for cmd in ("ls", "register", "unregister", "run")), attacks
+    refused = (fed.home.logs_dir / "front.log").read_text()
+    assert "REFUSED 127.0.0.1 POST '/v1/control/register-node'" in refused
+    # nothing changed: the same three hospitals, all still online, no intruder node, one run
+    _, hospitals, runs = coordinator.status_rows(fed.home)
+    assert sorted(h["hospital"] for h in hospitals) == sorted(NAMES)
+    assert all(h["status"] == "online" for h in hospitals), hospitals
+    nodes = coordinator.flwr_cli(fed.home, "supernode", "list")["nodes"]
+    assert len(nodes) == 3
+    assert len(runs) == 1
+    said = (tmp_path / "run.out").read_text()
+    assert "round 1/2" in said and "exported the global adapter" in said
+
+    (run_dir,) = list(fed.home.runs_dir.iterdir())
+    records = round_records(RunFolder(run_dir))
+    assert [r["round"] for r in records] == [1, 2]
+    assert all(set(r["train"]) == set(NAMES) and not r["rejected"] for r in records)
+    for name in NAMES:
+        logged = [str(r["message"]) for r in fed.log(name)]
+        served = [m for m in logged if "s in the daemon's process" in m]
+        # every message served in the daemon's own process, the base model loaded once
+        assert len(served) == 4 and all(m.endswith("base model loads in this process: 1") for m in served), served
+        assert any("signed by the coordinator" in m for m in logged)
+        log = AuditLog(fed.folder(name) / "state" / "audit.jsonl")
+        assert log.verify().ok
+        assert sorted(r["kind"] for r in log.records()) == ["evaluate", "evaluate", "train", "train"]
+        # and the trail verifies against what the coordinator witnessed
+        witness = tmp_path / f"{name}.witness.json"
+        args = ["--home", str(fed.home.root), "--hospital", name, "--out", str(witness)]
+        assert main(["server", "witness", *args]) == 0
+        assert main(["client", "audit", "verify", str(log.path), "--witness", str(witness)]) == 0
+
+
+def test_every_hospital_refuses_a_foreign_app_even_from_the_coordinators_own_channel(
+    fed: Loopback, tmp_path: Path
+) -> None:
+    from fedtune.client.audit import AuditLog
+
+    out, marker = tmp_path / "replies.json", tmp_path / "ran-at-a-hospital.json"
+    config = f'out="{out}" marker="{marker}"'
+    done = _flwr(fed.home.flwr_home, "run", str(APPS / "foreign"), coordinator.CONNECTION, "--run-config", config)
+    assert done.returncode == 0, done.stdout + done.stderr  # the coordinator's channel accepts it: its own machine
+    until(out.exists, "the foreign ServerApp to hear back from the hospitals", limit=150)
+    replies = json.loads(out.read_text())["replies"]
+    assert len(replies) == 3 and not marker.exists()  # no hospital ran its ClientApp
+    reasons = sorted(str(r["error"]) for r in replies)
+    assert all("refuses this run: the run's app is not fedtune's" in r for r in reasons), reasons
+    assert {r.split(" refuses", 1)[0] for r in reasons} == {f"hospital {n}" for n in NAMES}  # named, no local paths
+    assert not any("/" in r.split("components", 1)[0] for r in reasons)
+    for name in NAMES:
+        errors = [r for r in fed.log(name) if r["level"] == "ERROR"]
+        assert len(errors) == 1 and "refused train message of Flower run" in str(errors[0]["message"]), errors
+        kinds = [r["kind"] for r in AuditLog(fed.folder(name) / "state" / "audit.jsonl").records()]
+        assert kinds[-1] == "train/refused-run"  # what left is on record
+
+
+def test_a_stranger_and_a_hospital_without_tls_are_refused(fed: Loopback, capsys: pytest.CaptureFixture[str]) -> None:
+    stranger = fed.add_hospital("harbor-county", 4)  # keys and config, never admitted
+    refused = fed.start_daemon("harbor-county", "--max-retries", "3")
+    # an admitted hospital's own key, but without TLS: the front does not talk to it
+    admitted = fed.config("st-elsewhere")
+    plain = admitted.with_name("plain.toml")
+    plain.write_text(admitted.read_text().replace('"state/', '"plain-state/').replace('"state"', '"plain-state"'))
+    without_tls = fedtune_process(
+        "client", "start", "--config", str(plain), "--insecure", "--max-retries", "2", log=fed.root / "plain.out"
     )
-    try:
-        _until(lambda: _node_status(home, "st-elsewhere") == "online", "the admitted hospital to come online")
-        assert refused.wait(timeout=120) != 0  # it gave up: never admitted
-        # the admitted hospital's own key, but without TLS: the SuperLink does not talk to it
-        plain = admitted.with_name("plain.toml")
-        plain.write_text(admitted.read_text().replace('"state/', '"plain-state/').replace('"state"', '"plain-state"'))
-        without_tls = _fedtune("client", "start", "--config", str(plain), "--insecure", "--max-retries", "2",
-                               log=tmp_path / "plain.out")  # fmt: skip
-        assert without_tls.wait(timeout=120) != 0
-        assert "WARNING: INSECURE MODE" in (tmp_path / "plain.out").read_text()
-        superlink_log = (home.logs_dir / "superlink.log").read_text()
-        assert "No SuperNode found with the given public key" in superlink_log
-        assert main(["status", "--home", str(home.root)]) == 0
-        out = capsys.readouterr().out
-        assert "TLS + SuperNode authentication" in out and "| st-elsewhere" in out and "online" in out
-        assert "northgate-general" not in out
-        # structured logs, and the health endpoint of the daemon
-        cfg_port = int(admitted.read_text().split('health = "127.0.0.1:')[1].split('"')[0])
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{cfg_port}/health", timeout=5) as reply:
-            assert reply.status == 200
-        records = [json.loads(x) for x in (admitted.parent / "state" / "client.log.jsonl").read_text().splitlines()]
-        assert records[0]["hospital"] == "st-elsewhere" and "with TLS and node authentication" in records[0]["message"]
-        assert {"time", "level", "source", "message"} <= set(records[-1])
-    finally:
-        assert _stop(daemon) == 0
-        _stop(refused)
-    assert main(["server", "remove-hospital", "--home", str(home.root), "--name", "st-elsewhere"]) == 0
-    assert not (home.hospitals_dir / "st-elsewhere.pub").exists() and home.registry() == {}
+    assert refused.wait(timeout=180) != 0 and without_tls.wait(timeout=180) != 0
+    del fed.daemons["harbor-county"]
+    assert "WARNING: INSECURE MODE" in (fed.root / "plain.out").read_text()
+    assert "No SuperNode found with the given public key" in (fed.home.logs_dir / "superlink.log").read_text()
+    assert stranger.exists()
+    capsys.readouterr()
+    assert main(["status", "--home", str(fed.home.root)]) == 0
+    out = capsys.readouterr().out
+    assert "TLS + SuperNode authentication" in out and "| st-elsewhere" in out and "harbor-county" not in out
 
 
-def test_a_hospital_without_tls_is_refused_unless_insecure(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    home = coordinator.CoordinatorHome(tmp_path / "coordinator")
-    main(["pki", "ca", "--out", str(home.pki_dir)])
-    main(["pki", "server", "--ca", str(home.pki_dir), "--out", str(home.pki_dir), "--address", "127.0.0.1"])
-    config = _hospital(tmp_path, "st-elsewhere", home, free_port(), 0)
+def test_a_removed_hospital_comes_back_with_a_new_node_key(fed: Loopback, capsys: pytest.CaptureFixture[str]) -> None:
+    name = "riverside-community"
+    keys = fed.folder(name) / "keys"
+    assert main(["server", "remove-hospital", "--home", str(fed.home.root), "--name", name]) == 0
+    assert fed.daemons[name].wait(timeout=120) != 0  # its SuperNode is refused from now on
+    del fed.daemons[name]
+    capsys.readouterr()
+    args = ["--home", str(fed.home.root), "--name", name, "--node-key", str(keys / f"{name}.node.pub")]
+    assert main(["server", "add-hospital", *args, "--envelope-key", str(keys / f"{name}.pub")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "never admits it again" in err and "--rotate-node-key" in err
+    assert main(["pki", "hospital", "--name", name, "--out", str(keys), "--rotate-node-key"]) == 0
+    shown = capsys.readouterr().out
+    assert "node key     SHA256:" in shown and "envelope key " in shown
+    fed.admit(name)
+    fed.start_daemon(name)
+    fed.wait_online([name])
+
+
+def test_a_hospital_without_tls_material_is_refused_unless_insecure(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    fed = Loopback(tmp_path)
+    fed.pki()
+    config = fed.add_hospital("st-elsewhere", 0)
     config.write_text(config.read_text().replace('ca = "keys/ca.pem"', 'ca = ""'))
     capsys.readouterr()
     assert main(["client", "start", "--config", str(config)]) == 2
@@ -149,11 +227,12 @@ def test_a_hospital_without_tls_is_refused_unless_insecure(tmp_path: Path, capsy
     # with the flag it starts, says so loudly, and (nothing listens there) gives up by itself
     assert main(["client", "start", "--config", str(config), "--insecure", "--max-retries", "2"]) != 0
     assert "WARNING: INSECURE MODE" in capsys.readouterr().err
-    logged = (config.parent / "state" / "client.log.jsonl").read_text()
-    assert "INSECURE MODE" in logged
+    assert "INSECURE MODE" in (config.parent / "state" / "client.log.jsonl").read_text()
 
 
 def test_server_start_refuses_a_certificate_without_its_address(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from fedtune import pki
+
     home = coordinator.CoordinatorHome(tmp_path / "coordinator")
     assert main(["server", "start", "--home", str(home.root), "--address", "127.0.0.1"]) == 2
     assert "pki/ca.pem is missing; create the PKI first" in capsys.readouterr().err
@@ -164,118 +243,51 @@ def test_server_start_refuses_a_certificate_without_its_address(tmp_path: Path, 
     assert "does not name '10.0.0.7'" in capsys.readouterr().err
 
 
-RUN_TOML = (
-    '[run]\nname = "{name}"\nbaselines = false\n[model]\nsource = "tiny"\nthreads = 1\nprecision = "fp32"\n'
-    "[train]\nlocal_steps = 2\nbatch_size = 4\nmax_length = 256\n[eval]\nmax_new_tokens = 4\n"
-    "[federation]\nrounds = {rounds}\nmin_clients = {min_clients}\nround_timeout = {timeout}\njoin_timeout = 120.0\n"
-)
-NAMES = ["st-elsewhere", "northgate-general", "riverside-community"]
-
-
-def _federation(home: coordinator.CoordinatorHome, port: int, tmp_path: Path) -> list[Path]:
-    configs = []
-    for i, name in enumerate(NAMES):
-        config = _hospital(tmp_path, name, home, port, i)
-        config.write_text(config.read_text().replace("require_dp = true", "require_dp = false"))
-        _admit(home, config, name)
-        configs.append(config)
-    return configs
-
-
-def _admit(home: coordinator.CoordinatorHome, config: Path, name: str) -> None:
-    keys = config.parent / "keys"
-    args = ["--home", str(home.root), "--name", name, "--node-key", str(keys / f"{name}.node.pub")]
-    assert main(["server", "add-hospital", *args, "--envelope-key", str(keys / f"{name}.pub")]) == 0
-
-
-def test_three_hospitals_two_sealed_rounds_through_the_commands(server, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    from fedtune.client.audit import AuditLog
-
-    from fedtune.report import round_records
-    from fedtune.runfolder import RunFolder
-
-    home, port, _ = server
-    names = NAMES
-    configs = _federation(home, port, tmp_path)
-    run_cfg = tmp_path / "run.toml"
-    run_cfg.write_text(RUN_TOML.format(name="e2e", rounds=2, min_clients=0, timeout=120.0))
-    daemons = [_fedtune("client", "start", "--config", str(c), log=tmp_path / f"{c.parent.name}.out") for c in configs]
-    try:
-        capsys.readouterr()
-        assert main(["run", str(run_cfg), "--home", str(home.root)]) == 0
-        out = capsys.readouterr().out
-        assert "round 1/2" in out and "round 2/2" in out and "exported the global adapter" in out
-    finally:
-        for d in daemons:
-            assert _stop(d) == 0
-    (run_dir,) = list(home.runs_dir.iterdir())
-    folder = RunFolder(run_dir)
-    records = round_records(folder)
-    assert [r["round"] for r in records] == [1, 2]
-    assert all(set(r["train"]) == set(names) and not r["rejected"] for r in records)
-    assert (folder.adapter_dir / "adapter_model.safetensors").exists() and (folder.plots_dir).is_dir()
-    for config in configs:  # the base model stayed resident in each daemon across all four messages
-        logged = [
-            json.loads(x)["message"] for x in (config.parent / "state" / "client.log.jsonl").read_text().splitlines()
-        ]
-        served = [m for m in logged if "s in the daemon's process" in m]
-        assert len(served) == 4 and all(m.endswith("base model loads in this process: 1") for m in served)
-    for config in configs:  # each hospital's audit trail: 2 sealed updates and 2 evaluations, intact
-        log = AuditLog(config.parent / "state" / "audit.jsonl")
-        assert log.verify().ok
-        assert sorted(r["kind"] for r in log.records()) == ["evaluate", "evaluate", "train", "train"]
-        assert {r["run"] for r in log.records()} == {run_dir.name}
-
-
-def _kill_hospital(config: Path) -> None:
-    """SIGKILL everything of one hospital: its daemon, SuperNode and ClientApp processes."""
+def _kill_hospital(fed: Loopback, name: str) -> None:
+    """SIGKILL one hospital's daemon, as the OOM killer would; its SuperNode must not outlive it."""
     from fedtune.client.daemon import _DaemonHome
 
-    from fedtune.launcher import kill_run_processes
+    from fedtune.launcher import run_processes
 
-    assert kill_run_processes(_DaemonHome(config.parent / "state"), graceful=False) == 0  # type: ignore[arg-type]
+    os.kill(fed.daemons[name].pid, signal.SIGKILL)
+    home = _DaemonHome(fed.folder(name) / "state")
+    until(lambda: not run_processes(home), "the SuperNode to die with its daemon", 10)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("min_clients", "completes"), [(2, True), (3, False)])
-def test_a_hospital_killed_mid_round(  # type: ignore[no-untyped-def]
-    server, tmp_path: Path, capsys, client_app_module, min_clients: int, completes: bool
-) -> None:
+def test_a_hospital_killed_mid_round(tmp_path: Path, capsys, min_clients: int, completes: bool) -> None:  # type: ignore[no-untyped-def]
     from fedtune.report import round_records
     from fedtune.runfolder import RunFolder
 
-    home, port, _ = server
-    configs = _federation(home, port, tmp_path)
+    fed = federation(tmp_path, 3)
+    victim = "riverside-community"
     run_cfg = tmp_path / "run.toml"
-    run_cfg.write_text(RUN_TOML.format(name="fault", rounds=1, min_clients=min_clients, timeout=30.0))
-    client_app_module("stall_app")
-    daemons = {
-        c.parent.name: _fedtune("client", "start", "--config", str(c), log=tmp_path / f"{c.parent.name}.out")
-        for c in configs
-    }
-    victim = configs[NAMES.index("riverside-community")]
-    import threading
+    run_cfg.write_text(RUN_TOML.format(name="fault", rounds=1, min_clients=min_clients, timeout=20.0))
+    killed = threading.Event()
 
-    def kill_when_stalled() -> None:
-        marker = victim.parent / "state" / "stalled"
+    def kill_when_the_train_message_arrives() -> None:
         deadline = time.monotonic() + 240
-        while not marker.exists() and time.monotonic() < deadline:
-            time.sleep(0.3)
-        _kill_hospital(victim)
+        while time.monotonic() < deadline:
+            if any(str(r["message"]).startswith("Receiving: train") for r in fed.log(victim)):
+                _kill_hospital(fed, victim)  # before its app can answer (site build + training)
+                killed.set()
+                return
+            time.sleep(0.02)
 
-    killer = threading.Thread(target=kill_when_stalled, daemon=True)
+    killer = threading.Thread(target=kill_when_the_train_message_arrives, daemon=True)
     killer.start()
     try:
         capsys.readouterr()
-        code = main(["run", str(run_cfg), "--home", str(home.root)])
-        killer.join(timeout=240)
-        assert (victim.parent / "state" / "stalled").exists()
+        code = main(["run", str(run_cfg), "--home", str(fed.home.root)])
+        killer.join(timeout=60)
+        assert killed.is_set()
     finally:
-        for name, d in daemons.items():
-            if name != "riverside-community":
-                assert _stop(d) == 0
-            else:
-                d.wait(timeout=30)
-    (run_dir,) = list(home.runs_dir.iterdir())
+        fed.daemons[victim].wait(timeout=30)
+        del fed.daemons[victim]
+        codes = fed.close()
+    assert all(c == 0 for c in codes.values()), codes
+    assert not any("served in" in str(r["message"]) for r in fed.log(victim))  # it never answered
+    (run_dir,) = list(fed.home.runs_dir.iterdir())
     records = round_records(RunFolder(run_dir))
     if completes:
         assert code == 0
@@ -291,56 +303,41 @@ def test_a_hospital_killed_mid_round(  # type: ignore[no-untyped-def]
         assert "(no reply): 1 hospital(s) sent nothing within `round_timeout`" in err
 
 
-def _start_server(home: coordinator.CoordinatorHome, port: int, log: Path) -> subprocess.Popen[bytes]:
-    args = ["--home", str(home.root), "--address", "127.0.0.1", "--host", "127.0.0.1", "--port", str(port)]
-    proc = _fedtune("server", "start", *args, log=log)
-    _until(lambda: home.server() is not None or proc.poll() is not None, "the SuperLink")
-    assert proc.poll() is None, log.read_text()
-    return proc
-
-
 def test_the_coordinator_sigkilled_and_resumed_runs_every_round_once(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     from fedtune.launcher import kill_run_processes
     from fedtune.report import round_records
     from fedtune.runfolder import RunFolder
 
-    home = coordinator.CoordinatorHome(tmp_path / "coordinator")
-    main(["pki", "ca", "--out", str(home.pki_dir)])
-    main(["pki", "server", "--ca", str(home.pki_dir), "--out", str(home.pki_dir), "--address", "127.0.0.1"])
-    port = free_port()
-    first = _start_server(home, port, tmp_path / "server-1.out")
-    configs = _federation(home, port, tmp_path)
-    daemons = [_fedtune("client", "start", "--config", str(c), log=tmp_path / f"{c.parent.name}.out") for c in configs]
-    second = None
+    fed = federation(tmp_path, 3)
+    first = fed.server
+    assert first is not None
     try:
         run_cfg = tmp_path / "run.toml"
         run_cfg.write_text(RUN_TOML.format(name="crash", rounds=2, min_clients=0, timeout=120.0))
-        run = _fedtune("run", str(run_cfg), "--home", str(home.root), log=tmp_path / "run-1.out")
+        run = fedtune_process("run", str(run_cfg), "--home", str(fed.home.root), log=tmp_path / "run-1.out")
 
         def one_round_done() -> bool:
-            runs = list(home.runs_dir.glob("*/metrics.jsonl")) if home.runs_dir.exists() else []
+            runs = list(fed.home.runs_dir.glob("*/metrics.jsonl")) if fed.home.runs_dir.exists() else []
             return bool(runs) and '"round": 1' in runs[0].read_text()
 
-        _until(one_round_done, "round 1", limit=240)
+        until(one_round_done, "round 1", limit=240)
         # the coordinator dies at once: SuperLink, ServerApp, `flwr run` and `fedtune run`, no goodbye
         os.killpg(first.pid, signal.SIGKILL)
-        kill_run_processes(home, graceful=False)  # type: ignore[arg-type]
+        kill_run_processes(fed.home, graceful=False)  # type: ignore[arg-type]
         os.killpg(run.pid, signal.SIGKILL)
         first.wait(timeout=30)
         run.wait(timeout=30)
-        (run_dir,) = list(home.runs_dir.iterdir())
+        (run_dir,) = list(fed.home.runs_dir.iterdir())
         assert len(round_records(RunFolder(run_dir))) < 2
 
-        second = _start_server(home, port, tmp_path / "server-2.out")  # the same state database
+        fed.start_server()  # the same home and state database, the same port
         capsys.readouterr()
-        assert main(["run", "--resume", str(run_dir), "--home", str(home.root)]) == 0
+        assert main(["run", "--resume", str(run_dir), "--home", str(fed.home.root)]) == 0
         assert "exported the global adapter" in capsys.readouterr().out
     finally:
-        for d in daemons:
-            _stop(d)
-        if second is not None:
-            assert _stop(second) == 0
-        _stop(first)
+        codes = fed.close()
+        stop(first)
+    assert codes["coordinator"] == 0
     records = round_records(RunFolder(run_dir))
     assert [r["round"] for r in records] == [1, 2]  # every round exactly once
     assert all(len(r["train"]) == 3 for r in records)
