@@ -91,7 +91,8 @@ def deployment(tmp: Path, rounds: int, steps: int) -> dict[str, Any]:
     (run_dir,) = list(fed.home.runs_dir.iterdir())
     rounds_done = round_records(RunFolder(run_dir))
     messages = {name: hospital_breakdown(fed.log(name)) for name in HOSPITALS[:COUNT]}
-    return {"wall_s": wall, "rounds": rounds_done, "messages": messages}
+    start = wall - sum(r["seconds"] for r in rounds_done)  # ServerApp process, hospitals joining, export
+    return {"wall_s": wall, "start_s": start, "rounds": rounds_done, "messages": messages}
 
 
 def simulation(tmp: Path, rounds: int, steps: int) -> list[dict[str, Any]]:
@@ -148,6 +149,18 @@ def seal_seconds(folder: RunFolder, cfg: Any) -> float:
     return (time.perf_counter() - t0) / 5
 
 
+def process_start_seconds() -> float:
+    """What a ClientApp process per message would cost before it did anything: start and import the app."""
+    import subprocess
+
+    cmd = [sys.executable, "-c", "import fedtune.client.client_app"]
+    subprocess.run(cmd, check=True)  # warm the file cache
+    t0 = time.perf_counter()
+    for _ in range(3):
+        subprocess.run(cmd, check=True)
+    return (time.perf_counter() - t0) / 3
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -162,6 +175,7 @@ def main() -> int:
         folder = RunFolder(tmp / "simulation")
         alone = local_alone(cfg, folder, args.steps)
         seal = seal_seconds(folder, cfg)
+        spawn = process_start_seconds()
     steady = slice(1, None)  # round 1 also builds each hospital's site (model load, tokenization)
     dep = [r["seconds"] for r in deployed["rounds"]][steady]
     sim = [r["seconds"] for r in simulated][steady]
@@ -182,6 +196,8 @@ def main() -> int:
         ("  per message SuperNode received -> reply sent", at_hospital),
         ("  seal + open of one reply", seal),
         ("  Flower moving messages (round - 2 x at hospital)", flower),
+        ("  process start per message (none now; a ClientApp process would cost)", spawn),
+        ("outside the rounds: ServerApp start, hospitals joining, export (once a run)", deployed["start_s"]),
     ]
     print()
     print(f"{'what':72} {'seconds':>8}")

@@ -5,14 +5,17 @@ Layout of ``--home`` (default ``./coordinator``)::
 
     pki/        ca.pem, server.pem, server.key (TLS), coordinator.key/.pub (envelopes)
     hospitals/  <name>.pub (the envelope allow-list), <name>.node.pub, registry.json
-    flwr/       FLWR_HOME: the `flwr` CLI's connection to this SuperLink
+    internal/   the loopback SuperLink's TLS (a CA made at every start, its key deleted)
+    flwr/       FLWR_HOME: the `flwr` CLI's connection to this SuperLink, on loopback
     state.db    the SuperLink's persistent state (registered nodes, runs)
-    logs/       superlink.log
+    logs/       superlink.log, front.log (every request the front refused)
     runs/       one folder per federation run (each with its witness.jsonl)
-    server.json the running SuperLink's pid and address (removed when it stops)
+    server.json the running SuperLink's pids, address and loopback control port (removed when it stops)
 
-The SuperLink runs with TLS, SuperNode authentication and runtime dependency installation
-off; ``--insecure`` drops TLS and node authentication and says so loudly every start.
+The SuperLink runs on 127.0.0.1 only, with TLS, SuperNode authentication and runtime
+dependency installation off; hospitals reach its Fleet API through the front
+(:mod:`fedtune.front`) on ``--host``/``--port``, which serves nothing else.
+``--insecure`` drops TLS and node authentication and says so loudly every start.
 A hospital is admitted in both places at once: Flower's node registry (its SuperNode
 key) and fedtune's allow-list (its envelope key).
 """
