@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,15 +64,18 @@ def hospital_toml(name: str, *, address: str, health: str, model: str = "tiny", 
     """The example ``hospital.toml`` filled in for a loopback hospital."""
     from fedtune.hospital import EXAMPLE
 
-    return (
+    text = (
         EXAMPLE.replace("st-elsewhere", name)
         .replace("coordinator.example.org:9092", address)
         .replace('path = "models/SmolLM2-135M-Instruct"', f'path = "{model}"')
         .replace("127.0.0.1:9094", health)
         .replace("require_dp = true", f"require_dp = {'true' if require_dp else 'false'}")
-        # several hospitals share this machine's cores: one thread each, as if each had its own
-        .replace("threads = 0                            # CPU threads (0: all cores)", "threads = 1")
     )
+    # several hospitals share this machine's cores: one thread each, as if each had its own
+    text, count = re.subn(r"(?m)^threads = \d+.*$", "threads = 1", text)
+    if count != 1 or address not in text or f'"{model}"' not in text:
+        raise FedTuneError("fedtune.hospital.EXAMPLE changed: update fedtune.loopback.hospital_toml")
+    return text
 
 
 @dataclass

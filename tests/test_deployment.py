@@ -293,14 +293,16 @@ def test_a_hospital_killed_mid_round(tmp_path: Path, capsys, min_clients: int, c
         assert code == 0
         (record,) = records
         assert set(record["train"]) == {"st-elsewhere", "northgate-general"}
-        assert record["rejected"] == [
-            {"site": "(no reply)", "reason": "1 hospital(s) sent nothing within `round_timeout`"}
-        ]
+        (rejected,) = record["rejected"]
+        gone = rejected == {"site": "(no reply)", "reason": "1 hospital(s) sent nothing within `round_timeout`"}
+        assert gone or "Node Unavailable" in rejected["reason"], rejected
     else:
         assert code == 2 and records == []
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "round 1: only 2 valid update(s), the round needs 3" in err, err
-        assert "(no reply): 1 hospital(s) sent nothing within `round_timeout`" in err
+        # Flower answers for a node that left (its SuperNode stopped with the daemon) or nothing comes at all
+        gone = "(no reply): 1 hospital(s) sent nothing within `round_timeout`" in err or "Node Unavailable" in err
+        assert gone, err
 
 
 def test_the_coordinator_sigkilled_and_resumed_runs_every_round_once(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

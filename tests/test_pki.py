@@ -115,7 +115,8 @@ def test_the_commands_write_and_show_the_whole_set(tmp_path: Path, capsys) -> No
                  "--address", "localhost", "--address", "10.1.2.3"]) == 0  # fmt: skip
     assert main(["pki", "hospital", "--name", "st-elsewhere", "--out", str(tmp_path / "h")]) == 0
     out = capsys.readouterr().out
-    assert "CA fingerprint (SHA-256)" in out and "for localhost, 10.1.2.3" in out and "node key fingerprint" in out
+    assert "CA fingerprint (SHA-256)" in out and "for localhost, 10.1.2.3" in out
+    assert "  node key     SHA256:" in out and "  envelope key " in out  # both, for the coordinator to read back
     names = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
     coordinator = ["ca.key", "ca.pem", "server.key", "server.pem", "coordinator.key", "coordinator.pub"]
     hospital = ["st-elsewhere.node.key", "st-elsewhere.node.pub", "st-elsewhere.key", "st-elsewhere.pub"]
