@@ -176,7 +176,9 @@ def local_supernode(
     port = free_port()
     log_path = folder.logs_dir / f"supernode-{partition_id}.log"
     cmd = [
-        _bin("flower-supernode"),
+        sys.executable,
+        "-m",
+        "fedtune.client.supernode",  # Flower's SuperNode, its polling paced for rounds
         "--insecure",
         "--superlink",
         f"127.0.0.1:{superlink_port}",
