@@ -35,8 +35,11 @@ from fedtune.config import load_config
 from fedtune.loopback import HOSPITALS, federation
 from fedtune.report import round_records
 from fedtune.runfolder import RunFolder
-from fedtune.runtime import SiteRuntime, site_data
+from fedtune.runtime import SiteRuntime
 from fedtune.simulate import prepare_run, run_simulation
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from round_overhead import local_steps_alone  # noqa: E402 - the sibling benchmark's measurement
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVED = re.compile(r"served in ([0-9.]+) s in the daemon's process")
@@ -119,15 +122,9 @@ def simulation(tmp: Path, rounds: int, steps: int) -> list[dict[str, Any]]:
 
 
 def local_alone(cfg: Any, folder: RunFolder, steps: int) -> float:
-    """The sites' local steps back to back in this process (what a round trains)."""
-    runtime = SiteRuntime(cfg.model, cfg.lora)
-    sites = [site_data(runtime, s, *folder.read_site(s), cfg.train.max_length) for s in folder.sites()]
-    start = runtime.state()
-    runtime.train_steps(start, sites[0], cfg.train, steps=1, seed=0)  # warm-up
-    t0 = time.perf_counter()
-    for i, data in enumerate(sites):
-        runtime.train_steps(start, data, cfg.train, steps=steps, seed=i)
-    return (time.perf_counter() - t0) / len(sites)
+    """One site's local steps alone in this process (the mean over the sites)."""
+    _, sites, seconds = local_steps_alone(cfg, folder, steps)
+    return seconds / len(sites)
 
 
 def seal_seconds(folder: RunFolder, cfg: Any) -> float:

@@ -58,14 +58,7 @@ def measure(model: str, steps: int, batch: int, workdir: Path) -> dict[str, floa
     steady = rounds[-1]  # round 1 also loads the model in the worker
 
     # The same local steps, alone, in this process, on the same sites and data.
-    runtime = SiteRuntime(cfg.model, cfg.lora)
-    sites = [site_data(runtime, s, *folder.read_site(s), cfg.train.max_length) for s in folder.sites()]
-    start_state = runtime.state()
-    runtime.train_steps(start_state, sites[0], cfg.train, steps=1, seed=0)  # warm-up
-    t0 = time.perf_counter()
-    for i, data in enumerate(sites):
-        runtime.train_steps(start_state, data, cfg.train, steps=steps, seed=i)
-    local_seconds = time.perf_counter() - t0
+    runtime, sites, local_seconds = local_steps_alone(cfg, folder, steps)
 
     full_bytes = sum(p.numel() * p.element_size() for p in runtime.base.model.parameters())
     upload = sum(m["upload-bytes"] for m in steady["train"].values()) / len(steady["train"])
@@ -81,6 +74,19 @@ def measure(model: str, steps: int, batch: int, workdir: Path) -> dict[str, floa
     if model == "smollm2":
         out.update(_precision(runtime, sites[0], cfg, steps))
     return out
+
+
+def local_steps_alone(cfg, folder, steps: int) -> tuple[SiteRuntime, list[SiteData], float]:  # type: ignore[no-untyped-def]
+    """Every site's ``steps`` local steps back to back in this process, after a warm-up step:
+    (the runtime, the sites' data, the seconds they took together)."""
+    runtime = SiteRuntime(cfg.model, cfg.lora)
+    sites = [site_data(runtime, s, *folder.read_site(s), cfg.train.max_length) for s in folder.sites()]
+    start = runtime.state()
+    runtime.train_steps(start, sites[0], cfg.train, steps=1, seed=0)  # warm-up
+    t0 = time.perf_counter()
+    for i, data in enumerate(sites):
+        runtime.train_steps(start, data, cfg.train, steps=steps, seed=i)
+    return runtime, sites, time.perf_counter() - t0
 
 
 def _precision(runtime: SiteRuntime, data: SiteData, cfg, steps: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
