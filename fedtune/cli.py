@@ -1,4 +1,5 @@
-"""The ``fedtune`` command. Every deliberate error is one line on stderr and exit code 2."""
+"""The ``fedtune`` command. Every deliberate error is one line on stderr and exit code 2;
+a run that stopped early with some rounds trained (its last round exported) exits 3."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _simulate(args: argparse.Namespace) -> int:
     from fedtune.config import load_config
-    from fedtune.simulate import prepare_run, resume_folder, run_simulation
+    from fedtune.simulate import ended_early, prepare_run, resume_folder, run_simulation
     from fedtune.sweep import is_sweep, parse_epsilons, prepare_sweep, run_sweep
 
     if args.resume:
@@ -80,6 +81,9 @@ def _simulate(args: argparse.Namespace) -> int:
         folder = prepare_run(cfg, run_dir=Path(args.out) if args.out else None)
     table = run_simulation(folder, say=lambda line: print(line, flush=True))
     print("\n" + table, flush=True)
+    early = ended_early(folder, folder.load_config())
+    if early is not None:
+        raise early
     return 0
 
 
@@ -125,6 +129,13 @@ def _server(args: argparse.Namespace) -> int:
     if args.server_command == "witness":
         return _server_witness(args)
     home = coordinator.CoordinatorHome(Path(args.home))
+    if args.server_command == "invite":
+        written = coordinator.invite(home, args.name, Path(args.out), address=args.address)
+        print(f"wrote the startup kit of hospital `{args.name}` to {args.out}:")
+        for path in written:
+            print(f"  {path}")
+        print("it holds no secret: send the folder to the hospital's IT; INSTRUCTIONS.txt says what to do")
+        return 0
     if args.server_command == "start":
         return coordinator.serve(home, address=args.address, host=args.host, port=args.port, insecure=args.insecure)
     if args.server_command == "add-hospital":
@@ -178,14 +189,33 @@ def _run(args: argparse.Namespace) -> int:
         folder = coordinator.prepare_deployment_run(home, load_config(args.config))
     else:
         raise ConfigError("give a run config (`fedtune run CONFIG`) or a run to continue (`--resume RUN`)")
-    print(coordinator.launch(home, folder))
+    try:
+        print(coordinator.launch(home, folder, say=lambda line: print(line, flush=True)))
+    except KeyboardInterrupt:
+        print(
+            f"fedtune: interrupted; the run is stopped at the coordinator and its completed rounds are kept; "
+            f"continue with `fedtune run --resume {folder.root} --home {home.root}`",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
     from fedtune import coordinator
 
-    print(coordinator.main_status(coordinator.CoordinatorHome(Path(args.home))), end="")
+    home = coordinator.CoordinatorHome(Path(args.home))
+    if args.watch is not None:
+        if args.watch <= 0:
+            raise ConfigError(f"`--watch` must be a positive number of seconds, got {args.watch:g}")
+        return coordinator.watch_status(
+            home,
+            every=args.watch,
+            as_json=args.json,
+            out=lambda text: print(text, end="", flush=True),
+            clear=sys.stdout.isatty() and not args.json,
+        )
+    print(coordinator.main_status(home, as_json=args.json), end="")
     return 0
 
 
@@ -423,7 +453,15 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--envelope-key", required=True, help="the hospital's NAME.pub")
     remove = server_sub.add_parser("remove-hospital", help="unregister a hospital and drop it from the allow-list")
     remove.add_argument("--name", required=True)
-    for p in (start, add, remove):
+    invite = server_sub.add_parser(
+        "invite", help="a new hospital's startup kit: ca.pem, coordinator.pub, a filled-in hospital.toml, instructions"
+    )
+    invite.add_argument("--name", required=True, help="the hospital's name in the federation")
+    invite.add_argument("--out", required=True, help="the kit's folder (new or empty)")
+    invite.add_argument(
+        "--address", help="HOST:PORT hospitals dial (default: the running coordinator's, from server.json)"
+    )
+    for p in (start, add, remove, invite):
         p.add_argument("--home", default="coordinator", help="the coordinator's folder (default: ./coordinator)")
         p.set_defaults(func=_server)
     witness = server_sub.add_parser(
@@ -440,8 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN", help="continue this run folder from its last completed round")
     run.add_argument("--home", default="coordinator", help="the coordinator's folder (default: ./coordinator)")
     run.set_defaults(func=_run)
-    status = sub.add_parser("status", help="the coordinator's SuperLink, hospitals and runs")
+    status = sub.add_parser(
+        "status", help="the coordinator's SuperLink, hospitals and runs; a live run's round and each hospital in it"
+    )
     status.add_argument("--home", default="coordinator", help="the coordinator's folder (default: ./coordinator)")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="show it again every SECONDS until Ctrl-C")
+    status.add_argument("--json", action="store_true", help="print it as JSON (one object per refresh)")
     status.set_defaults(func=_status)
 
     client = sub.add_parser("client", help="the hospital's side: daemon, config, privacy ledger and audit trail")
@@ -514,10 +556,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except FedTuneError as err:
         print(f"fedtune: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     except KeyboardInterrupt:
-        again = "fedtune compare --resume DIR" if args.func is _compare else "fedtune simulate --resume RUN_DIR"
-        print(f"fedtune: interrupted; continue with `{again}`", file=sys.stderr)
+        again = {
+            _compare: "fedtune compare --resume DIR",
+            _simulate: "fedtune simulate --resume RUN_DIR",
+            _run: "fedtune run --resume RUN --home HOME",
+        }.get(args.func)
+        print(f"fedtune: interrupted{f'; continue with `{again}`' if again else ''}", file=sys.stderr)
         return 130
 
 

@@ -8,8 +8,9 @@ Layout of ``--home`` (default ``./coordinator``)::
     internal/   the loopback SuperLink's TLS (a CA made at every start, its key deleted)
     flwr/       FLWR_HOME: the `flwr` CLI's connection to this SuperLink, on loopback
     state.db    the SuperLink's persistent state (registered nodes, runs)
-    logs/       superlink.log, front.log (every request the front refused)
-    runs/       one folder per federation run (each with its witness.jsonl)
+    logs/       superlink.log, front.log (every request the front refused); both rotated by
+                size (``.1`` to ``.3`` kept, :mod:`fedtune.logfile`)
+    runs/       one folder per federation run (each with its witness.jsonl and live status.json)
     server.json the running SuperLink's pids, address and loopback control port (removed when it stops)
 
 The SuperLink runs on 127.0.0.1 only, with TLS, SuperNode authentication and runtime
@@ -17,7 +18,15 @@ dependency installation off; hospitals reach its Fleet API through the front
 (:mod:`fedtune.front`) on ``--host``/``--port``, which serves nothing else.
 ``--insecure`` drops TLS and node authentication and says so loudly every start.
 A hospital is admitted in both places at once: Flower's node registry (its SuperNode
-key) and fedtune's allow-list (its envelope key).
+key) and fedtune's allow-list (its envelope key); ``fedtune server invite`` writes the
+startup kit a new hospital begins from.
+
+The SuperLink, and the ServerApp of every run it starts (which Flower leaves running,
+orphaned, when its SuperLink goes), carry ``FEDTUNE_SUPERLINK`` in their environment:
+a stop (Ctrl-C, SIGTERM) ends them all within seconds, and if the coordinator's
+process dies outright a watcher (:func:`fedtune.process.guarded`) kills
+them. ``fedtune run`` then names the cause: the coordinator's SuperLink stopped, and how
+to resume.
 """
 
 from __future__ import annotations
@@ -37,15 +46,17 @@ from typing import Any
 
 import tomli_w
 
-from fedtune import pki
+from fedtune import pki, process
 from fedtune.checkpoint import atomic_write_json
 from fedtune.errors import ConfigError, FedTuneError
 from fedtune.hospital import parse_address
 from fedtune.keys import KeyPair, load_private, load_public
 from fedtune.launcher import _bin, flower_env, stop_process
+from fedtune.logfile import RotatingFile, pump
 from fedtune.witness import Witness, WitnessLog, gather
 
 CONNECTION = "fedtune"
+SUPERLINK_ENV = "FEDTUNE_SUPERLINK"  # HOME#PID of `server start`: carried by its SuperLink and all it starts
 INSECURE_WARNING = (
     "WARNING: INSECURE MODE. No TLS and no SuperNode authentication: anyone on the network can read "
     "the traffic and join as a hospital. Use only on a closed test network."
@@ -139,6 +150,25 @@ class CoordinatorHome:
         if address and 0 < port < 65536 and _healthy(f"{scheme}://{address}:{port}", self.ca_cert):
             return info
         return None
+
+
+def superlink_markers(home: CoordinatorHome, pid: int) -> process.Markers:
+    """The SuperLink that ``fedtune server start`` of ``home`` in process ``pid`` started, and
+    what that SuperLink started (SuperExec, the runs' ServerApps). Per start: a watcher
+    still sweeping after a crash never touches the SuperLink of the next start."""
+    return process.Markers(environ=(f"{SUPERLINK_ENV}={home.root}#{pid}",))
+
+
+def superlink_answers(home: CoordinatorHome, info: dict[str, Any], *, tries: int = 1) -> bool:
+    """Whether the SuperLink of ``info`` (its record in server.json) answers on loopback."""
+    scheme = "http" if info.get("insecure") else "https"
+    url = f"{scheme}://127.0.0.1:{int(info.get('control-port', 0))}"
+    for i in range(tries):
+        if _healthy(url, None if info.get("insecure") else home.internal_ca, timeout=1.0):
+            return True
+        if i + 1 < tries:
+            time.sleep(0.5)
+    return False
 
 
 def _alive(pid: int) -> bool:
@@ -242,7 +272,6 @@ def serve(
     ready_timeout: float = 60.0,
 ) -> int:
     """Run the SuperLink (loopback) and its public front until SIGINT/SIGTERM; return the exit code."""
-    from fedtune.front import Front, Upstream, describe
     from fedtune.launcher import free_port
 
     parse_address(f"{address}:{port}", "--address/--port")
@@ -258,15 +287,46 @@ def serve(
     if not insecure:
         internal_tls(home)
     write_connection(home, control_port, insecure=insecure)
-    env = flower_env(home)
-    with open(home.logs_dir / "superlink.log", "ab") as log:
-        proc = subprocess.Popen(
-            superlink_command(home, control_port, insecure=insecure),
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=home.root,
+    # if this process dies, so do its SuperLink and the runs' ServerApps
+    with process.guarded(superlink_markers(home, os.getpid())):
+        return _serve(
+            home,
+            address=address,
+            host=host,
+            port=port,
+            insecure=insecure,
+            control_port=control_port,
+            say=say,
+            ready_timeout=ready_timeout,
         )
+
+
+def _serve(
+    home: CoordinatorHome,
+    *,
+    address: str,
+    host: str,
+    port: int,
+    insecure: bool,
+    control_port: int,
+    say: Any,
+    ready_timeout: float,
+) -> int:
+    from fedtune.front import Front, Upstream, describe
+
+    env = {**flower_env(home, ray=False), SUPERLINK_ENV: f"{home.root}#{os.getpid()}"}
+    ours = superlink_markers(home, os.getpid())
+    log = RotatingFile(home.logs_dir / "superlink.log")
+    proc = subprocess.Popen(
+        superlink_command(home, control_port, insecure=insecure),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=home.root,
+        preexec_fn=process.dies_with_us(),
+    )
+    assert proc.stdout is not None  # Popen(stdout=PIPE) sets it; for the type checker
+    reader = pump(proc.stdout, log)
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     front: Front | None = None
@@ -317,7 +377,15 @@ def serve(
     finally:
         if front is not None:
             front.stop()  # first: hospitals see the coordinator go away, and its links to the SuperLink close
+        # the runs' ServerApps before the SuperLink: Flower leaves them running, orphaned,
+        # retrying a SuperLink that is gone, and their open links would hold its shutdown.
+        # SIGKILL: neither SIGINT nor SIGTERM ends them within seconds (measured), and a
+        # round cut short loses nothing (checkpoints and metrics lines are crash-safe).
+        process.kill(process.find(ours, exclude=[proc.pid]), graceful=False, timeout=2.0)
         stop_process(proc)
+        process.kill(process.find(ours), graceful=False, timeout=2.0)
+        reader.join(timeout=5)
+        log.close()
         with contextlib.suppress(FileNotFoundError):
             home.server_json.unlink()
         for s, handler in previous.items():
@@ -444,13 +512,167 @@ def status_rows(home: CoordinatorHome) -> tuple[str, list[dict[str, Any]], list[
     return line, hospitals, runs
 
 
-def main_status(home: CoordinatorHome) -> str:
-    from fedtune.report import markdown_table
+def status_data(home: CoordinatorHome) -> dict[str, Any]:
+    """Everything ``fedtune status`` shows: the SuperLink, hospitals, runs, and for each
+    run in progress its round, phase and each hospital's state in the round."""
+    from fedtune.live import ENDED, read_status
+    from fedtune.report import live_rows
 
     line, hospitals, runs = status_rows(home)
-    parts = [line, "", "hospitals:", markdown_table(hospitals) if hospitals else "(none registered)"]
+    names = {int(entry["node-id"]): name for name, entry in home.registry().items()}
+    live: dict[str, Any] = {}
+    for row in runs:
+        status = read_status(home.runs_dir / row["run"])
+        if status is None or status.get("phase") in ENDED or not process.running(int(status.get("pid", 0)), "flwr"):
+            continue
+        live[row["run"]] = {
+            **{k: status.get(k) for k in ("flower-run-id", "round", "rounds", "phase", "since", "updated")},
+            "hospitals": live_rows(status, names),
+        }
+    return {"superlink": line, "hospitals": hospitals, "runs": runs, "live": live}
+
+
+def main_status(home: CoordinatorHome, *, as_json: bool = False) -> str:
+    from fedtune.report import markdown_table
+
+    data = status_data(home)
+    if as_json:
+        return json.dumps(data, indent=1, default=str) + "\n"
+    hospitals, runs = data["hospitals"], data["runs"]
+    parts = [data["superlink"], "", "hospitals:", markdown_table(hospitals) if hospitals else "(none registered)"]
     parts += ["", "runs:", markdown_table(runs) if runs else "(none)"]
+    for run, live in data["live"].items():
+        since = time.time() - float(live.get("since") or time.time())
+        parts += [
+            "",
+            f"run {run} (Flower run {live['flower-run-id']}): round {live['round']}/{live['rounds']}, "
+            f"{live['phase']} for {since:.0f} s",
+            markdown_table(live["hospitals"]) if live["hospitals"] else "(no hospital sampled yet)",
+        ]
     return "\n".join(parts) + "\n"
+
+
+def watch_status(
+    home: CoordinatorHome,
+    *,
+    every: float,
+    as_json: bool = False,
+    out: Any = print,
+    sleep: Any = time.sleep,
+    clear: bool = False,
+) -> int:
+    """``fedtune status --watch``: show the status every ``every`` seconds until Ctrl-C; exit 0."""
+    try:
+        while True:
+            text = main_status(home, as_json=as_json)
+            stamp = datetime.now(UTC).isoformat(timespec="seconds")
+            out(("\033[2J\033[H" if clear else "") + (text if as_json else f"--- {stamp}\n{text}"))
+            sleep(every)
+    except KeyboardInterrupt:
+        return 0
+
+
+KIT_INSTRUCTIONS = """\
+fedtune startup kit for hospital `{name}`, coordinator {address}
+
+This folder holds what the coordinator gives you, and nothing secret:
+  keys/ca.pem           the federation's CA certificate: it verifies the coordinator
+  keys/coordinator.pub  the coordinator's public envelope key: only runs it signed are served
+  hospital.toml         this hospital's daemon configuration, filled in for you
+
+Compare these fingerprints with the coordinator by phone or in person before step 2:
+  keys/ca.pem           SHA-256 {ca_fingerprint}
+  keys/coordinator.pub  {coordinator_fingerprint}
+
+1. Make this hospital's keys, in this folder (the private keys never leave this machine):
+     fedtune pki hospital --name {name} --out keys
+2. Send keys/{name}.node.pub and keys/{name}.pub to the coordinator. It admits them with
+   `fedtune server add-hospital` and reads both fingerprints back to you: compare them with
+   the ones step 1 printed.
+3. Edit hospital.toml: [data] (your training and held-out record files), [model] (the
+   model folder, device, precision) and [privacy] (require_dp, min_noise_multiplier,
+   budget_epsilon). The rest is filled in.
+4. Check the file and everything it names:
+     fedtune client check --config hospital.toml
+5. Start the daemon (as a service: deploy/systemd/fedtune-client.service):
+     fedtune client start --config hospital.toml
+"""
+
+
+def kit_toml(name: str, address: str) -> str:
+    """``fedtune.hospital.EXAMPLE`` for hospital ``name`` dialling ``address``, its key paths
+    those ``fedtune pki hospital --name NAME --out keys`` writes."""
+    import tomllib
+
+    from fedtune.hospital import EXAMPLE
+
+    text = EXAMPLE.replace("st-elsewhere", name).replace("coordinator.example.org:9092", address)
+    data = tomllib.loads(text)
+    want = {
+        ("hospital", "name"): name,
+        ("coordinator", "address"): address,
+        ("coordinator", "ca"): "keys/ca.pem",
+        ("coordinator", "envelope_key"): "keys/coordinator.pub",
+        ("keys", "node_key"): str(pki.NodeKeyFiles.at(Path("keys"), name).key),
+        ("keys", "envelope_key"): f"keys/{name}.key",
+    }
+    for (section, key), value in want.items():
+        if data.get(section, {}).get(key) != value:  # EXAMPLE changed shape: a bug here, not the user's
+            raise FedTuneError(f"the example hospital.toml no longer fills `{section}.{key}`; fix fedtune.coordinator")
+    return text
+
+
+def invite(home: CoordinatorHome, name: str, out: Path, *, address: str | None = None) -> list[Path]:
+    """``fedtune server invite``: a hospital's startup kit in ``out`` (never a private key)."""
+    from fedtune.hospital import HospitalSection
+    from fedtune.keys import load_identity
+
+    try:
+        HospitalSection(name=name)
+    except ConfigError as err:
+        raise ConfigError(f"`--name`: {str(err).replace('`hospital.name`', 'the name')}") from None
+    if address is None:
+        info = home.server()
+        if info is None:
+            raise ConfigError(
+                f"`--address` is needed: no SuperLink of {home.root} is running to take it from; give the "
+                "HOST:PORT hospitals dial, e.g. `--address coord.example.org:9092`"
+            )
+        address = f"{info['address']}:{info['port']}"
+    host, _ = parse_address(address, "--address")
+    coordinator_pub = home.pki_dir / "coordinator.pub"
+    for needed in (home.ca_cert, coordinator_pub):
+        if not needed.is_file():
+            raise ConfigError(
+                f"{needed} is missing; create the PKI first: `fedtune pki ca --out {home.pki_dir}` and "
+                f"`fedtune pki server --ca {home.pki_dir} --out {home.pki_dir} --address {host}`"
+            )
+    if home.tls.cert.is_file():  # a kit for an address the certificate does not name would fail TLS
+        try:
+            pki.check_server_cert(home.tls, home.ca_cert, address=host)
+        except FedTuneError as err:
+            raise ConfigError(f"`--address` {address!r}: {err}") from None
+    out = Path(out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"`--out` {out} already exists and is not empty; give a new folder for the kit")
+    identity = load_identity(coordinator_pub)
+    if identity.role != "coordinator":
+        raise ConfigError(f"{coordinator_pub} is the key of {identity.role} {identity.name!r}, not the coordinator's")
+    ca_cert = pki.load_cert(home.ca_cert, "CA certificate")
+    (out / "keys").mkdir(parents=True, exist_ok=True)
+    written = [out / "keys" / "ca.pem", out / "keys" / "coordinator.pub", out / "hospital.toml"]
+    written[0].write_bytes(home.ca_cert.read_bytes())
+    written[1].write_bytes(coordinator_pub.read_bytes())
+    written[2].write_text(kit_toml(name, address))
+    instructions = KIT_INSTRUCTIONS.format(
+        name=name,
+        address=address,
+        ca_fingerprint=pki.fingerprint(ca_cert),
+        coordinator_fingerprint=identity.fingerprint,
+    )
+    written.append(out / "INSTRUCTIONS.txt")
+    written[-1].write_text(instructions)
+    return written
 
 
 def _coordinator_keys(home: CoordinatorHome) -> KeyPair:
@@ -510,39 +732,134 @@ def prepare_deployment_run(home: CoordinatorHome, cfg: Any) -> Any:
 
 
 def launch(home: CoordinatorHome, folder: Any, *, say: Any = print, poll: float = 1.0) -> str:
-    """``flwr run`` the run folder's federation on this SuperLink; stream round lines; summarise."""
-    from fedtune.launcher import last_error, start_run, stop_process, write_app
-    from fedtune.report import round_printer, write_summary
-    from fedtune.simulate import federation_done
+    """``flwr run`` the run folder's federation on this SuperLink; stream round lines; summarise.
 
-    if home.server() is None:
+    Returns the summary table when every round ran. Otherwise raises, in one line, what
+    ended it: the federation stopped early (:class:`~fedtune.errors.StoppedEarly`, exit 3,
+    when the last trained round's adapter is exported; nothing trained, exit 2), failed
+    (its error), or the coordinator's SuperLink stopped under it. Ctrl-C stops the run at
+    the coordinator too, so that ``--resume`` never races a ServerApp still training.
+    """
+    from fedtune.launcher import start_run, stop_process, write_app
+    from fedtune.report import round_printer
+
+    info = home.server()
+    if info is None:
         raise ConfigError(
             f"no SuperLink of {home.root} is running; start it with `fedtune server start --home {home.root}`"
         )
     cfg = folder.load_config()
+    _refuse_if_running(home, folder)
     if cfg.security.seal:
         install_run_keys(home, folder)
     write_app(folder, signer=_coordinator_keys(home))  # hospitals serve only runs the coordinator signed
-    env = flower_env(home)
+    env = flower_env(home, ray=False)
     total = cfg.federation.rounds
     show_new_rounds = round_printer(folder, total, say)
     say(f"run folder: {folder.root}; {len(folder.sites())} registered hospitals, {total} rounds (log: logs/flower.log)")
+    started = time.time()
     proc = start_run(folder, env, connection=CONNECTION)
+    unanswered = 0
     try:
         while proc.poll() is None:
             show_new_rounds()
+            # `flwr run` notices a SuperLink gone within a second or two; this is the backstop
+            unanswered = 0 if superlink_answers(home, info) else unanswered + 1
+            if unanswered >= 5:
+                break
             time.sleep(poll)
+    except KeyboardInterrupt:
+        stop_flower_run(home, folder)
+        raise
     finally:
         stop_process(proc, grace=10)
     show_new_rounds()
-    if not federation_done(folder, cfg):
+    return _run_outcome(home, folder, cfg, info, started=started, say=say)
+
+
+def _run_outcome(
+    home: CoordinatorHome, folder: Any, cfg: Any, info: dict[str, Any], *, started: float, say: Any
+) -> str:
+    """What ``fedtune run`` says (or raises) once ``flwr run`` has ended."""
+    from fedtune.launcher import last_error
+    from fedtune.live import read_status
+    from fedtune.report import write_summary
+    from fedtune.simulate import ended_early, federation_done
+
+    total = cfg.federation.rounds
+    resume = f"`fedtune run --resume {folder.root} --home {home.root}`"
+    if federation_done(folder, cfg):
+        early = ended_early(folder, cfg)
+        if early is not None and not folder.adapter_dir.is_dir():
+            raise early  # nothing trained, nothing exported: nothing to summarise
+        table = str(write_summary(folder))
+        if early is not None:
+            say(table)
+            raise early
+        say(f"exported the global adapter (PEFT) to {folder.adapter_dir}; plots in {folder.plots_dir}")
+        return table
+    live = read_status(folder.root) or {}
+    fresh = float(live.get("updated", 0)) >= started  # written by this launch's ServerApp
+    at = f"round {live.get('round')}/{total}" if fresh and live.get("round") else f"its first round of {total}"
+    if fresh and live.get("phase") == "failed":
+        raise FedTuneError(f"the federation failed in {at}: {live.get('reason', '')}; fix the cause and run {resume}")
+    if not superlink_answers(home, info, tries=3):
         raise FedTuneError(
-            f"the federation stopped before round {total}: {last_error(folder)}; fix the cause and run "
-            f"`fedtune run --resume {folder.root} --home {home.root}`"
+            f"the coordinator's SuperLink stopped during {at} (`fedtune server start --home {home.root}` ended); "
+            f"completed rounds are kept: start the coordinator again and continue with {resume}"
         )
-    table = write_summary(folder)
-    say(f"exported the global adapter (PEFT) to {folder.adapter_dir}; plots in {folder.plots_dir}")
-    return str(table)
+    raise FedTuneError(
+        f"the federation stopped before round {total}: {last_error(folder)}; fix the cause and run {resume}"
+    )
+
+
+def flower_run_id(folder: Any) -> str:
+    """The Flower run id of the run folder's latest launch: from its status.json, else its Flower log."""
+    import re
+
+    from fedtune.live import read_status
+
+    live = read_status(folder.root) or {}
+    if live.get("flower-run-id"):
+        return str(live["flower-run-id"])
+    log = folder.logs_dir / "flower.log"
+    found = re.findall(r"Successfully started run (\d+)", log.read_text(errors="replace")) if log.is_file() else []
+    return found[-1] if found else ""
+
+
+def stop_flower_run(home: CoordinatorHome, folder: Any, *, wait: float = 10.0) -> bool:
+    """``flwr stop`` the run folder's Flower run and wait for its ServerApp to end; whether it did.
+
+    Best effort (the caller is already on its way out): a SuperLink that is gone has
+    stopped the run anyway.
+    """
+    from fedtune.live import read_status
+
+    run_id = flower_run_id(folder)
+    if not run_id or home.server() is None:
+        return False
+    with contextlib.suppress(FedTuneError, subprocess.TimeoutExpired):
+        flwr_cli(home, "stop", run_id, timeout=wait)
+    pid = int((read_status(folder.root) or {}).get("pid", 0))
+    deadline = time.monotonic() + wait
+    while process.running(pid, "flwr") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not process.running(pid, "flwr")
+
+
+def _refuse_if_running(home: CoordinatorHome, folder: Any) -> None:
+    """A second ServerApp on one run folder would train every round twice: refuse to start one."""
+    from fedtune.live import ENDED, read_status
+
+    live = read_status(folder.root) or {}
+    pid = int(live.get("pid", 0))
+    if live and live.get("phase") not in ENDED and process.running(pid, "flwr"):
+        run_id = live.get("flower-run-id")
+        raise ConfigError(
+            f"run {folder.root.name} is still running at the coordinator (Flower run {run_id}, "
+            f"round {live.get('round')}, ServerApp pid {pid}); watch it with `fedtune status --home {home.root} "
+            f"--watch 5`, or stop it with `FLWR_HOME={home.flwr_home} flwr stop {run_id} {CONNECTION}`"
+        )
 
 
 def gather_witness(

@@ -10,6 +10,8 @@ from __future__ import annotations
 class FedTuneError(Exception):
     """Root of every error fedtune raises deliberately."""
 
+    exit_code = 2  # what `fedtune` exits with when this ends a command
+
 
 class ConfigError(FedTuneError):
     """A configuration value is missing, unknown or out of range."""
@@ -41,6 +43,13 @@ class PrivacyError(FedTuneError):
 
 class FederationStopped(FedTuneError):
     """The federation cannot go on (privacy budgets are spent); it ends after its last completed round."""
+
+
+class StoppedEarly(FedTuneError):
+    """A run ended before its last round but trained some: the last trained round's adapter
+    is exported, the command says why it stopped and exits 3 (2: nothing usable)."""
+
+    exit_code = 3
 
 
 class KeyFileError(FedTuneError):

@@ -41,6 +41,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from fedtune.errors import FedTuneError
+from fedtune.logfile import MAX_BYTES, RotatingFile
 
 # The Fleet API of Flower 1.41, route by route (tests/test_front.py checks it against
 # Flower's own router, so an upgrade that adds or renames one is noticed).
@@ -104,10 +105,11 @@ class Upstream:
 
 
 class RefusalLog:
-    """One line per refused request (time, caller, method, path), appended to a file."""
+    """One line per refused request (time, caller, method, path), appended to a size-rotated file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, max_bytes: int = MAX_BYTES) -> None:
         self.path = path
+        self.file = RotatingFile(path, max_bytes=max_bytes)
         self.lock = threading.Lock()
         self.count = 0
 
@@ -115,9 +117,11 @@ class RefusalLog:
         stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
         with self.lock:
             self.count += 1
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(f"{stamp} REFUSED {caller} {method} {path[:200]!r}: not a Fleet API route\n")
+        line = f"{stamp} REFUSED {caller} {method} {path[:200]!r}: not a Fleet API route\n"
+        self.file.write(line.encode("utf-8", errors="replace"))
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def build_app(upstream: Upstream, refused: Callable[[str, str, str], None]) -> Starlette:
@@ -218,6 +222,7 @@ class Front:
         if self.thread.is_alive():
             self.server.force_exit = True
             self.thread.join(timeout=5)
+        self.refused.close()
 
 
 def describe(info: dict[str, Any]) -> str:

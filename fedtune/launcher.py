@@ -2,7 +2,12 @@
 mode plus ``flwr run``, with all Flower and Ray state inside the run folder.
 
 The SuperLink listens on loopback only, never installs dependencies at run time,
-has telemetry off, and is stopped (SIGINT, by process id) whatever happens.
+has telemetry off, and is stopped (SIGINT, by process id) whatever happens. The
+processes started here get SIGTERM when the fedtune process that started them dies
+(:func:`fedtune.process.dies_with_us`); a simulation's whole process tree, Ray's
+detached helpers included, is also watched (:func:`fedtune.process.guarded`), so a
+SIGKILLed ``fedtune simulate`` leaves nothing running. A deep run folder's short link in
+the system temp folder (Ray's socket paths) is removed when the run ends.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from typing import Protocol
 
 import tomli_w
 
+from fedtune import process
 from fedtune.errors import FedTuneError
 from fedtune.keys import KeyPair
+from fedtune.process import Markers
 from fedtune.runfolder import RunFolder
 
 CONNECTION = "fedtune-local"
@@ -42,19 +49,37 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _ray_tmpdir(folder: FlowerHome) -> Path:
-    """Ray puts Unix sockets under RAY_TMPDIR and those paths must stay under ~107 bytes;
-    a deep run folder gets a short symlink in the system temp dir pointing into it."""
-    folder.ray_dir.mkdir(parents=True, exist_ok=True)
+def ray_tmpdir(folder: FlowerHome) -> Path:
+    """Where Ray keeps its sockets for ``folder``: its ray folder, or a short link to it.
+
+    Ray puts Unix sockets under RAY_TMPDIR and those paths must stay under ~107 bytes;
+    a deep folder gets a short symlink in the system temp dir pointing into it
+    (made by :func:`flower_env`, removed by :func:`remove_ray_link`).
+    """
     if len(str(folder.ray_dir)) <= 40:
         return folder.ray_dir
     digest = hashlib.sha256(str(folder.ray_dir.resolve()).encode()).hexdigest()[:10]
-    link = Path(tempfile.gettempdir()) / f"ftray-{digest}"
+    return Path(tempfile.gettempdir()) / f"ftray-{digest}"
+
+
+def _ray_tmpdir(folder: FlowerHome) -> Path:
+    folder.ray_dir.mkdir(parents=True, exist_ok=True)
+    link = ray_tmpdir(folder)
+    if link == folder.ray_dir:
+        return link
     if link.is_symlink() and Path(os.readlink(link)) != folder.ray_dir.resolve():
         link.unlink()
     if not link.exists():
         link.symlink_to(folder.ray_dir.resolve(), target_is_directory=True)
     return link
+
+
+def remove_ray_link(folder: FlowerHome) -> None:
+    """Remove the short temp-dir link of a deep folder (nothing for a short one)."""
+    link = ray_tmpdir(folder)
+    if link != folder.ray_dir and link.is_symlink():
+        with contextlib.suppress(OSError):
+            link.unlink()
 
 
 class FlowerHome(Protocol):
@@ -67,13 +92,17 @@ class FlowerHome(Protocol):
     def ray_dir(self) -> Path: ...
 
 
-def flower_env(folder: FlowerHome) -> dict[str, str]:
-    """Environment for Flower processes: state in the run folder, nothing fetched."""
+def flower_env(folder: FlowerHome, *, ray: bool = True) -> dict[str, str]:
+    """Environment for Flower processes: state in the run folder, nothing fetched.
+
+    ``ray``: Ray's temp dir in the folder (simulations); a deployment SuperLink runs no Ray.
+    """
     env = dict(os.environ)
+    if ray:
+        env["RAY_TMPDIR"] = str(_ray_tmpdir(folder))
     env.update(
         {
             "FLWR_HOME": str(folder.flwr_home),
-            "RAY_TMPDIR": str(_ray_tmpdir(folder)),
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -156,7 +185,9 @@ def local_superlink(folder: RunFolder, env: dict[str, str], *, simulation: bool 
         str(port),
     ]
     with open(folder.logs_dir / "superlink.log", "ab") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder.root)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder.root, preexec_fn=process.dies_with_us()
+        )
     try:
         _await_health(proc, port, folder.logs_dir / "superlink.log", "SuperLink")
         yield port
@@ -194,7 +225,13 @@ def local_supernode(
     folder.logs_dir.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder.root, start_new_session=True
+            cmd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=folder.root,
+            start_new_session=True,
+            preexec_fn=process.dies_with_us(),
         )
     try:
         _await_health(proc, port, log_path, "SuperNode")
@@ -240,45 +277,33 @@ def stop_process(proc: subprocess.Popen[bytes], *, grace: float = 20.0, nudge: f
     proc.wait()
 
 
-def run_processes(folder: RunFolder) -> list[int]:
-    """Process ids started for this run folder (they carry its FLWR_HOME), on Linux."""
-    marker = f"FLWR_HOME={folder.flwr_home}".encode()
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if int(entry.name) != os.getpid() and marker in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-        except (OSError, ValueError):
-            continue
-    return found
+def run_markers(folder: FlowerHome) -> Markers:
+    """What every process of this folder carries: its FLWR_HOME or RAY_TMPDIR, or (Ray's
+    agents, started with neither) the Ray temp dir in its command line."""
+    tmp = ray_tmpdir(folder)
+    paths = {f"{tmp}/", f"{folder.ray_dir}/"}
+    with contextlib.suppress(OSError):
+        paths.add(f"{folder.ray_dir.resolve()}/")
+    return Markers(environ=(f"FLWR_HOME={folder.flwr_home}", f"RAY_TMPDIR={tmp}"), cmdline=tuple(sorted(paths)))
 
 
-def kill_run_processes(folder: RunFolder, *, graceful: bool = True, timeout: float = 10.0) -> int:
-    """Stop every process of this run folder still alive; return how many would not die.
+def run_processes(folder: FlowerHome) -> list[int]:
+    """Process ids started for this folder (a run folder, the coordinator's or a daemon's home), on Linux."""
+    return process.find(run_markers(folder))
+
+
+def kill_run_processes(folder: FlowerHome, *, graceful: bool = True, timeout: float = 10.0) -> int:
+    """Stop every process of this folder still alive; return how many would not die.
 
     ``graceful``: SIGINT first and SIGKILL after ``timeout`` (Flower helpers started
     detached, at the end of a run). Otherwise SIGKILL at once: orphans of a crashed run
     must not finish another round into the folder while they are asked nicely.
     """
     pids = run_processes(folder)
-    for sig in (signal.SIGINT, signal.SIGKILL) if graceful else (signal.SIGKILL,):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + timeout
-        while pids and time.monotonic() < deadline:
-            pids = [p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)]
-            time.sleep(0.1)
-        if not pids:
-            break
-    return len(pids)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
+    if not graceful:
+        process.sweep(run_markers(folder))
+        return len(run_processes(folder))
+    return process.kill(pids, graceful=True, timeout=timeout)
 
 
 def start_run(
@@ -291,12 +316,15 @@ def start_run(
         cmd += ["--federation-config", federation_config]
     folder.logs_dir.mkdir(parents=True, exist_ok=True)
     with open(folder.logs_dir / "flower.log", "ab") as log:
-        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder.root)
+        return subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder.root, preexec_fn=process.dies_with_us()
+        )
 
 
 def last_error(folder: RunFolder) -> str:
     """What went wrong, from the run's Flower log: the coordinator's own error (a fedtune
-    error raised in the ServerApp) when there is one, else the last line that mentions an error."""
+    error raised in the ServerApp) when there is one, else the text of the last error box
+    `flwr` drew, else the last line that mentions an error."""
     log = folder.logs_dir / "flower.log"
     if not log.is_file():
         return "no Flower log was written"
@@ -304,10 +332,26 @@ def last_error(folder: RunFolder) -> str:
     for line in reversed(lines):
         if line.startswith("fedtune.errors.") and ": " in line:
             return line.split(": ", 1)[1][:400]
+    box = _last_box(lines)
+    if box:
+        return box[:400]
     for line in reversed(lines):
         if "error" in line.lower():
             return line[-400:]
     return lines[-1][-400:] if lines else "the Flower log is empty"
+
+
+def _last_box(lines: list[str]) -> str:
+    """The text inside the last box `flwr` drew (rich's panel: a top border, lines in │ │, a bottom)."""
+    end = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("╰")), None)
+    if end is None:
+        return ""
+    body: list[str] = []
+    for line in reversed(lines[:end]):
+        if not line.startswith("│"):
+            break
+        body.append(line.strip("│ "))
+    return " ".join(reversed(body)).strip()
 
 
 def flwr_run(
@@ -318,23 +362,39 @@ def flwr_run(
     gpus_per_client: float,
     on_poll: Callable[[], None] | None = None,
 ) -> None:
-    """Launch the run with ``flwr run`` against a fresh local SuperLink and wait for it."""
-    env = flower_env(folder)
+    """Launch the run with ``flwr run`` against a fresh local SuperLink and wait for it.
+
+    Every process of the run (the SuperLink, ``flwr run``, the ServerApp and Ray, which
+    Flower starts detached) is stopped when this returns or raises, and killed within
+    seconds by a watcher (:func:`fedtune.process.guarded`) if this process dies.
+    """
+    cleanup(folder)  # orphans of a crashed attempt would race this one
+    env = flower_env(folder)  # after the cleanup, which removes the temp link this makes
     write_app(folder)
-    kill_run_processes(folder, graceful=False)  # orphans of a crashed attempt would race this one
     federation = (
         f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client} "
         f"client-resources-num-gpus={gpus_per_client}"
     )
-    with local_superlink(folder, env):
-        proc = start_run(folder, env, federation_config=federation)
+    with process.guarded(run_markers(folder), unlink=[ray_tmpdir(folder)]) as watcher:
         try:
-            while proc.poll() is None:
-                if on_poll is not None:
-                    on_poll()
-                time.sleep(1.0)
+            with local_superlink(folder, env):
+                proc = start_run(folder, env, federation_config=federation)
+                try:
+                    while proc.poll() is None:
+                        if on_poll is not None:
+                            on_poll()
+                        time.sleep(0.5)
+                finally:
+                    stop_process(proc, grace=10)
         finally:
-            stop_process(proc, grace=10)
-    kill_run_processes(folder)  # Flower starts some helpers detached; stop them too
+            # Flower starts some helpers detached; stop them too, the watcher excepted
+            process.kill(process.find(run_markers(folder), exclude=[watcher]), graceful=True)
+            remove_ray_link(folder)
     if on_poll is not None:
         on_poll()
+
+
+def cleanup(folder: FlowerHome) -> None:
+    """Kill whatever of the folder's processes is left (a crashed run's) and remove its temp link."""
+    kill_run_processes(folder, graceful=False)
+    remove_ray_link(folder)

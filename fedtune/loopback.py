@@ -61,12 +61,11 @@ def until(check: Callable[[], bool], what: str, limit: float = 60.0, step: float
 
 
 def hospital_toml(name: str, *, address: str, health: str, model: str = "tiny", require_dp: bool = False) -> str:
-    """The example ``hospital.toml`` filled in for a loopback hospital."""
-    from fedtune.hospital import EXAMPLE
+    """The startup kit's ``hospital.toml`` (``fedtune server invite``) filled in for a loopback hospital."""
+    from fedtune.coordinator import kit_toml
 
     text = (
-        EXAMPLE.replace("st-elsewhere", name)
-        .replace("coordinator.example.org:9092", address)
+        kit_toml(name, address)
         .replace('path = "models/SmolLM2-135M-Instruct"', f'path = "{model}"')
         .replace("127.0.0.1:9094", health)
         .replace("require_dp = true", f"require_dp = {'true' if require_dp else 'false'}")

@@ -252,9 +252,11 @@ def write_summary(folder: RunFolder) -> str:
 
 
 def run_status(root: Path) -> dict[str, Any]:
-    """One line of `fedtune status` for a run folder: how far it got and how it ended."""
+    """One line of `fedtune status` for a run folder: how far it got, what it does now, how it ended."""
     from fedtune.checkpoint import latest_round
     from fedtune.errors import FedTuneError
+    from fedtune.live import ENDED, read_status
+    from fedtune.process import running
 
     folder = RunFolder(root)
     try:
@@ -265,16 +267,54 @@ def run_status(root: Path) -> dict[str, Any]:
     done, extra = latest if latest is not None else (0, {})
     records = round_records(folder)
     pooled = records[-1].get("eval", {}).get("pooled", {}) if records else {}
-    if extra.get("stopped"):
-        state = f"stopped: {extra['stopped']}"
+    live = read_status(root) or {}
+    phase, rnd = str(live.get("phase", "")), live.get("round", 0)
+    if live and phase not in ENDED:
+        if running(int(live.get("pid", 0)), "flwr"):
+            state = f"running: round {rnd}/{total}, {phase}{_counts(live, phase)}"
+        else:
+            state = f"interrupted in round {rnd}/{total} ({phase}); resume with `fedtune run --resume`"
+    elif extra.get("stopped"):
+        state = f"stopped{' (nothing trained)' if not done else ''}: {extra['stopped']}"
     elif folder.adapter_dir.is_dir() and done == total:
         state = "finished"
+    elif phase == "failed":
+        state = f"failed in round {rnd}/{total}: {live.get('reason', '')}"
     else:
         state = "incomplete (resume with `fedtune run --resume`)" if done else "not started"
     return {
         "run": root.name,
         "rounds": f"{done}/{total}",
         "state": state,
+        "flower run": live.get("flower-run-id") or "-",
         "last metric": pooled.get("metric", "-"),
         "hospitals last round": len(records[-1].get("train", {})) if records else 0,
     }
+
+
+def _counts(live: dict[str, Any], phase: str) -> str:
+    """`` (3 sampled, 1 answered)``: how the hospitals' messages of the phase stand."""
+    if phase not in ("train", "evaluate"):
+        return ""
+    states = [h.get(phase) for h in live.get("hospitals", {}).values() if h.get(phase)]
+    counted = {s: states.count(s) for s in dict.fromkeys(states)}
+    return f" ({', '.join(f'{n} {s}' for s, n in counted.items())})" if counted else ""
+
+
+def live_rows(live: dict[str, Any], names: dict[int, str]) -> list[dict[str, Any]]:
+    """Each hospital of a live run's current round: its train and evaluate state, and why.
+
+    ``names``: hospital names by Flower node id (the coordinator's registry), for a node
+    whose reply has not (or could not) prove who it is."""
+    rows = []
+    for node, entry in sorted(live.get("hospitals", {}).items()):
+        why = "; ".join(entry[k] for k in ("train-why", "evaluate-why") if entry.get(k))
+        rows.append(
+            {
+                "hospital": entry.get("hospital") or names.get(int(node), f"node {node}"),
+                "train": entry.get("train", "-"),
+                "evaluate": entry.get("evaluate", "-"),
+                "why": why or "-",
+            }
+        )
+    return rows

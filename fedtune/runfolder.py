@@ -7,6 +7,7 @@
 <run>/checkpoints/           round-NNNN.safetensors + latest.json
 <run>/metrics.jsonl          per round: per site and pooled
 <run>/witness.jsonl          every sealed reply received: its sender's audit head and content hash
+<run>/status.json            the round loop's live state: round, phase, each hospital's message (fedtune.live)
 <run>/audit/<site>.jsonl     (simulations) each simulated hospital's audit trail, with .head
 <run>/adapter/               the final global adapter in PEFT format
 <run>/baselines.json         base / local-only / centralized results
@@ -29,6 +30,7 @@ from fedtune.config import ExperimentConfig, load_config
 from fedtune.data import Example, load_records, write_records
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.keys import KeyPair, save_keys
+from fedtune.live import STATUS
 
 
 def new_folder(root: Path | None, *, parent: str, stem: str, what: str) -> Path:
@@ -58,6 +60,10 @@ class RunFolder:
     @property
     def metrics_path(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def status_path(self) -> Path:
+        return self.root / STATUS
 
     @property
     def witness_path(self) -> Path:

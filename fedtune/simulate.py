@@ -1,5 +1,11 @@
 """The researcher's simulation: prepare a run folder, run the federation on Flower's
 engine, run the baselines, write the table and plots. Resumable at every stage.
+
+A federation that stops before its last round (privacy budgets spent, every hospital
+refusing) is an outcome, not a crash: :func:`run_simulation` finishes the folder (a
+sweep or comparison tabulates it), and :func:`ended_early` is the error the single-run
+commands (``fedtune simulate``, ``fedtune run``) then exit with: 2 when nothing was
+trained (nothing is exported), 3 when the last trained round's adapter is.
 """
 
 from __future__ import annotations
@@ -15,8 +21,8 @@ from fedtune import clinical
 from fedtune.checkpoint import atomic_write_bytes, latest_round
 from fedtune.config import ExperimentConfig, replace
 from fedtune.data import Example, load_records, partition, split_train_eval
-from fedtune.errors import CheckpointError, ConfigError, FedTuneError
-from fedtune.launcher import flwr_run, last_error
+from fedtune.errors import CheckpointError, ConfigError, FedTuneError, StoppedEarly
+from fedtune.launcher import cleanup, flwr_run, last_error
 from fedtune.models import resolve_model_dir
 from fedtune.report import round_printer, write_summary
 from fedtune.runfolder import RunFolder, new_folder
@@ -88,11 +94,30 @@ def prepare_run(cfg: ExperimentConfig, *, run_dir: Path | None = None) -> RunFol
 
 
 def federation_done(folder: RunFolder, cfg: ExperimentConfig) -> bool:
-    """All rounds ran, or the federation stopped early (privacy budgets spent), and the adapter is out."""
+    """All rounds ran and the adapter is out, or the federation stopped early (privacy
+    budgets spent, every hospital refused) and what it trained, if anything, is out."""
     latest = latest_round(folder.root)
-    if latest is None or not folder.adapter_dir.is_dir():
+    if latest is None:
         return False
-    return latest[0] >= cfg.federation.rounds or bool(latest[1].get("stopped"))
+    done, extra = latest
+    if extra.get("stopped"):
+        return done == 0 or folder.adapter_dir.is_dir()
+    return done >= cfg.federation.rounds and folder.adapter_dir.is_dir()
+
+
+def ended_early(folder: RunFolder, cfg: ExperimentConfig) -> FedTuneError | None:
+    """Why a finished federation did not run every round, as the error its command exits with;
+    None when it ran them all (or has not ended)."""
+    latest = latest_round(folder.root)
+    if latest is None or not latest[1].get("stopped"):
+        return None
+    done, why = latest[0], str(latest[1]["stopped"])
+    if done == 0:
+        return FedTuneError(f"run {folder.root.name} trained nothing, so nothing was exported: {why}")
+    return StoppedEarly(
+        f"run {folder.root.name} stopped early, after round {done}/{cfg.federation.rounds}: {why}; "
+        f"the adapter of round {done} is exported to {folder.adapter_dir}"
+    )
 
 
 def run_simulation(folder: RunFolder, *, say: Say = print) -> str:
@@ -103,7 +128,9 @@ def run_simulation(folder: RunFolder, *, say: Say = print) -> str:
     start = time.perf_counter()
     say(f"preparing base model '{cfg.model.source}' ...")
     resolve_model_dir(cfg.model.source)  # convert/build once, before any worker starts
-    if not federation_done(folder, cfg):
+    if federation_done(folder, cfg):
+        cleanup(folder)  # a crashed attempt's processes and temp link, though the rounds are all done
+    else:
         show_new_rounds = round_printer(folder, total, say)
         latest = latest_round(folder.root)
         if latest is not None and latest[0] > 0:
@@ -130,7 +157,8 @@ def run_simulation(folder: RunFolder, *, say: Say = print) -> str:
     latest = latest_round(folder.root)
     if latest is not None and latest[1].get("stopped"):
         say(f"the federation stopped after round {latest[0]}/{total}: {latest[1]['stopped']}")
-    say(f"federation done in {time.perf_counter() - start:.0f}s; adapter: {folder.adapter_dir}")
+    exported = f"adapter: {folder.adapter_dir}" if folder.adapter_dir.is_dir() else "no round trained, no adapter"
+    say(f"federation done in {time.perf_counter() - start:.0f}s; {exported}")
     if cfg.run.baselines:
         from fedtune.baselines import run_baselines
 

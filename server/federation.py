@@ -4,6 +4,11 @@ Flower's ``Strategy.start`` always begins at round 1, so the loop is ours; the
 strategy's own ``configure_*`` / ``aggregate_*`` do the sampling and merging. A round
 is done when its checkpoint is written; a restarted coordinator continues after the
 last checkpoint and drops any metrics line of a round that did not finish.
+
+The loop keeps the run's ``status.json`` (:mod:`fedtune.live`) current: round, phase,
+and what became of each sampled hospital's message, for ``fedtune status``. It exports
+the global adapter only when at least one round was trained: a federation that stops
+before its first round (every hospital refused) exports nothing.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ from typing import Any
 
 import torch
 from fedtune.server.client_dp import ClientLevelDP
+from fedtune.server.grid import exchange
 from fedtune.server.secagg import secagg_train_round
 from fedtune.server.strategy import Combine, LoraStrategy, NormBounds, TrainReport
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid
 
 from fedtune import wire
@@ -26,6 +32,7 @@ from fedtune.config import ExperimentConfig
 from fedtune.delta import l2_norm
 from fedtune.errors import CheckpointError, FederationStopped, FedTuneError
 from fedtune.evaluate import EvalResult
+from fedtune.live import LiveStatus
 from fedtune.lora_merge import make_rule
 from fedtune.models import load_model_config, resolve_model_dir
 from fedtune.privacy import BudgetExceeded
@@ -179,6 +186,21 @@ def _secure_round(
     return wire.to_arrays(strategy.step(result.mean_delta))
 
 
+def _settle(live: LiveStatus, kind: str, nodes: dict[int, dict[str, str]]) -> None:
+    for node, outcome in nodes.items():
+        live.outcome(kind, node, outcome["state"], hospital=outcome["hospital"], why=outcome["why"])
+    live.settle(kind)
+
+
+def _exchange(
+    grid: Grid, messages: list[Message], *, kind: str, live: LiveStatus, timeout: float
+) -> list[Message]:
+    live.sampled(kind, [m.metadata.dst_node_id for m in messages])
+    return exchange(
+        grid, messages, timeout=timeout, on_reply=lambda msg: live.answered(kind, msg.metadata.src_node_id)
+    )
+
+
 def run_federation(
     grid: Grid,
     folder: RunFolder,
@@ -192,8 +214,34 @@ def run_federation(
 
     When the sites' privacy budgets (or the client-level DP limit) do not allow another
     round, the federation stops after its last completed round, says why, records the
-    stop in ``latest.json`` and exports that round's adapter.
+    stop in ``latest.json`` and exports that round's adapter (none when no round was
+    trained).
     """
+    live = LiveStatus(
+        folder.status_path,
+        rounds=cfg.federation.rounds,
+        flower_run_id=str(context.run_id) if context is not None else "",
+    )
+    try:
+        state, done, stopped = _rounds(grid, folder, cfg, live, opener=opener, context=context, say=say)
+    except FedTuneError as err:
+        live.end("failed", str(err))
+        raise
+    live.end("stopped" if stopped else "finished", stopped)
+    return state
+
+
+def _rounds(
+    grid: Grid,
+    folder: RunFolder,
+    cfg: ExperimentConfig,
+    live: LiveStatus,
+    *,
+    opener: wire.Opener | None,
+    context: Context | None,
+    say: Callable[[str], None],
+) -> tuple[State, int, str]:
+    """The round loop of :func:`run_federation`: (final adapter, rounds done, why it stopped or "")."""
     resumed, extra = _start_state(folder, cfg)
     done, state, meta = resumed.server_round, resumed.state, resumed.meta
     metrics = MetricsLog(folder.metrics_path)
@@ -220,7 +268,9 @@ def run_federation(
             break
         # before this process's first round wait for every hospital; later, for enough of them
         want = max(cfg.data.hospitals, need) if rnd == done + 1 else need
+        live.phase(rnd, "waiting")
         await_hospitals(grid, want=want, need=need, timeout=cfg.federation.join_timeout, say=say, why=why)
+        live.phase(rnd, "train")
         start = time.perf_counter()
         config = wire.instruction_config(num_rounds=rounds, run_id=folder.root.name)
         try:
@@ -229,10 +279,12 @@ def run_federation(
             if cfg.security.secure_aggregation:
                 arrays = _secure_round(grid, context, cfg, strategy, state, rnd, folder.root.name)
             else:
-                replies = grid.send_and_receive(
-                    strategy.configure_train(rnd, wire.to_arrays(state), config, grid), timeout=timeout
-                )
-                arrays, _ = strategy.aggregate_train(rnd, replies)
+                messages = list(strategy.configure_train(rnd, wire.to_arrays(state), config, grid))
+                replies = _exchange(grid, messages, kind="train", live=live, timeout=timeout)
+                try:
+                    arrays, _ = strategy.aggregate_train(rnd, replies)
+                finally:
+                    _settle(live, "train", strategy.report.nodes)
         except (FederationStopped, BudgetExceeded) as stop:
             stopped = str(stop)
             state_extra = {"client_dp": client_dp.state_dict()} if client_dp is not None else {}
@@ -247,10 +299,11 @@ def run_federation(
             raise FedTuneError(f"round {rnd}: no update could be merged")
         state = wire.from_arrays(arrays)
         train_seconds = time.perf_counter() - start
-        eval_replies = grid.send_and_receive(
-            strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(config)), grid), timeout=timeout
-        )
+        live.phase(rnd, "evaluate")
+        messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(config)), grid))
+        eval_replies = _exchange(grid, messages, kind="evaluate", live=live, timeout=timeout)
         evaluation = _eval_record(strategy.evaluate_replies(rnd, eval_replies))
+        _settle(live, "evaluate", strategy.eval_nodes)
         report = strategy.report
         record: dict[str, Any] = {
             "kind": "round",
@@ -271,6 +324,9 @@ def run_federation(
         save_checkpoint(folder.root, Checkpoint(rnd, state, meta, strategy.optimizer.state_dict()), extra=state_extra)
         done = rnd
         say(round_line(record, rounds))
+    if not done:  # round 0 is the untrained initial adapter: nothing to hand anyone
+        say(f"no round was trained: nothing exported ({stopped or 'no rounds configured'})")
+        return state, done, stopped
     export_peft(
         folder.adapter_dir,
         state,
@@ -278,5 +334,5 @@ def run_federation(
         base_model_path=str(resolve_model_dir(cfg.model.source)),
         base_sha256=meta[META_BASE],
     )
-    say(f"exported the global adapter (PEFT format) to {folder.adapter_dir}")
-    return state
+    say(f"exported the global adapter of round {done} (PEFT format) to {folder.adapter_dir}")
+    return state, done, stopped

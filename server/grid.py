@@ -12,7 +12,7 @@ it gains the same.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
@@ -60,14 +60,30 @@ class PromptGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``; collect their replies until all came or ``timeout`` seconds passed."""
-        waiting = set(self.grid.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while waiting:
-            got = list(self.grid.pull_messages(waiting))
-            replies.extend(got)
-            waiting.difference_update(m.metadata.reply_to_message_id for m in got)
-            if not waiting or (deadline is not None and time.monotonic() >= deadline):
-                break
-            time.sleep(self.poll)
-        return replies
+        return exchange(self.grid, messages, timeout=timeout, poll=self.poll)
+
+
+def exchange(
+    grid: Grid,
+    messages: Iterable[Message],
+    *,
+    timeout: float | None,
+    poll: float = POLL_SECONDS,
+    on_reply: Callable[[Message], None] | None = None,
+) -> list[Message]:
+    """Push ``messages`` through ``grid``; collect their replies until all came or ``timeout``
+    seconds passed, telling ``on_reply`` about each as it arrives (the run's live status)."""
+    waiting = set(grid.push_messages(messages))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while waiting:
+        got = list(grid.pull_messages(waiting))
+        replies.extend(got)
+        if on_reply is not None:
+            for msg in got:
+                on_reply(msg)
+        waiting.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not waiting or (deadline is not None and time.monotonic() >= deadline):
+            break
+        time.sleep(poll)
+    return replies

@@ -64,6 +64,11 @@ class TrainReport:
     refused: list[dict[str, str]] = field(default_factory=list)
     download_bytes: int = 0
     client_dp: dict[str, float] = field(default_factory=dict)
+    # per sampled node: its state (accepted, refused, rejected, no reply), who it proved to be, and why
+    nodes: dict[int, dict[str, str]] = field(default_factory=dict)
+
+    def node(self, node: int, state: str, *, hospital: str = "", why: str = "") -> None:
+        self.nodes[node] = {"state": state, "hospital": hospital, "why": why}
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,8 @@ class LoraStrategy(FedAvg):
         self.witness = witness
         self._expected: dict[str, wire.Expected] = {}
         self._sent_train = 0
+        # per node of the round's evaluation: (state, hospital, why), as TrainReport.nodes
+        self.eval_nodes: dict[int, dict[str, str]] = {}
 
     # -- requests ----------------------------------------------------------------------
     def _challenge(self, server_round: int, config: ConfigRecord, kind: str) -> None:
@@ -207,6 +214,8 @@ class LoraStrategy(FedAvg):
         messages = self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
         self._sent_train = len(messages)
         self.report = TrainReport(download_bytes=wire.message_bytes(messages[0].content) if messages else 0)
+        for n in nodes:
+            self.report.node(n, "no reply")  # until its reply says otherwise
         return messages
 
     def configure_evaluate(
@@ -214,6 +223,7 @@ class LoraStrategy(FedAvg):
     ) -> Iterable[Message]:
         self._challenge(server_round, config, "evaluate")
         nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        self.eval_nodes = {n: {"state": "no reply", "hospital": "", "why": ""} for n in nodes}
         return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE)
 
     # -- replies -----------------------------------------------------------------------
@@ -264,9 +274,13 @@ class LoraStrategy(FedAvg):
         self.base_sha256 = Counter(i.base_sha256 for i in identities).most_common(1)[0][0]
         log(INFO, "base model pinned to %s", self.base_sha256[:12])
 
-    def _reject(self, server_round: int, site: str, reason: str) -> None:
+    def _reject(
+        self, server_round: int, site: str, reason: str, *, msg: Message | None = None, proven: bool = False
+    ) -> None:
         log(WARNING, "round %d: rejected update from %s: %s", server_round, site, reason)
         self.report.rejected.append({"site": site, "reason": reason})
+        if msg is not None:
+            self.report.node(msg.metadata.src_node_id, "rejected", hospital=site if proven else "", why=reason)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -280,11 +294,13 @@ class LoraStrategy(FedAvg):
             try:
                 item = self._open(msg, kind="train", server_round=server_round)
             except (UpdateRejected, InvalidEnvelope) as err:
-                self._reject(server_round, _site_hint(msg), str(err))
+                self._reject(server_round, _site_hint(msg), str(err), msg=msg)
                 continue
             if isinstance(item, wire.Refusal):
                 log(WARNING, "round %d: %s refused to train: %s", server_round, item.identity.site, item.reason)
                 self.report.refused.append({"site": item.identity.site, "kind": item.kind, "reason": item.reason})
+                node = msg.metadata.src_node_id
+                self.report.node(node, "refused", hospital=item.identity.site, why=f"{item.kind}: {item.reason}")
             else:
                 opened.append((msg, item))
         self._pin_base([reply.identity for _, reply in opened])
@@ -299,7 +315,7 @@ class LoraStrategy(FedAvg):
                 if any(r.identity.site == site for _, r in valid):
                     raise UpdateRejected("a second update from the same hospital in one round")
             except UpdateRejected as err:
-                self._reject(server_round, site, str(err))
+                self._reject(server_round, site, str(err), msg=msg, proven=self.opener is not None)
                 continue
             valid.append((msg, reply))
         computed = self.rule.updates(self.current, [r.delta or {} for _, r in valid])
@@ -308,9 +324,11 @@ class LoraStrategy(FedAvg):
         if len(valid) < self.min_updates:
             if self.report.refused:
                 sites = ", ".join(f"{r['site']}: {r['kind']}" for r in self.report.refused)
+                reasons = "; ".join(dict.fromkeys(r["reason"][:200] for r in self.report.refused if r["reason"]))
                 raise FederationStopped(
                     f"round {server_round}: {len(self.report.refused)} site(s) refused to train ({sites}), "
                     f"leaving {len(valid)} valid update(s) of the {self.min_updates} a round needs"
+                    + (f"; why: {reasons}" if reasons else "")
                 )
             raise FedTuneError(
                 f"round {server_round}: only {len(valid)} valid update(s), the round needs "
@@ -319,6 +337,7 @@ class LoraStrategy(FedAvg):
             )
         kept = [updates[reply.identity.site] for _, reply in valid]
         for msg, reply in valid:
+            self.report.node(msg.metadata.src_node_id, "accepted", hospital=reply.identity.site)
             self.report.accepted[reply.identity.site] = {
                 **reply.metrics,
                 "num-examples": float(reply.num_examples),
@@ -349,7 +368,7 @@ class LoraStrategy(FedAvg):
         for i, item in enumerate(valid):
             reason = self.bounds.violation(norms[i], norms[:i] + norms[i + 1 :])
             if reason:
-                self._reject(server_round, item[1].identity.site, reason)
+                self._reject(server_round, item[1].identity.site, reason, msg=item[0], proven=self.opener is not None)
             else:
                 kept.append(item)
         return kept
@@ -358,6 +377,8 @@ class LoraStrategy(FedAvg):
         """Per-site evaluation sums from evaluate replies (bad ones are logged and skipped)."""
         results: dict[str, EvalResult] = {}
         for msg in replies:
+            node = msg.metadata.src_node_id
+            self.eval_nodes[node] = {"state": "failed", "hospital": "", "why": ""}
             try:
                 reply = self._open(msg, kind="evaluate", server_round=server_round)
                 if isinstance(reply, wire.Refusal):
@@ -371,8 +392,10 @@ class LoraStrategy(FedAvg):
                     exact_sum=m["exact-sum"],
                     n=reply.num_examples,
                 )
+                self.eval_nodes[node] = {"state": "evaluated", "hospital": reply.identity.site, "why": ""}
             except (UpdateRejected, InvalidEnvelope, KeyError) as err:
                 log(WARNING, "round %d: evaluation reply from %s ignored: %s", server_round, _site_hint(msg), err)
+                self.eval_nodes[node]["why"] = str(err)
         return results
 
 

@@ -5,8 +5,11 @@ hospitals with their daemons) serves the module's tests in order: outsiders hold
 the public ``ca.pem`` try to steer it while a real run goes on, which must finish; a
 foreign app submitted through the coordinator's own control channel is refused by every
 hospital; a stranger and a hospital without TLS are refused; a removed hospital is
-re-admitted with a new node key. The fault tests (a hospital killed mid-round, the
-coordinator SIGKILLed and resumed) build their own federations.
+re-admitted with a new node key; a run every hospital refuses ends non-zero exporting
+nothing; a run interrupted with Ctrl-C is stopped at the coordinator, seen live by
+`fedtune status` first; and, last, the coordinator itself is stopped with Ctrl-C while
+that run resumes. The fault tests (a hospital killed mid-round, the coordinator
+SIGKILLed and resumed) build their own federations.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import tomli_w
 
 from fedtune import coordinator
 from fedtune.cli import main
+from fedtune.live import TRAIN_STATES, read_status
 from fedtune.loopback import HOSPITALS, Loopback, federation, fedtune_process, stop, until
 
 pytestmark = pytest.mark.timeout(420)
@@ -136,6 +140,10 @@ def test_outsiders_cannot_steer_the_federation_while_it_runs(fed: Loopback, tmp_
     records = round_records(RunFolder(run_dir))
     assert [r["round"] for r in records] == [1, 2]
     assert all(set(r["train"]) == set(NAMES) and not r["rejected"] for r in records)
+    live = read_status(run_dir)  # the round loop's last word: every hospital of round 2, by name
+    assert live is not None and (live["phase"], live["round"]) == ("finished", 2)
+    outcomes = {(h["hospital"], h["train"], h["evaluate"]) for h in live["hospitals"].values()}
+    assert outcomes == {(name, "accepted", "evaluated") for name in NAMES}
     for name in NAMES:
         logged = [str(r["message"]) for r in fed.log(name)]
         served = [m for m in logged if "s in the daemon's process" in m]
@@ -213,6 +221,111 @@ def test_a_removed_hospital_comes_back_with_a_new_node_key(fed: Loopback, capsys
     fed.admit(name)
     fed.start_daemon(name)
     fed.wait_online([name])
+
+
+def test_a_run_every_hospital_refuses_exits_non_zero_and_exports_nothing(fed: Loopback, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from fedtune.report import run_status
+
+    run_cfg = tmp_path / "run.toml"  # DP noise under the hospitals' floor (`privacy.min_noise_multiplier` 0.5)
+    run_cfg.write_text(
+        RUN_TOML.format(name="refused", rounds=2, min_clients=0, timeout=120.0)
+        + "[dp]\nenabled = true\nnoise_multiplier = 0.1\n"
+    )
+    capsys.readouterr()
+    assert main(["run", str(run_cfg), "--home", str(fed.home.root)]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "trained nothing, so nothing was exported: round 1: 3 site(s) refused" in err
+    assert "below this hospital's floor 0.5" in err and "exported" not in out
+    (run_dir,) = [p for p in fed.home.runs_dir.iterdir() if p.name.startswith("refused-")]
+    assert not (run_dir / "adapter").exists()
+    assert run_status(run_dir)["state"].startswith("stopped (nothing trained): round 1: 3 site(s) refused")
+    live = read_status(run_dir)
+    assert live is not None and live["phase"] == "stopped"
+    assert {(h["hospital"], h["train"]) for h in live["hospitals"].values()} == {(n, "refused") for n in NAMES}
+
+
+def _slow_run(tmp_path: Path) -> Path:
+    """A run whose rounds take seconds (enough local steps), so a test can act mid-run."""
+    run_cfg = tmp_path / "slow.toml"
+    text = RUN_TOML.format(name="slow", rounds=3, min_clients=0, timeout=120.0)
+    run_cfg.write_text(text.replace("local_steps = 2", "local_steps = 20"))
+    return run_cfg
+
+
+def _live(fed: Loopback, round_at_least: int) -> tuple[str, dict[str, object]]:
+    """Wait (bounded) until `fedtune status` shows a run live in round ``round_at_least`` or later, training."""
+    seen: list[tuple[str, dict[str, object]]] = []
+
+    def live() -> bool:
+        for run, entry in coordinator.status_data(fed.home)["live"].items():
+            if int(entry["round"]) >= round_at_least and entry["phase"] == "train":
+                seen.append((run, entry))
+                return True
+        return False
+
+    until(live, f"a run live in round {round_at_least}", limit=240, step=0.5)
+    return seen[-1]
+
+
+def test_ctrl_c_of_fedtune_run_stops_the_run_at_the_coordinator(fed: Loopback, tmp_path: Path) -> None:
+    run = fedtune_process("run", str(_slow_run(tmp_path)), "--home", str(fed.home.root), log=tmp_path / "run.out")
+    try:
+        run_name, live = _live(fed, 1)
+        # while it trains, `fedtune status` names the Flower run and every hospital's state in the round
+        run_id = str(live["flower-run-id"])
+        assert run_id in {r["run-id"] for r in coordinator.flwr_cli(fed.home, "ls")["runs"]}
+        rows = live["hospitals"]
+        assert isinstance(rows, list) and {r["hospital"] for r in rows} == set(NAMES)
+        assert all(r["train"] in TRAIN_STATES for r in rows)
+        os.killpg(run.pid, signal.SIGINT)  # Ctrl-C in the researcher's terminal
+        assert run.wait(timeout=60) == 130
+    finally:
+        stop(run)
+    said = (tmp_path / "run.out").read_text()
+    folder = fed.home.runs_dir / run_name
+    assert f"continue with `fedtune run --resume {folder} --home {fed.home.root}`" in said
+    assert "fedtune simulate" not in said
+    status = read_status(folder)
+    assert status is not None and not _alive(int(status["pid"]))  # its ServerApp is gone: no second trainer
+    assert coordinator.status_data(fed.home)["live"] == {}
+
+
+def _alive(pid: int) -> bool:
+    from fedtune.process import running
+
+    return running(pid, "flwr")
+
+
+def test_a_sigint_of_the_coordinator_mid_run_ends_it_within_10_s_and_fedtune_run_names_it(
+    fed: Loopback, tmp_path: Path
+) -> None:
+    """Last of the module's shared federation: its coordinator is stopped for good here."""
+    from fedtune.launcher import run_processes
+
+    (folder,) = [p for p in fed.home.runs_dir.iterdir() if p.name.startswith("slow-")]
+    run = fedtune_process("run", "--resume", str(folder), "--home", str(fed.home.root), log=tmp_path / "run.out")
+    server = fed.server
+    assert server is not None
+    try:
+        done = len(round_records_of(folder))
+        _live(fed, done + 1)
+        os.killpg(server.pid, signal.SIGINT)  # Ctrl-C in the coordinator's terminal
+        assert server.wait(timeout=10) == 0  # bounded: everything is stopped within 10 s
+        assert run.wait(timeout=10) == 2
+    finally:
+        stop(run)
+    said = (tmp_path / "run.out").read_text().strip().splitlines()[-1]
+    assert said.startswith(f"fedtune: error: the coordinator's SuperLink stopped during round {done + 1}/3"), said
+    assert f"continue with `fedtune run --resume {folder} --home {fed.home.root}`" in said
+    assert run_processes(fed.home) == []  # no SuperLink, SuperExec, ServerApp or `flwr run` left
+    assert not fed.home.server_json.exists()
+
+
+def round_records_of(folder: Path) -> list[dict[str, object]]:
+    from fedtune.report import round_records
+    from fedtune.runfolder import RunFolder
+
+    return round_records(RunFolder(folder))
 
 
 def test_a_hospital_without_tls_material_is_refused_unless_insecure(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -50,6 +50,7 @@ def test_budgets_run_out_mid_federation_and_persist_across_runs(tiny_cfg, tmp_pa
     run_simulation(second, say=lines.append)
     assert round_records(second) == []
     assert any("stopped after round 0/4" in line and "privacy-budget" in line for line in lines)
+    assert not second.adapter_dir.exists()  # round 0 is the untrained adapter: nothing is exported
     for site in first.sites():
         (row,) = PrivacyLedger.open(ledgers / f"{site}.json").report()
         assert row["releases"] == 2 and row["runs"] == 1 and row["epsilon"] == pytest.approx(two)

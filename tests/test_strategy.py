@@ -272,3 +272,32 @@ def test_the_adapter_travels_packed_and_malformed_packing_is_refused() -> None:
         wire.from_arrays(ArrayRecord({wire.INDEX: Array.from_numpy_ndarray(bad), wire.PACKED: record[wire.PACKED]}))
     with pytest.raises(ValueError, match="holds `index` and `adapter`"):
         wire.from_arrays(ArrayRecord({"a.weight": Array.from_numpy_ndarray(np.zeros(3, np.float32))}))
+
+
+def test_each_sampled_node_gets_its_outcome_and_a_stop_says_why_sites_refused() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedtune.errors import FederationStopped
+
+    def from_node(node: int, msg: Message) -> Message:
+        TaskIdentity._node_id = node  # type: ignore[attr-defined] # a reply's sender (the fixture restores it)
+        return Message(content=msg.content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+    s = _strategy(min_updates=1)
+    s.report.node(14, "no reply")  # sampled, as configure_train records it; never answers
+    nan = _delta(0.0)
+    nan["l.lora_A.weight"][0, 0] = float("nan")
+    replies = [from_node(11, _reply("a", _delta(1.0))), from_node(12, _refusal("b")), from_node(13, _reply("c", nan))]
+    s.aggregate_train(1, replies)
+    assert {n: o["state"] for n, o in s.report.nodes.items()} == {
+        11: "accepted",
+        12: "refused",
+        13: "rejected",
+        14: "no reply",
+    }
+    assert s.report.nodes[12] == {"state": "refused", "hospital": "b", "why": "privacy-budget: b: budget spent"}
+    assert "NaN or Inf" in s.report.nodes[13]["why"] and s.report.nodes[13]["hospital"] == ""  # unsealed: a claim
+
+    stopper = _strategy(min_updates=2)
+    with pytest.raises(FederationStopped, match=r"refused to train .*; why: a: budget spent; b: budget spent$"):
+        stopper.aggregate_train(1, [from_node(1, _refusal("a")), from_node(2, _refusal("b"))])
