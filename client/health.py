@@ -285,7 +285,7 @@ class Watch:
         if text.startswith("Connection attempt failed, retrying in"):
             self.attempts += 1
             self.link.update(attempts=self.attempts)
-        if text.startswith(CHATTER):
+        if not text or text.startswith(CHATTER):  # Flower logs an empty line before each message
             return "DEBUG", []
         match = NODE_ID.match(text)
         if match:

@@ -173,22 +173,45 @@ def install_reporting(module: ModuleType) -> bool:
 PARENT_ENV = "FEDTUNE_DAEMON_PID"
 
 
+ORPHAN_SIGNAL = "SIGUSR2"  # what the kernel sends when the daemon dies (prctl), handled here
+
+
 def die_with_parent(parent: int) -> None:
-    """Linux: get SIGTERM when the daemon that started us dies, however it dies (SIGKILL, OOM).
+    """Linux: leave cleanly when the daemon that started us dies, however it dies (SIGKILL, OOM).
 
     A SuperNode that outlives its daemon keeps the hospital "online" at the coordinator
     while nothing serves its messages, and holds the daemon's port against a restart.
-    SIGTERM lets Flower's handler leave cleanly (the coordinator sees it go at once).
+    The kernel signals us (``PR_SET_PDEATHSIG``); we point stdout and stderr at
+    /dev/null and hand Flower a SIGTERM, whose handler leaves the coordinator (it
+    deactivates the node: the coordinator sees it go at once, a restarted daemon is
+    admitted at once). Without the redirect, that handler's first log line went to the
+    dead daemon's pipe (BrokenPipeError). The signal is handled once: it can come twice, and
+    a second SIGTERM finds the default action Flower's handler restores. Either way the
+    SuperNode died without leaving, the coordinator counted it online for another 60 s and
+    refused the restarted daemon.
     """
     import ctypes
     import signal
 
+    def orphaned(_signum: int, _frame: object) -> None:
+        # once: the kernel may signal again (seen: twice within 50 ms as the daemon's threads die),
+        # and a second SIGTERM would meet the default action Flower's handler restores: death
+        # before the node has left
+        signal.signal(orphan, signal.SIG_IGN)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        signal.raise_signal(signal.SIGTERM)  # Flower's graceful exit (or the default: terminate)
+
+    orphan = getattr(signal, ORPHAN_SIGNAL)
+    signal.signal(orphan, orphaned)
     pr_set_pdeathsig = 1
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+    if libc.prctl(pr_set_pdeathsig, orphan, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:  # the daemon died before we asked
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), orphan)
 
 
 def main() -> None:

@@ -222,9 +222,10 @@ def test_tracebacks_and_chatter_stay_out_of_the_console(tmp_path: Path) -> None:
         "    time.sleep(6)\n",
         "KeyboardInterrupt\n",
         _flower("INFO", "Uvicorn running on http://127.0.0.1:5 (Press CTRL+C to quit)"),
+        _flower("INFO", ""),
         _flower("INFO", "Received successfully"),
     )
-    assert [level for level, _ in heard] == ["DEBUG"] * 5 + ["INFO"]
+    assert [level for level, _ in heard] == ["DEBUG"] * 6 + ["INFO"]
     code = watch.ended(1)
     assert code.action == "fail" and code.said[0].message == "the SuperNode exited with code 1"
 
