@@ -250,6 +250,14 @@ class HospitalConfig:
                     f"{where(f)} is required (TLS and node authentication are on unless --insecure); "
                     "see `fedtune client example-config`"
                 )
+        given = {"coordinator.ca": "ca.pem", "coordinator.envelope_key": "coordinator.pub"}
+        for f, name in given.items():
+            p = self.path(required[f]) if f in required else None
+            if p is not None and not p.exists():  # the hospital does not make these: the coordinator gives them
+                raise ConfigError(
+                    f"{where(f)}: {p} does not exist: copy the coordinator's {name} there (it is public: the "
+                    "coordinator sends it with your admission; compare its fingerprint, `fedtune pki show`)"
+                )
         try:
             if not insecure:
                 pki.load_cert(self.path(self.coordinator.ca), "CA certificate")

@@ -62,7 +62,12 @@ def test_the_example_config_is_valid_and_paths_are_relative_to_it(hospital_dir: 
         ("budget_epsilon = 8.0", 'budget_epsilon = "eight"', "`privacy.budget_epsilon` must be float"),
         ('health = "127.0.0.1:9094"', 'health = "0.0.0.0:9094"', "`daemon.health` must listen on loopback"),
         ('train = ["data/train.jsonl"]', 'train = ["data/missing.jsonl"]', "`data.train[0]`: "),
-        ('ca = "keys/ca.pem"', 'ca = "keys/nothing.pem"', "nothing.pem: no such CA certificate"),
+        ('ca = "keys/ca.pem"', 'ca = "keys/nothing.pem"', "nothing.pem does not exist: copy the coordinator's ca.pem"),
+        (
+            'envelope_key = "keys/coordinator.pub"',
+            'envelope_key = "keys/gone.pub"',
+            "gone.pub does not exist: copy the coordinator's coordinator.pub there",
+        ),
         ('node_key = "keys/st-elsewhere.node.key"', 'node_key = "keys/x.node.key"', "x.node.key: no such node key"),
         ('envelope_key = "keys/st-elsewhere.key"', 'envelope_key = "keys/coordinator.pub"', "coordinator.pub has mode"),
         ('path = "tiny"', 'path = "data"', "`model.path`: "),
