@@ -127,7 +127,7 @@ class StructuredLog:
     """
 
     def __init__(
-        self, path: Path, hospital: str, echo: IO[str] | None = sys.stderr, *, max_bytes: int = 0, backups: int = 0
+        self, path: Path, hospital: str, echo: IO[str] | None, *, max_bytes: int = 0, backups: int = 0
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
@@ -175,11 +175,12 @@ class StructuredLog:
 EXIT_REFUSED = 3  # the coordinator refuses this hospital: restarting will not help (systemd: RestartPreventExitStatus)
 
 
-def run_daemon(config: Path, *, insecure: bool = False, max_retries: int = 0, echo: IO[str] | None = sys.stderr) -> int:
+def run_daemon(config: Path, *, insecure: bool = False, max_retries: int = 0, echo: bool = True) -> int:
     """Validate, serve the health routes, run the SuperNode until SIGINT/SIGTERM or a refusal.
 
     Exit status: 0 when stopped, 3 when the coordinator refuses this hospital (not
     registered, removed, clock), 1 when it gave up (``--max-retries``) or the SuperNode failed.
+    ``echo``: plain lines on the ``sys.stderr`` of the call (not of the import: tests swap it).
     """
     from fedtune.client.ledger import check_ledger_current
 
@@ -190,7 +191,11 @@ def run_daemon(config: Path, *, insecure: bool = False, max_retries: int = 0, ec
     link = Link(who)
     health = _health_server(cfg, link)  # first: a second daemon of this hospital stops here, one line
     log = StructuredLog(
-        cfg.log_path, cfg.name, echo, max_bytes=int(cfg.daemon.log_max_mb * 2**20), backups=cfg.daemon.log_backups
+        cfg.log_path,
+        cfg.name,
+        sys.stderr if echo else None,
+        max_bytes=int(cfg.daemon.log_max_mb * 2**20),
+        backups=cfg.daemon.log_backups,
     )
     with contextlib.ExitStack() as stack:
         stack.callback(log.close)
