@@ -10,6 +10,8 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -353,17 +355,23 @@ def test_the_flower_behaviour_the_daemon_relies_on_is_pinned() -> None:
     assert constant.HEARTBEAT_MIN_INTERVAL > 0
 
 
-def test_the_daemon_refuses_to_start_twice_on_one_health_port(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_a_second_daemon_stops_at_once_and_a_start_clears_a_stale_supernode(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     import socket
+    import subprocess
+    import sys
+
+    from fedtune.client.daemon import _clear_stale, _DaemonHome
 
     from fedtune.cli import main
     from fedtune.hospital import load_hospital_config
+    from fedtune.launcher import run_processes
     from fedtune.loopback import Loopback
 
     fed = Loopback(tmp_path)
     fed.pki()
     config = fed.add_hospital("st-elsewhere", 0)
-    host, _, port = load_hospital_config(config).daemon.health.rpartition(":")
+    cfg = load_hospital_config(config)
+    host, _, port = cfg.daemon.health.rpartition(":")
     with socket.socket() as taken:
         taken.bind((host, int(port)))
         taken.listen()
@@ -371,7 +379,29 @@ def test_the_daemon_refuses_to_start_twice_on_one_health_port(tmp_path: Path, ca
         assert main(["client", "start", "--config", str(config), "--max-retries", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "`daemon.health` 127.0.0.1:" in err and "already running?" in err
-    assert not (config.parent / "state" / "client.log.jsonl").exists()  # stopped before it started anything
+    assert not cfg.log_path.exists()  # stopped before it started anything
+
+    # a SuperNode an earlier daemon left (its Flower home is this hospital's): stopped, and said so
+    home = _DaemonHome(cfg.state_dir)
+    env = {**os.environ, "FLWR_HOME": str(home.flwr_home)}
+    stale = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while stale.pid not in run_processes(home):  # type: ignore[arg-type]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        log = StructuredLog(cfg.log_path, cfg.name, None)
+        _clear_stale(cfg, log)
+        log.close()
+        assert stale.wait(timeout=30) != 0
+        (said,) = [json.loads(line) for line in cfg.log_path.read_text().splitlines()]
+        assert said["level"] == "WARNING" and said["message"] == (
+            f"stopped 1 process(es) left by an earlier daemon of this hospital (pid {stale.pid})"
+        )
+    finally:
+        if stale.poll() is None:
+            stale.kill()
+            stale.wait()
 
 
 def test_a_stopping_runtime_gives_up_its_retries_at_once() -> None:
