@@ -187,7 +187,7 @@ def run_daemon(config: Path, *, insecure: bool = False, max_retries: int = 0, ec
     cfg = load_hospital_config(config, insecure=insecure)
     check_ledger_current(cfg.ledger_path, cfg.audit_path)  # an older copy of the ledger: refused, one line
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    who = _identity(cfg, insecure=insecure)
+    who = hospital_identity(cfg, insecure=insecure)
     link = Link(who)
     health = _health_server(cfg, link)  # first: a second daemon of this hospital stops here, one line
     log = StructuredLog(
@@ -324,7 +324,8 @@ def _supervise(
     return code
 
 
-def _identity(cfg: HospitalConfig, *, insecure: bool) -> Identity:
+def hospital_identity(cfg: HospitalConfig, *, insecure: bool) -> Identity:
+    """What the daemon's and ``client check --dial``'s lines name: the config's words, the key's fingerprint."""
     from fedtune import pki
 
     fingerprint = (

@@ -214,10 +214,10 @@ def _client_check(args: argparse.Namespace) -> int:
         flush=True,
     )
     if args.dial:
-        from fedtune.client.daemon import _identity
+        from fedtune.client.daemon import hospital_identity
         from fedtune.client.dial import dial
 
-        done = dial(cfg, _identity(cfg, insecure=False))
+        done = dial(cfg, hospital_identity(cfg, insecure=False))
         print(
             f"dial {done.address}: OK: reached; TLS verified with `coordinator.ca` ({cfg.coordinator.ca}) for "
             f"{done.names}; node key {done.fingerprint} admitted by the coordinator"
