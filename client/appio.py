@@ -62,19 +62,30 @@ Say = Callable[[str, str], None]  # (level, message)
 _RETRY_STATUS = frozenset({502, 503, 504})
 
 
-def local_retry(max_time: float = 30.0) -> RetryInvoker:
+def local_retry(max_time: float = 30.0, stop: threading.Event | None = None) -> RetryInvoker:
     """Retries for calls to the SuperNode on loopback: transport errors and 502-504, for at most ``max_time`` s.
 
     Not Flower's ``make_simple_http_retry_invoker``: it retries for ever, and answers a 401
     by sending SIGINT to its own process, which suits a throwaway ``flwr-clientapp`` but
     would stop the daemon; a task stuck in it would also stop every task after it.
+    ``stop`` (the runtime stopping) ends the waits and gives up at once: a task whose input
+    never comes (a run that stopped) must not hold the daemon's exit, whose interpreter
+    waits for Flower's object-pull threads.
     """
+    stopping = stop or threading.Event()
+
+    def wait(seconds: float) -> None:
+        stopping.wait(seconds)
+
     return RetryInvoker(
         wait_gen_factory=lambda: exponential(max_delay=2),
         recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
         max_tries=None,
         max_time=max_time,
-        should_giveup=lambda e: isinstance(e, httpx.HTTPStatusError) and e.response.status_code not in _RETRY_STATUS,
+        should_giveup=lambda e: (
+            stopping.is_set() or (isinstance(e, httpx.HTTPStatusError) and e.response.status_code not in _RETRY_STATUS)
+        ),
+        wait_function=wait,
     )
 
 
@@ -172,7 +183,7 @@ class AppRuntime:
 
     def serve(self, token: str) -> None:
         """Pull one task's input, check its run, run the app (or refuse), push the reply."""
-        retry = local_retry()
+        retry = local_retry(stop=self._stop)
         client = RuntimeHttpClient.from_server_address(
             server_address=self.address,
             insecure=True,

@@ -147,6 +147,11 @@ class WitnessVerdict:
         return self.bad == 0
 
 
+def lock_path(log: Path) -> Path:
+    """The trail's lock file: held by every append, and by ``fedtune client backup`` while it copies."""
+    return Path(log).with_name(Path(log).name + ".lock")
+
+
 class _HeadUnreadable(Exception):
     pass
 
@@ -161,8 +166,7 @@ class AuditLog:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(lock_path(self.path), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

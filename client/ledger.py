@@ -106,7 +106,12 @@ class PrivacyLedger:
     # -- files ------------------------------------------------------------------------
     @property
     def records_dir(self) -> Path:
-        return self.path.with_name(self.path.name + ".records")
+        return self.records_path(self.path)
+
+    @staticmethod
+    def records_path(ledger: Path) -> Path:
+        """The folder of each dataset's record digests, beside the ledger (back it up with it)."""
+        return Path(ledger).with_name(Path(ledger).name + ".records")
 
     def _digests_path(self, dataset: str) -> Path:
         return self.records_dir / f"{dataset}.digests"
@@ -140,7 +145,7 @@ class PrivacyLedger:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(lock_path(self.path), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._refresh()
@@ -367,6 +372,11 @@ class LedgerRolledBack(PrivacyError):
             "this hospital's privacy ledger is older than what it already sent (a restored copy); "
             "it trains no more until its operators restore the newest ledger"
         )
+
+
+def lock_path(ledger: Path) -> Path:
+    """The ledger's lock file: held by every write, and by ``fedtune client backup`` while it copies."""
+    return Path(ledger).with_name(Path(ledger).name + ".lock")
 
 
 def check_ledger_current(ledger_path: Path, audit_path: Path) -> int:

@@ -17,16 +17,33 @@ The pacing replaces the ``time`` module seen by ``flwr.supernode.start_client_in
 (and wraps its message pull to note activity) only when that module is the one this was
 written against; otherwise the SuperNode runs unchanged and says so
 (tests/test_supernode.py checks the pins).
+
+It also reports every failed Fleet call to the daemon as one line,
+``fedtune-supernode-event {...}`` (the call, the error, the HTTP status, Flower's error
+code, how far this machine's clock is from the coordinator's), and the first success
+after a failure. Flower logs why a connection attempt failed only at DEBUG, turns a
+certificate error into a generic exit and answers a 401 (this node key removed) with
+SIGINT to itself, sometimes twice (a KeyboardInterrupt traceback); the daemon
+(:mod:`fedtune.client.health`) names the cause from these facts instead. A 401 ends the
+SuperNode at once with ``EXIT_UNAUTHORIZED``: nothing it could send would be accepted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable
+from email.utils import parsedate_to_datetime
 from types import ModuleType
 from typing import Any
+
+EVENT_PREFIX = "fedtune-supernode-event "
+EXIT_UNAUTHORIZED = 77  # the coordinator answered 401: this node key is not accepted (any more)
 
 FLOWER_PULL_WAIT = 3  # the literals in flwr/supernode/start_client_internal.py (flwr 1.41)
 FLOWER_PUSH_WAIT = 0.5
@@ -85,31 +102,120 @@ def install(module: ModuleType, pacer: Pacer) -> bool:
     return True
 
 
+def call_failure(call: str, err: BaseException, *, now: Callable[[], float] = time.time) -> dict[str, Any]:
+    """What a failed Fleet call tells the daemon: facts only, the daemon names the cause."""
+    import httpx
+    from flwr.supercore.error import FlowerError
+
+    fact: dict[str, Any] = {"event": "failed", "call": call, "error": f"{type(err).__name__}: {err}"[:400]}
+    fact["error"] = " ".join(fact["error"].split())
+    if isinstance(err, httpx.HTTPStatusError):
+        response = err.response
+        fact["status"] = response.status_code
+        try:
+            flower = FlowerError.from_json(response.text)
+        except Exception:  # noqa: BLE001 - an unreadable body is just not Flower's
+            flower = None
+        if flower is not None:
+            fact["code"], fact["detail"] = flower.code, flower.message[:200]
+        with contextlib.suppress(KeyError, TypeError, ValueError, IndexError):
+            # the coordinator refuses signatures dated more than 5 s ahead of its clock or 300 s behind it
+            fact["clock_ahead"] = round(now() - parsedate_to_datetime(response.headers["date"]).timestamp(), 1)
+    else:
+        fact["transport"] = True
+    return fact
+
+
+def emit(fact: dict[str, Any]) -> None:
+    with _EMIT:
+        print(EVENT_PREFIX + json.dumps(fact), flush=True)
+
+
+_EMIT = threading.Lock()
+
+
+def reporting(base: type) -> type:
+    """``base`` (Flower's Fleet HTTP client) that reports failed calls, and the first success after one."""
+    import httpx
+
+    class Reporting(base):  # type: ignore[valid-type,misc]
+        _failing = False
+
+        def _unary_unary(self, **kwargs: Any) -> Any:
+            call = str(kwargs.get("rpc_method", "?")).rsplit("/", 1)[-1]
+            try:
+                result = super()._unary_unary(**kwargs)
+            except httpx.HTTPError as err:
+                fact = call_failure(call, err)
+                self._failing = True
+                emit(fact)
+                if fact.get("status") == 401:
+                    os._exit(EXIT_UNAUTHORIZED)  # not Flower's SIGINT to itself: nothing more to send
+                raise
+            if self._failing:
+                self._failing = False
+                emit({"event": "ok", "call": call})
+            return result
+
+    Reporting.__name__ = Reporting.__qualname__ = f"Reporting{base.__name__}"
+    return Reporting
+
+
+def install_reporting(module: ModuleType) -> bool:
+    """Report the Fleet calls of ``module`` (Flower's fleet_http_connection); False if it is not the expected one."""
+    client = getattr(module, "FleetHttpClient", None)
+    if not isinstance(client, type) or not callable(getattr(client, "_unary_unary", None)):
+        return False
+    module.FleetHttpClient = reporting(client)  # type: ignore[attr-defined]
+    return True
+
+
 PARENT_ENV = "FEDTUNE_DAEMON_PID"
 
 
+ORPHAN_SIGNAL = "SIGUSR2"  # what the kernel sends when the daemon dies (prctl), handled here
+
+
 def die_with_parent(parent: int) -> None:
-    """Linux: get SIGTERM when the daemon that started us dies, however it dies (SIGKILL, OOM).
+    """Linux: leave cleanly when the daemon that started us dies, however it dies (SIGKILL, OOM).
 
     A SuperNode that outlives its daemon keeps the hospital "online" at the coordinator
     while nothing serves its messages, and holds the daemon's port against a restart.
-    SIGTERM lets Flower's handler leave cleanly (the coordinator sees it go at once).
+    The kernel signals us (``PR_SET_PDEATHSIG``); we point stdout and stderr at
+    /dev/null and hand Flower a SIGTERM, whose handler leaves the coordinator (it
+    deactivates the node: the coordinator sees it go at once, a restarted daemon is
+    admitted at once). Without the redirect, that handler's first log line went to the
+    dead daemon's pipe (BrokenPipeError). The signal is handled once: it can come twice, and
+    a second SIGTERM finds the default action Flower's handler restores. Either way the
+    SuperNode died without leaving, the coordinator counted it online for another 60 s and
+    refused the restarted daemon.
     """
     import ctypes
-    import os
     import signal
 
+    def orphaned(_signum: int, _frame: object) -> None:
+        # once: the kernel may signal again (seen: twice within 50 ms as the daemon's threads die),
+        # and a second SIGTERM would meet the default action Flower's handler restores: death
+        # before the node has left
+        signal.signal(orphan, signal.SIG_IGN)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        signal.raise_signal(signal.SIGTERM)  # Flower's graceful exit (or the default: terminate)
+
+    orphan = getattr(signal, ORPHAN_SIGNAL)
+    signal.signal(orphan, orphaned)
     pr_set_pdeathsig = 1
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+    if libc.prctl(pr_set_pdeathsig, orphan, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:  # the daemon died before we asked
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), orphan)
 
 
 def main() -> None:
-    import os
-
+    import flwr.supernode.fleet_http_connection as fleet
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
@@ -119,6 +225,8 @@ def main() -> None:
 
     if not install(loop, Pacer()):
         print("WARNING: this Flower's SuperNode loop is not the one fedtune paces; running it unchanged", flush=True)
+    if not install_reporting(fleet):
+        print("WARNING: this Flower's Fleet client is not the one fedtune watches; causes go unnamed", flush=True)
     sys.argv[0] = "flower-supernode"
     flower_supernode()
 

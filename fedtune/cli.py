@@ -240,8 +240,26 @@ def _client_check(args: argparse.Namespace) -> int:
     releases = check_ledger_current(cfg.ledger_path, cfg.audit_path)
     print(
         f"{cfg.source}: OK, hospital `{cfg.name}` -> {cfg.coordinator.address}; "
-        f"privacy ledger current ({releases} releases)"
+        f"privacy ledger current ({releases} releases)",
+        flush=True,
     )
+    if args.dial:
+        from fedtune.client.daemon import hospital_identity
+        from fedtune.client.dial import dial
+
+        done = dial(cfg, hospital_identity(cfg, insecure=False))
+        print(
+            f"dial {done.address}: OK: reached; TLS verified with `coordinator.ca` ({cfg.coordinator.ca}) for "
+            f"{done.names}; node key {done.fingerprint} admitted by the coordinator"
+        )
+    return 0
+
+
+def _client_backup(args: argparse.Namespace) -> int:
+    from fedtune.client.backup import backup
+    from fedtune.hospital import load_hospital_config
+
+    print(backup(load_hospital_config(args.config, check_files=False), Path(args.out)))
     return 0
 
 
@@ -510,7 +528,19 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="validate hospital.toml and every file it names, the privacy ledger current, then exit"
     )
     check.add_argument("--config", required=True, help="the hospital's hospital.toml")
+    check.add_argument(
+        "--dial",
+        action="store_true",
+        help="also reach the coordinator: TCP, the TLS handshake with `coordinator.ca`, one call signed with the "
+        "node key; name the part that fails",
+    )
     check.set_defaults(func=_client_check)
+    saved = client_sub.add_parser(
+        "backup", help="one consistent archive (0600) of the keys, hospital.toml, privacy ledger and audit trail"
+    )
+    saved.add_argument("--config", required=True, help="the hospital's hospital.toml")
+    saved.add_argument("--out", required=True, metavar="FILE", help="the archive to write (tar.gz; never overwritten)")
+    saved.set_defaults(func=_client_backup)
     audit = client_sub.add_parser("audit", help="the audit trail of every message that left the hospital")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_sub.add_parser(

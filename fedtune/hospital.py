@@ -4,8 +4,9 @@ Everything the hospital decides for itself lives here, not in the coordinator's 
 config: where the coordinator is and how to trust it, the hospital's keys, its data,
 its model folder and device, its privacy policy (a lifetime budget per record and a floor
 the coordinator cannot go below), and where its ledger, audit trail and logs go.
-Relative paths are relative to the file's folder. Every error is one line naming the
-file and the field.
+Relative paths are relative to the file's folder, whatever folder the command runs
+from; they are resolved here, once, and child processes get absolute paths. Every error
+is one line naming the file and the field.
 """
 
 from __future__ import annotations
@@ -62,9 +63,13 @@ ledger = "state/privacy.json"          # back it up, but never restore an older 
 log = "state/audit.jsonl"
 
 [daemon]
-state_dir = "state"
-health = "127.0.0.1:9094"              # local health endpoint (GET /health)
+state_dir = "state"                    # also runs.json, connection.json: back it up (README)
+health = "127.0.0.1:9094"              # loopback only: GET /health (state as JSON),
+                                       # /health/live (200 while running), /health/ready
+                                       # (200 only while connected to the coordinator)
 log_file = "state/client.log.jsonl"    # structured logs, one JSON object per line
+log_max_mb = 50                        # rotate the log past this size (0: never)
+log_backups = 5                        # rotated files kept: client.log.jsonl.1 ... .5
 """
 
 
@@ -155,12 +160,21 @@ class DaemonSection:
     state_dir: str = "state"
     health: str = "127.0.0.1:9094"
     log_file: str = ""
+    log_max_mb: float = 50.0
+    log_backups: int = 5
 
     def __post_init__(self) -> None:
         host, _ = parse_address(self.health, "daemon.health")
         _require(
             host in ("127.0.0.1", "localhost", "::1"),
             f"`daemon.health` must listen on loopback (127.0.0.1:PORT), got {self.health!r}",
+        )
+        _require(
+            self.log_max_mb == 0 or 0.01 <= self.log_max_mb <= 100_000,
+            f"`daemon.log_max_mb` must be 0 (never rotate) or 0.01-100000 (MB), got {self.log_max_mb}",
+        )
+        _require(
+            0 <= self.log_backups <= 100, f"`daemon.log_backups` must be 0-100 rotated files, got {self.log_backups}"
         )
 
 
@@ -177,6 +191,14 @@ class HospitalConfig:
     audit: AuditSection = field(default_factory=AuditSection)
     daemon: DaemonSection = field(default_factory=DaemonSection)
     source: Path = Path("hospital.toml")
+
+    def __post_init__(self) -> None:
+        # the daemon's log is rotated (renamed, dropped): it must not be a file that may never lose a line
+        for f, other in (("privacy.ledger", self.ledger_path), ("audit.log", self.audit_path)):
+            _require(
+                self.log_path != other,
+                f"`daemon.log_file` must not be the same file as `{f}` ({other}): the log is rotated",
+            )
 
     @property
     def name(self) -> str:
@@ -227,6 +249,14 @@ class HospitalConfig:
                 raise ConfigError(
                     f"{where(f)} is required (TLS and node authentication are on unless --insecure); "
                     "see `fedtune client example-config`"
+                )
+        given = {"coordinator.ca": "ca.pem", "coordinator.envelope_key": "coordinator.pub"}
+        for f, name in given.items():
+            p = self.path(required[f]) if f in required else None
+            if p is not None and not p.exists():  # the hospital does not make these: the coordinator gives them
+                raise ConfigError(
+                    f"{where(f)}: {p} does not exist: copy the coordinator's {name} there (it is public: the "
+                    "coordinator sends it with your admission; compare its fingerprint, `fedtune pki show`)"
                 )
         try:
             if not insecure:

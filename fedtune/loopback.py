@@ -177,6 +177,20 @@ class Loopback:
 
             until(online, f"hospital {name} to come online", limit)
 
+    def health(self, name: str, route: str = "/health") -> tuple[int, dict[str, object]]:
+        """A hospital daemon's health route: the HTTP status and the JSON state."""
+        import urllib.error
+        import urllib.request
+
+        from fedtune.hospital import load_hospital_config
+
+        address = load_hospital_config(self.config(name), check_files=False).daemon.health
+        try:
+            with urllib.request.urlopen(f"http://{address}{route}", timeout=5) as answer:
+                return int(answer.status), json.loads(answer.read())
+        except urllib.error.HTTPError as err:
+            return int(err.code), json.loads(err.read() or b"{}")
+
     def log(self, name: str) -> list[dict[str, object]]:
         """The hospital daemon's structured log records."""
         path = self.folder(name) / "state" / "client.log.jsonl"

@@ -117,7 +117,7 @@ def test_dockerfiles_run_as_a_user_with_a_writable_cache(name: str) -> None:
         # exec form, inside the container, on the loopback address the daemon listens on
         check = image["healthcheck"]
         assert re.search(r'CMD \["python", "-c", ".*urlopen\(', check), check
-        assert f"http://{DaemonSection().health}/health" in check
+        assert f"http://{DaemonSection().health}/health/live'" in check  # alive, whether or not connected
 
 
 def _dockerignored(patterns: list[str], path: str) -> bool:
@@ -499,11 +499,14 @@ def test_kubernetes_hospital_probes_run_inside_on_the_configured_loopback_addres
     assert cfg.privacy.require_dp and cfg.ledger_path == Path("/var/lib/fedtune/privacy.json")
     client = _container(_pods(manifests)[cfg.name], "client")
     assert client["args"] == ["--config", "/etc/fedtune/hospital.toml"]
-    for probe in _health_probes(client):
+    routes = {"startupProbe": "/health/live", "livenessProbe": "/health/live", "readinessProbe": "/health/ready"}
+    for name, route in routes.items():
+        probe = client[name]
         # daemon.health listens on loopback: an httpGet from the kubelet to the pod IP never reaches it
         assert set(probe) & {"httpGet", "tcpSocket", "grpc"} == set()
         command = " ".join(probe["exec"]["command"])
-        assert f"http://{cfg.daemon.health}/health" in command and command.startswith("python -c")
+        # ready only while connected to the coordinator; alive (never restarted) while it is away
+        assert f'"http://{cfg.daemon.health}{route}"' in command and command.startswith("python -c"), command
 
 
 def test_kubernetes_coordinator_is_probed_and_reachable_from_other_clusters(manifests: list[dict[str, Any]]) -> None:

@@ -62,12 +62,24 @@ def test_the_example_config_is_valid_and_paths_are_relative_to_it(hospital_dir: 
         ("budget_epsilon = 8.0", 'budget_epsilon = "eight"', "`privacy.budget_epsilon` must be float"),
         ('health = "127.0.0.1:9094"', 'health = "0.0.0.0:9094"', "`daemon.health` must listen on loopback"),
         ('train = ["data/train.jsonl"]', 'train = ["data/missing.jsonl"]', "`data.train[0]`: "),
-        ('ca = "keys/ca.pem"', 'ca = "keys/nothing.pem"', "nothing.pem: no such CA certificate"),
+        ('ca = "keys/ca.pem"', 'ca = "keys/nothing.pem"', "nothing.pem does not exist: copy the coordinator's ca.pem"),
+        (
+            'envelope_key = "keys/coordinator.pub"',
+            'envelope_key = "keys/gone.pub"',
+            "gone.pub does not exist: copy the coordinator's coordinator.pub there",
+        ),
         ('node_key = "keys/st-elsewhere.node.key"', 'node_key = "keys/x.node.key"', "x.node.key: no such node key"),
         ('envelope_key = "keys/st-elsewhere.key"', 'envelope_key = "keys/coordinator.pub"', "coordinator.pub has mode"),
         ('path = "tiny"', 'path = "data"', "`model.path`: "),
         ("[hospital]", "[hospital]\nlocation = 1", "unknown field `hospital.location`"),
         ("lora_rank = 0", "lora_rank = -4", "`model.lora_rank` must be >= 0 (0: the run's rank), got -4"),
+        ("log_max_mb = 50", "log_max_mb = -1", "`daemon.log_max_mb` must be 0 (never rotate) or 0.01-100000 (MB)"),
+        ("log_backups = 5", "log_backups = 500", "`daemon.log_backups` must be 0-100 rotated files, got 500"),
+        (
+            'log_file = "state/client.log.jsonl"',
+            'log_file = "state/audit.jsonl"',
+            "`daemon.log_file` must not be the same file as `audit.log`",
+        ),
     ],
 )
 def test_each_mistake_is_one_line_naming_the_field(hospital_dir: Path, old: str, new: str, expected: str) -> None:
@@ -130,3 +142,95 @@ def test_a_hospital_at_its_own_rank_takes_part_only_in_svd_runs(
     reason = policy_refusal(hospital, cfg, num_examples=10)
     assert ("trains at rank 4 (`model.lora_rank`)" in reason) is refused
     assert not reason or "only 'svd' merges mixed ranks" in reason
+
+
+def test_relative_paths_work_from_any_folder(hospital_dir: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from fedtune.cli import main
+
+    elsewhere = hospital_dir / "elsewhere" / "deeper"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    relative = os.path.relpath(hospital_dir / "hospital.toml", elsewhere)
+    assert relative.startswith("..")
+    assert main(["client", "check", "--config", relative]) == 0
+    assert f"{hospital_dir / 'hospital.toml'}: OK" in capsys.readouterr().out  # named absolutely
+    cfg = load_hospital_config(relative)
+    assert cfg.source == hospital_dir / "hospital.toml" and cfg.state_dir == hospital_dir / "state"
+    assert all(p.is_absolute() for p in (cfg.ledger_path, cfg.audit_path, cfg.log_path, cfg.path(cfg.keys.node_key)))
+
+
+def test_a_backup_is_consistent_private_and_restores_to_a_working_hospital(hospital_dir: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+    import json
+    import tarfile
+    import threading
+
+    from fedtune.client.audit import AuditLog, Outgoing
+    from fedtune.client.backup import _holding
+    from fedtune.client.ledger import Policy, PrivacyLedger, lock_path
+
+    from fedtune.cli import main
+
+    cfg = load_hospital_config(hospital_dir / "hospital.toml")
+    PrivacyLedger(cfg.ledger_path, Policy(8.0, 1e-5)).register([hashlib.sha256(b"record").digest()], label="site")
+    AuditLog(cfg.audit_path).append(Outgoing(run="r1", round=1, kind="train", payload=b"delta", ledger_releases=0))
+    (cfg.state_dir / "runs.json").write_text("{}")
+    out = hospital_dir / "backups" / "st-elsewhere.tar.gz"
+    out.parent.mkdir()
+
+    # a round holding the ledger: the backup waits for it, so it never copies half a round
+    held, release = threading.Event(), threading.Event()
+
+    def round_in_progress() -> None:
+        with _holding(lock_path(cfg.ledger_path)):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=round_in_progress)
+    holder.start()
+    held.wait(30)
+    codes: list[int] = []
+    copier = threading.Thread(
+        target=lambda: codes.append(
+            main(["client", "backup", "--config", str(hospital_dir / "hospital.toml"), "--out", str(out)])
+        )
+    )
+    copier.start()
+    copier.join(0.5)
+    assert copier.is_alive() and not out.exists()
+    release.set()
+    copier.join(60)
+    holder.join(30)
+    assert codes == [0]
+    said = capsys.readouterr().out
+    assert said.count("\n") == 1 and "0600: it holds the private keys" in said and "audit trail of 1 records" in said
+    assert out.stat().st_mode & 0o777 == 0o600
+    with tarfile.open(out) as tar:
+        names = set(tar.getnames())
+        manifest = json.loads(tar.extractfile("BACKUP-MANIFEST.json").read())  # type: ignore[union-attr]
+        restored = hospital_dir.parent / "restored"
+        tar.extractall(restored, filter="data")
+    assert {
+        "hospital.toml",
+        "keys/ca.pem",
+        "keys/coordinator.pub",
+        "keys/st-elsewhere.node.key",
+        "keys/st-elsewhere.node.pub",
+        "keys/st-elsewhere.key",
+        "keys/st-elsewhere.pub",
+        "state/privacy.json",
+        "state/audit.jsonl",
+        "state/audit.jsonl.head",
+        "state/runs.json",
+    } <= names
+    assert any(n.startswith("state/privacy.json.records/") for n in names)
+    assert not any(n.startswith("data/") or n.endswith(".lock") for n in names)  # the data are not the state
+    assert manifest["hospital"] == "st-elsewhere" and manifest["audit_records"] == 1
+    assert (restored / "keys" / "st-elsewhere.node.key").stat().st_mode & 0o777 == 0o600
+    # a restored hospital (its data back from the hospital's own backups) checks clean
+    (restored / "data").symlink_to(hospital_dir / "data")
+    assert main(["client", "check", "--config", str(restored / "hospital.toml")]) == 0
+    assert AuditLog(restored / "state" / "audit.jsonl").verify().ok
+    capsys.readouterr()
+    assert main(["client", "backup", "--config", str(hospital_dir / "hospital.toml"), "--out", str(out)]) == 2
+    assert "exists; a backup is never overwritten" in capsys.readouterr().err

@@ -68,17 +68,26 @@ def test_install_notes_messages_and_refuses_an_unknown_loop() -> None:
 
 
 def test_the_supernode_dies_with_its_daemon_however_the_daemon_dies(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """And leaves cleanly: its graceful exit (Flower's SIGTERM handler, which deactivates the
+    node at the coordinator) runs to the end although the daemon's end of its output pipe is gone."""
     import os
     import signal
     import subprocess
     import sys
 
-    ready = tmp_path / "child.pid"
+    ready, left = tmp_path / "child.pid", tmp_path / "left"
     child = (
-        "import os, time, sys; from fedtune.client.supernode import die_with_parent; "
+        "import os, signal, sys, time; from fedtune.client.supernode import die_with_parent\n"
+        "def graceful(*_):\n"
+        "    print('SuperNode terminated gracefully.' * 200, flush=True)  # Flower logs first, then leaves\n"
+        f"    open({str(left)!r}, 'w').write('deactivated'); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, graceful)\n"
         f"die_with_parent(os.getppid()); open({str(ready)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
     )
-    daemon = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(120)"
+    daemon = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE); time.sleep(120)"
+    )
     parent = subprocess.Popen([sys.executable, "-c", daemon])
     try:
         deadline = time.monotonic() + 60
@@ -92,6 +101,7 @@ def test_the_supernode_dies_with_its_daemon_however_the_daemon_dies(tmp_path) ->
         while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]:
             assert time.monotonic() < deadline, "the SuperNode outlived its daemon"
             time.sleep(0.05)
+        assert left.read_text() == "deactivated"  # its goodbye went to /dev/null, not into a broken pipe
     finally:
         if parent.poll() is None:
             parent.kill()

@@ -25,8 +25,9 @@ RUN groupadd --system --gid 10002 fedtune \
 USER 10002:10002
 WORKDIR /var/lib/fedtune
 VOLUME ["/var/lib/fedtune"]
-# daemon.health listens on loopback only (by design): the check runs inside the container
+# daemon.health listens on loopback only (by design): the check runs inside the container;
+# /health/live (the daemon runs), not /health/ready: a coordinator away is not the container's fault
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10m \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9094/health', timeout=4)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9094/health/live', timeout=4)"]
 ENTRYPOINT ["fedtune", "client", "start"]
 CMD ["--config", "/etc/fedtune/hospital.toml"]

@@ -24,8 +24,9 @@ WORKDIR /var/lib/fedtune
 # hospital.toml, keys/ (0600), data/ and models/ are mounted read-only under /etc/fedtune;
 # the ledger, audit trail, logs and the converted model go to the state volume
 VOLUME ["/var/lib/fedtune"]
-# daemon.health listens on loopback only (by design): the check runs inside the container
+# daemon.health listens on loopback only (by design): the check runs inside the container;
+# /health/live (the daemon runs), not /health/ready: a coordinator away is not the container's fault
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10m \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9094/health', timeout=4)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9094/health/live', timeout=4)"]
 ENTRYPOINT ["fedtune", "client", "start"]
 CMD ["--config", "/etc/fedtune/hospital.toml"]
