@@ -176,7 +176,7 @@ PARENT_ENV = "FEDTUNE_DAEMON_PID"
 ORPHAN_SIGNAL = "SIGUSR2"  # what the kernel sends when the daemon dies (prctl), handled here
 
 
-def die_with_parent(parent: int) -> None:
+def leave_with_parent(parent: int) -> None:
     """Linux: leave cleanly when the daemon that started us dies, however it dies (SIGKILL, OOM).
 
     A SuperNode that outlives its daemon keeps the hospital "online" at the coordinator
@@ -190,8 +190,9 @@ def die_with_parent(parent: int) -> None:
     SuperNode died without leaving, the coordinator counted it online for another 60 s and
     refused the restarted daemon.
     """
-    import ctypes
     import signal
+
+    from fedtune.process import die_with_parent
 
     def orphaned(_signum: int, _frame: object) -> None:
         # once: the kernel may signal again (seen: twice within 50 ms as the daemon's threads die),
@@ -206,12 +207,7 @@ def die_with_parent(parent: int) -> None:
 
     orphan = getattr(signal, ORPHAN_SIGNAL)
     signal.signal(orphan, orphaned)
-    pr_set_pdeathsig = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(pr_set_pdeathsig, orphan, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent:  # the daemon died before we asked
-        os.kill(os.getpid(), orphan)
+    die_with_parent(parent, orphan)
 
 
 def main() -> None:
@@ -221,7 +217,7 @@ def main() -> None:
 
     parent = os.environ.get(PARENT_ENV, "")
     if parent.isdigit() and sys.platform.startswith("linux"):
-        die_with_parent(int(parent))
+        leave_with_parent(int(parent))
 
     if not install(loop, Pacer()):
         print("WARNING: this Flower's SuperNode loop is not the one fedtune paces; running it unchanged", flush=True)

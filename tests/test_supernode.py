@@ -77,12 +77,12 @@ def test_the_supernode_dies_with_its_daemon_however_the_daemon_dies(tmp_path) ->
 
     ready, left = tmp_path / "child.pid", tmp_path / "left"
     child = (
-        "import os, signal, sys, time; from fedtune.client.supernode import die_with_parent\n"
+        "import os, signal, sys, time; from fedtune.client.supernode import leave_with_parent\n"
         "def graceful(*_):\n"
         "    print('SuperNode terminated gracefully.' * 200, flush=True)  # Flower logs first, then leaves\n"
         f"    open({str(left)!r}, 'w').write('deactivated'); sys.exit(0)\n"
         "signal.signal(signal.SIGTERM, graceful)\n"
-        f"die_with_parent(os.getppid()); open({str(ready)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+        f"leave_with_parent(os.getppid()); open({str(ready)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
     )
     daemon = (
         "import subprocess, sys, time; "
