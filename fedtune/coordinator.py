@@ -752,6 +752,8 @@ def launch(home: CoordinatorHome, folder: Any, *, say: Any = print, poll: float 
     _refuse_if_running(home, folder)
     if cfg.security.seal:
         install_run_keys(home, folder)
+    # replies then name the hospital, not a Flower node id (refreshed like the allow-list)
+    atomic_write_json(folder.nodes_path, {str(e["node-id"]): name for name, e in home.registry().items()})
     write_app(folder, signer=_coordinator_keys(home))  # hospitals serve only runs the coordinator signed
     env = flower_env(home, ray=False)
     total = cfg.federation.rounds

@@ -70,6 +70,18 @@ class RunFolder:
         return self.root / "witness.jsonl"
 
     @property
+    def nodes_path(self) -> Path:
+        """Deployment: which hospital each Flower node id was admitted as (written at every launch)."""
+        return self.root / "nodes.json"
+
+    def node_names(self) -> dict[int, str]:
+        """Flower node id -> hospital name; empty in simulation or when unreadable (replies then name node ids)."""
+        try:
+            return {int(k): str(v) for k, v in json.loads(self.nodes_path.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    @property
     def adapter_dir(self) -> Path:
         return self.root / "adapter"
 

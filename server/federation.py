@@ -85,6 +85,7 @@ def build_strategy(
     opener: wire.Opener | None = None,
     run_id: str = "",
     witness: WitnessLog | None = None,
+    node_names: dict[int, str] | None = None,
 ) -> LoraStrategy:
     """The round's strategy: samples ``cfg.sampled_per_round()`` hospitals, needs ``min_clients`` or all of them."""
     # Flower's FedAvg samples max(int(N * fraction_train), min_train_nodes) nodes a round.
@@ -111,6 +112,7 @@ def build_strategy(
         combine=Combine(fed.aggregation, fed.trim_fraction),
         optimizer=optimizer,
         witness=witness,
+        node_names=node_names,
     )
     strategy.fraction_train = cfg.federation.fraction_train
     strategy.min_train_nodes = sampled
@@ -251,7 +253,9 @@ def _rounds(
     if cfg.security.seal and opener is None:
         raise FedTuneError("`security.seal` is on but the coordinator has no keys to open envelopes with")
     witness = WitnessLog(folder.witness_path) if opener is not None else None  # kept across resumes: facts
-    strategy = build_strategy(cfg, meta, client_dp, opener=opener, run_id=folder.root.name, witness=witness)
+    strategy = build_strategy(
+        cfg, meta, client_dp, opener=opener, run_id=folder.root.name, witness=witness, node_names=folder.node_names()
+    )
     if done:  # round 0 has no optimizer state yet; a later round's must be there
         strategy.optimizer.load_state_dict(resumed.aux)
     timeout = cfg.federation.round_timeout

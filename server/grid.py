@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from flwr.app import Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -72,12 +73,24 @@ def exchange(
     on_reply: Callable[[Message], None] | None = None,
 ) -> list[Message]:
     """Push ``messages`` through ``grid``; collect their replies until all came or ``timeout``
-    seconds passed, telling ``on_reply`` about each as it arrives (the run's live status)."""
-    waiting = set(grid.push_messages(messages))
+    seconds passed, telling ``on_reply`` about each as it arrives (the run's live status).
+
+    When a hospital's node has left, the SuperLink answers in its place with an error reply
+    from the SuperLink's own node id ("Node Unavailable"); such a reply is given the node
+    id the message was sent to, so that the coordinator can say which hospital it was.
+    """
+    sent = list(messages)
+    ids = list(grid.push_messages(sent))
+    node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, sent, strict=False)}
+    waiting = set(ids)
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     while waiting:
         got = list(grid.pull_messages(waiting))
+        for msg in got:
+            meta = msg.metadata
+            if msg.has_error() and meta.src_node_id == SUPERLINK_NODE_ID and meta.reply_to_message_id in node_of:
+                meta.__dict__["_src_node_id"] = node_of[meta.reply_to_message_id]
         replies.extend(got)
         if on_reply is not None:
             for msg in got:

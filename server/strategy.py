@@ -31,7 +31,7 @@ import hashlib
 import random
 import statistics
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -155,6 +155,7 @@ class LoraStrategy(FedAvg):
         combine: Combine = Combine(),
         optimizer: ServerOptimizer | None = None,
         witness: WitnessLog | None = None,
+        node_names: Mapping[int, str] | None = None,
     ) -> None:
         super().__init__(
             min_train_nodes=num_nodes,
@@ -166,6 +167,7 @@ class LoraStrategy(FedAvg):
         )
         self.spec_sha256 = spec_sha256
         self.base_sha256 = base_sha256
+        self.node_names = dict(node_names or {})  # deployment: Flower node id -> the hospital admitted with it
         self.min_updates = max(1, min_updates)
         self.current: State = {}
         self.report = TrainReport()
@@ -294,7 +296,7 @@ class LoraStrategy(FedAvg):
             try:
                 item = self._open(msg, kind="train", server_round=server_round)
             except (UpdateRejected, InvalidEnvelope) as err:
-                self._reject(server_round, _site_hint(msg), str(err), msg=msg)
+                self._reject(server_round, _site_hint(msg, self.node_names), str(err), msg=msg)
                 continue
             if isinstance(item, wire.Refusal):
                 log(WARNING, "round %d: %s refused to train: %s", server_round, item.identity.site, item.reason)
@@ -394,14 +396,20 @@ class LoraStrategy(FedAvg):
                 )
                 self.eval_nodes[node] = {"state": "evaluated", "hospital": reply.identity.site, "why": ""}
             except (UpdateRejected, InvalidEnvelope, KeyError) as err:
-                log(WARNING, "round %d: evaluation reply from %s ignored: %s", server_round, _site_hint(msg), err)
+                who = _site_hint(msg, self.node_names)
+                log(WARNING, "round %d: evaluation reply from %s ignored: %s", server_round, who, err)
                 self.eval_nodes[node]["why"] = str(err)
         return results
 
 
-def _site_hint(msg: Message) -> str:
-    """Who a reply says it is from, for logs; for a reply that failed to open, only a claim."""
-    node = f"node-{msg.metadata.src_node_id}"
+def _site_hint(msg: Message, names: Mapping[int, str]) -> str:
+    """Who a reply says it is from, for logs; for a reply that failed to open, only a claim.
+
+    In deployment the Flower node id names the hospital admitted with it (its node key
+    authenticated the reply's transport); in simulation only a claim can name it.
+    """
+    src = msg.metadata.src_node_id
+    node = names.get(src, f"node-{src}")
     if msg.has_error():
         return node
     envelope = msg.content.config_records.get(wire.ENVELOPE)
@@ -411,7 +419,7 @@ def _site_hint(msg: Message) -> str:
             claimed = peek_header(data).sender if isinstance(data, bytes) else ""
         except InvalidEnvelope:
             claimed = ""
-        return f"{node} (claims {claimed})" if claimed else node
+        return f"{node} (claims {claimed})" if claimed and claimed != node else node
     identity = msg.content.config_records.get(wire.IDENTITY)
     site = str(identity.get("site", "")) if identity is not None else ""
     return site or node

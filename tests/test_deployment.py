@@ -484,7 +484,8 @@ def test_a_hospital_killed_mid_round(tmp_path: Path, capsys, min_clients: int, c
         first, second = records
         assert set(first["train"]) == {"st-elsewhere", "northgate-general"}
         (lost,) = first["rejected"]  # its SuperNode left as it died: the coordinator knew at once
-        assert "Node Unavailable" in lost["reason"] or lost["site"] == "(no reply)", lost
+        # named: the coordinator maps the Flower node to the hospital admitted with it
+        assert ("Node Unavailable" in lost["reason"] and lost["site"] == victim) or lost["site"] == "(no reply)", lost
         assert set(second["train"]) == set(NAMES) and not second["rejected"]  # back, under its own name
         assert any("train (round 2)" in m and "served in" in m for m in said)
         assert not any("address already in use" in m.lower() or "stopped" in m and "earlier daemon" in m for m in said)

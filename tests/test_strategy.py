@@ -301,3 +301,16 @@ def test_each_sampled_node_gets_its_outcome_and_a_stop_says_why_sites_refused() 
     stopper = _strategy(min_updates=2)
     with pytest.raises(FederationStopped, match=r"refused to train .*; why: a: budget spent; b: budget spent$"):
         stopper.aggregate_train(1, [from_node(1, _refusal("a")), from_node(2, _refusal("b"))])
+
+
+def test_an_error_reply_names_the_hospital_admitted_with_its_node() -> None:
+    """Flower answers for a node that left ("Node Unavailable"); the coordinator names the hospital."""
+    from fedtune.server.strategy import _site_hint
+    from flwr.app import Error
+
+    request = Message(RecordDict({"x": ConfigRecord({"a": 1})}), dst_node_id=7, message_type=MessageType.TRAIN)
+    request.metadata.__dict__["_message_id"] = "m" * 64
+    failed = Message(Error(code=5, reason="Error: Node Unavailable"), reply_to=request)
+    failed.metadata.__dict__["_src_node_id"] = 7
+    assert _site_hint(failed, {7: "riverside-community"}) == "riverside-community"
+    assert _site_hint(failed, {}) == "node-7"  # simulation: no admitted names
