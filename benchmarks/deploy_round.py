@@ -131,6 +131,7 @@ def seal_seconds(folder: RunFolder, cfg: Any) -> float:
     """Seal + open of one reply of this adapter's size (what each hospital adds per message)."""
     from fedtune import wire
     from fedtune.keys import AllowList, KeyPair
+    from fedtune.witness import ChainHead
 
     runtime = SiteRuntime(cfg.model, cfg.lora)
     delta = runtime.state()
@@ -139,9 +140,12 @@ def seal_seconds(folder: RunFolder, cfg: Any) -> float:
     identity = wire.Identity("h", "b" * 64, "s" * 64)
     instruction = wire.RoundInstruction(state=delta, server_round=1, num_rounds=1, run_id="r", challenge="c" * 32)
     expected = wire.Expected(run="r", round=1, kind="train", challenge="c" * 32)
+    head = ChainHead(0, "0" * 64)
     t0 = time.perf_counter()
     for _ in range(5):
-        content = wire.pack_reply(identity, {}, num_examples=1, delta=delta, sealer=sealer, instruction=instruction)
+        content = wire.pack_reply(
+            identity, {}, num_examples=1, delta=delta, sealer=sealer, instruction=instruction, audit=head
+        )
         wire.open_content(content, opener=opener, expected=expected)
     return (time.perf_counter() - t0) / 5
 

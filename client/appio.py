@@ -36,18 +36,27 @@ import httpx
 from fedtune.client.audit import AuditLog, Outgoing
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+from flwr.proto.node_pb2 import Node
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullAppMessagesRequest, PullTaskInputRequest
 from flwr.supercore.constant import TaskType
+from flwr.supercore.fab import Fab
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
     SuperExecAuthHttpInterceptor,
 )
 from flwr.supercore.retry import RetryInvoker, exponential
+from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from fedtune.authorization import AuthorizedRun, RunRefused, SeenRuns, check_run
 from fedtune.keys import PublicIdentity
@@ -56,6 +65,7 @@ from fedtune.keys import PublicIdentity
 # (wake()); asking the SuperNode once a second besides costs nothing noticeable and
 # covers a missed line.
 POLL = 1.0
+OBJECT_RETRY = 0.05  # seconds before asking the SuperNode again for an object not stored yet
 MAX_TASKS = 16  # tasks being pulled or served at once; more wait for one to finish
 
 Say = Callable[[str, str], None]  # (level, message)
@@ -175,6 +185,31 @@ class AppRuntime:
             client.close()
 
     # -- one task ------------------------------------------------------------------------
+    @staticmethod
+    def _pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
+        """Flower's ``pull_task_input`` (flwr 1.41's run_clientapp), retrying a missing object after
+        50 ms instead of 1 s: the SuperNode stores a message's objects as it announces the task."""
+        res = client.PullTaskInput(PullTaskInputRequest())
+        TaskIdentity.task_id = res.task_id
+        TaskIdentity.run_id = res.run.run_id
+        TaskIdentity.node_id = res.context.node_id
+        context = context_from_proto(res.context)
+        run, fab = run_from_proto(res.run), fab_from_proto(res.fab)
+        pulled = client.PullMessages(PullAppMessagesRequest())
+        if not pulled.messages_list:
+            raise RuntimeError("No messages received from Runtime API")
+        node = Node(node_id=context.node_id)
+        tree = pulled.message_object_trees[0]
+        message = pull_and_inflate_object_from_tree(
+            tree,
+            make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+            make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+            return_type=Message,
+            initial_backoff=OBJECT_RETRY,
+        )
+        message.metadata.__dict__["_message_id"] = tree.object_id  # a deflated message lacks its own id
+        return message, context, run, fab
+
     def _serve_slot(self, token: str) -> None:
         try:
             self.serve(token)
@@ -199,7 +234,7 @@ class AppRuntime:
         context: Context | None = None
         status, details = SubStatus.FAILED, "the hospital could not serve this message"
         try:
-            message, context, run, fab = pull_task_input(client)
+            message, context, run, fab = self._pull_task_input(client)
             with self._model:
                 reply = self._answer(message, context, run.run_id, fab.content)
             push_message(client, reply, context)
