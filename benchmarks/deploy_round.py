@@ -31,12 +31,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from fedtune.cli.loopback import HOSPITALS, federation
 from fedtune.config import load_config
-from fedtune.loopback import HOSPITALS, federation
-from fedtune.report import round_records
+from fedtune.experiments.report import round_records
+from fedtune.experiments.simulate import prepare_run, run_simulation
 from fedtune.runfolder import RunFolder
 from fedtune.runtime import SiteRuntime
-from fedtune.simulate import prepare_run, run_simulation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from round_overhead import local_steps_alone  # noqa: E402 - the sibling benchmark's measurement
@@ -130,8 +130,8 @@ def local_alone(cfg: Any, folder: RunFolder, steps: int) -> float:
 def seal_seconds(folder: RunFolder, cfg: Any) -> float:
     """Seal + open of one reply of this adapter's size (what each hospital adds per message)."""
     from fedtune import wire
-    from fedtune.keys import AllowList, KeyPair
-    from fedtune.witness import ChainHead
+    from fedtune.security.keys import AllowList, KeyPair
+    from fedtune.security.witness import ChainHead
 
     runtime = SiteRuntime(cfg.model, cfg.lora)
     delta = runtime.state()

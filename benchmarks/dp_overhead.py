@@ -25,9 +25,9 @@ MODES = ("off", "hooks", "functorch")
 
 
 def worker(model: str, mode: str, steps: int, batch: int) -> dict[str, float]:
-    from fedtune import clinical
     from fedtune.config import LoraSettings, ModelSettings, TrainSettings
-    from fedtune.dpsgd import train_local_dp
+    from fedtune.data import clinical
+    from fedtune.privacy.dpsgd import train_local_dp
     from fedtune.runtime import SiteRuntime, site_data
     from fedtune.train import train_local
 

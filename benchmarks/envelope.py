@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from fedtune import wire
-from fedtune.envelope import EnvelopeHeader, open_envelope, seal
-from fedtune.keys import AllowList, KeyPair
+from fedtune.security.envelope import EnvelopeHeader, open_envelope, seal
+from fedtune.security.keys import AllowList, KeyPair
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOLLM2_ADAPTER = 921_600  # float32 values: 30 layers x (q 9216 + k 6144 + v 6144 + o 9216) at rank 8
@@ -39,8 +39,8 @@ def _delta(values: int) -> dict[str, torch.Tensor]:
 
 def smollm2_delta() -> dict[str, torch.Tensor]:
     """A random delta with SmolLM2's real adapter keys and shapes (built without loading weights)."""
-    from fedtune.adapter import initial_state
     from fedtune.config import LoraSettings
+    from fedtune.lora.adapter import initial_state
     from fedtune.models import load_model_config
 
     g = torch.Generator().manual_seed(0)
@@ -79,8 +79,8 @@ def time_path(delta: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
 
 def training_round_seconds() -> float:
     """One SmolLM2 round of local training as the default simulation runs it (5 steps of batch 4)."""
-    from fedtune import clinical
     from fedtune.config import LoraSettings, ModelSettings, TrainSettings
+    from fedtune.data import clinical
     from fedtune.runtime import SiteRuntime, site_data
     from fedtune.train import train_local
 

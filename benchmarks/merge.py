@@ -22,15 +22,15 @@ from pathlib import Path
 
 import torch
 
-from fedtune.lora_merge import MergeRule, make_rule, merge
+from fedtune.lora.merge import MergeRule, make_rule, merge
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WEIGHTS = [160.0, 160.0, 160.0]
 
 
 def smollm2_adapter() -> dict[str, torch.Tensor]:
-    from fedtune.adapter import initial_state
     from fedtune.config import LoraSettings
+    from fedtune.lora.adapter import initial_state
     from fedtune.models import load_model_config
 
     return initial_state(load_model_config("smollm2"), LoraSettings())

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from fedtune.config import load_config
-from fedtune.report import round_records
+from fedtune.experiments.report import round_records
+from fedtune.experiments.simulate import prepare_run, run_simulation
 from fedtune.runtime import SiteData, SiteRuntime, site_data
-from fedtune.simulate import prepare_run, run_simulation
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -24,12 +24,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def measure(model: str, root: Path) -> dict[str, float]:
-    from fedtune.server.secagg import quantization_error_bound
-
     from fedtune.checkpoint import load_checkpoint
     from fedtune.config import load_config, replace
-    from fedtune.report import round_records
-    from fedtune.simulate import prepare_run, run_simulation
+    from fedtune.experiments.report import round_records
+    from fedtune.experiments.simulate import prepare_run, run_simulation
+    from fedtune.server.secagg import quantization_error_bound
 
     cfg = load_config(
         None,

@@ -10,7 +10,7 @@ SuperNode's runtime API itself, from one thread of its own long-lived process:
   handed to the SuperNode with ``--superexec-auth-secret-file``): no other local process
   can take the hospital's tasks. The runtime API listens on loopback only.
 - Before anything touches the hospital's data it checks the run
-  (:func:`fedtune.authorization.check_run`): fedtune's own app, signed by the coordinator
+  (:func:`fedtune.security.authorization.check_run`): fedtune's own app, signed by the coordinator
   whose key the hospital holds, not a replay of an earlier run's authorization. A refused
   run gets an error reply that says why, one ERROR line in the daemon's log, and a record
   in the audit trail.
@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from fedtune.client.audit import AuditLog, Outgoing
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
@@ -58,8 +57,9 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from fedtune.authorization import AuthorizedRun, RunRefused, SeenRuns, check_run
-from fedtune.keys import PublicIdentity
+from fedtune.client.audit import AuditLog, Outgoing
+from fedtune.security.authorization import AuthorizedRun, RunRefused, SeenRuns, check_run
+from fedtune.security.keys import PublicIdentity
 
 # The daemon wakes the runtime as soon as its SuperNode logs that a message arrived
 # (wake()); asking the SuperNode once a second besides costs nothing noticeable and

@@ -30,7 +30,7 @@ forge the trail, and no check on the hospital's machine alone can tell. So every
 reply carries, signed, the head of the trail when it was built (``seq`` and ``hash`` of
 the last record before it, which is the ``prev`` of the record appended for that very
 reply), and the coordinator records it with the SHA-256 of the content it received
-(:mod:`fedtune.witness`). :meth:`AuditLog.check_witness` (``fedtune client audit verify
+(:mod:`fedtune.security.witness`). :meth:`AuditLog.check_witness` (``fedtune client audit verify
 LOG --witness FILE``) then requires each witnessed message's record to follow the head
 the coordinator saw and carry the content hash it saw, and fails on records after the
 last witnessed one: a rewritten trail, or one extended with a forged record even with
@@ -65,7 +65,7 @@ from flwr.supercore import log
 
 from fedtune.checkpoint import atomic_write_json
 from fedtune.errors import FedTuneError
-from fedtune.witness import ChainHead, Witness
+from fedtune.security.witness import ChainHead, Witness
 
 FORMAT = "fedtune-audit-v1"
 GENESIS = hashlib.sha256(FORMAT.encode()).hexdigest()

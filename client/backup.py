@@ -31,11 +31,10 @@ from pathlib import Path
 
 from fedtune.client.audit import AuditLog
 from fedtune.client.audit import lock_path as audit_lock
+from fedtune.client.hospital import HospitalConfig
 from fedtune.client.ledger import PrivacyLedger
 from fedtune.client.ledger import lock_path as ledger_lock
-
 from fedtune.errors import ConfigError
-from fedtune.hospital import HospitalConfig
 
 
 @contextlib.contextmanager

@@ -13,10 +13,6 @@ from logging import ERROR, WARNING
 from pathlib import Path
 
 import torch
-from fedtune.client.audit import Outgoing
-from fedtune.client.dp_round import open_ledger, private_train_round
-from fedtune.client.ledger import LedgerRolledBack, check_ledger_current
-from fedtune.client.site import Site, base_model_loads, hospital_site, round_seed, simulated
 from flwr.app import Context, Message, MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -27,8 +23,12 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.supercore import log
 
 from fedtune import wire
+from fedtune.client.audit import Outgoing
+from fedtune.client.dp_round import open_ledger, private_train_round
+from fedtune.client.ledger import LedgerRolledBack, check_ledger_current
+from fedtune.client.site import Site, base_model_loads, hospital_site, round_seed, simulated
 from fedtune.errors import FedTuneError
-from fedtune.privacy import BudgetExceeded
+from fedtune.privacy.accounting import BudgetExceeded
 
 
 def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

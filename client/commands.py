@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.client.ledger import PrivacyLedger
-
 from fedtune.errors import ConfigError
-from fedtune.privacy import Mechanism, epsilon_spent
-from fedtune.report import markdown_table
+from fedtune.experiments.report import markdown_table
+from fedtune.privacy.accounting import Mechanism, epsilon_spent
 
 
 def _ledger_text(path: Path, ledger: PrivacyLedger, rows: list[dict[str, Any]], *, history: bool) -> str:
@@ -83,8 +82,7 @@ def audit_verify(path: Path, *, witness: Path | None = None) -> tuple[bool, str]
     With ``witness`` (a file from ``fedtune server witness``), also check the one log
     against what the coordinator received: what only a check outside the hospital can catch."""
     from fedtune.client.audit import AuditLog
-
-    from fedtune.witness import load_witness
+    from fedtune.security.witness import load_witness
 
     logs = _audit_logs(path)
     seen = load_witness(witness) if witness is not None else None

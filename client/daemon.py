@@ -46,9 +46,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedtune.client.health import HealthServer, Identity, Link, Memory, Watch, split_level
-
+from fedtune.client.hospital import HospitalConfig, load_hospital_config, parse_address
 from fedtune.errors import ConfigError
-from fedtune.hospital import HospitalConfig, load_hospital_config, parse_address
 
 INSECURE_WARNING = (
     "WARNING: INSECURE MODE. This hospital talks to the coordinator without TLS and without node "
@@ -65,8 +64,8 @@ def supernode_command(
     loopback ``HOST:PORT`` of its runtime API, which only the daemon uses.
     """
     host, port = parse_address(runtime, "runtime")
-    # Flower's flower-supernode, with its message polling paced for rounds (fedtune.client.supernode)
-    cmd = [sys.executable, "-m", "fedtune.client.supernode", "--superlink", cfg.coordinator.address]
+    # Flower's flower-supernode, with its message polling paced for rounds (fedtune.supernode)
+    cmd = [sys.executable, "-m", "fedtune.supernode", "--superlink", cfg.coordinator.address]
     if insecure:
         cmd.append("--insecure")
     else:
@@ -212,11 +211,10 @@ def run_daemon(config: Path, *, insecure: bool = False, max_retries: int = 0, ec
         _clear_stale(cfg, log)
         from fedtune.client.appio import AppRuntime
         from fedtune.client.audit import AuditLog
-        from fedtune.client.supernode import PARENT_ENV
-
-        from fedtune.authorization import SeenRuns
-        from fedtune.keys import load_public
         from fedtune.launcher import flower_env, free_port
+        from fedtune.security.authorization import SeenRuns
+        from fedtune.security.keys import load_public
+        from fedtune.supernode import PARENT_ENV
 
         env = {**flower_env(_DaemonHome(cfg.state_dir)), PARENT_ENV: str(os.getpid())}
         secret_file = cfg.state_dir / "superexec.secret"
@@ -326,7 +324,7 @@ def _supervise(
 
 def hospital_identity(cfg: HospitalConfig, *, insecure: bool) -> Identity:
     """What the daemon's and ``client check --dial``'s lines name: the config's words, the key's fingerprint."""
-    from fedtune import pki
+    from fedtune.security import pki
 
     fingerprint = (
         "" if insecure else pki.node_fingerprint(pki.load_node_private(cfg.path(cfg.keys.node_key)).public_key())

@@ -26,9 +26,8 @@ from fedtune.client.health import (
     not_registered,
     tls_mismatch,
 )
-
+from fedtune.client.hospital import HospitalConfig, parse_address
 from fedtune.errors import FedTuneError
-from fedtune.hospital import HospitalConfig, parse_address
 
 
 class DialError(FedTuneError):
@@ -86,7 +85,7 @@ def _signed_call(cfg: HospitalConfig, who: Identity, where: str, *, timeout: flo
     from flwr.supernode.fleet_http_client import FleetHttpClient
     from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 
-    from fedtune import pki
+    from fedtune.security import pki
 
     private = pki.load_node_private(cfg.path(cfg.keys.node_key))
     public = private.public_key()

@@ -15,14 +15,14 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from fedtune.client.ledger import Policy, PrivacyLedger
 
+from fedtune.client.ledger import Policy, PrivacyLedger
 from fedtune.config import DPSettings, TrainSettings
-from fedtune.data import record_digests
-from fedtune.dpsgd import sample_rate
+from fedtune.data.records import record_digests
 from fedtune.errors import PrivacyError
-from fedtune.lora_merge import MergeRule
-from fedtune.privacy import Mechanism, noise_for_target
+from fedtune.lora.merge import MergeRule
+from fedtune.privacy.accounting import Mechanism, noise_for_target
+from fedtune.privacy.dpsgd import sample_rate
 from fedtune.runtime import SiteData, SiteRuntime
 from fedtune.train import TrainResult, steps_per_round
 from fedtune.wire import RoundInstruction

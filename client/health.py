@@ -1,7 +1,7 @@
 """What the hospital daemon knows about its link to the coordinator, and its health routes.
 
 The daemon reads every line its SuperNode prints (Flower's log, and the facts
-:mod:`fedtune.client.supernode` adds about each failed Fleet call) and keeps one state:
+:mod:`fedtune.supernode` adds about each failed Fleet call) and keeps one state:
 
 - ``starting``: the SuperNode is dialling for the first time;
 - ``connected``: since when, as which node id;
@@ -45,7 +45,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from fedtune.client.supernode import EVENT_PREFIX, EXIT_UNAUTHORIZED
+from fedtune.supernode import EVENT_PREFIX, EXIT_UNAUTHORIZED
 
 LEVEL = re.compile(r"^(?:\x1b\[[0-9;]*m)?(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*(?:\x1b\[[0-9;]*m)?\s*:\s*(.*)$")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

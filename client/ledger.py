@@ -28,12 +28,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedtune.client.audit import AuditLog
-
 from fedtune.checkpoint import atomic_write_bytes
-from fedtune.data import dataset_id
+from fedtune.client.audit import AuditLog
+from fedtune.data.records import dataset_id
 from fedtune.errors import ConfigError, PrivacyError
-from fedtune.privacy import BudgetExceeded, Mechanism, check_accounting, epsilon_spent
+from fedtune.privacy.accounting import BudgetExceeded, Mechanism, check_accounting, epsilon_spent
 
 LEDGER_VERSION = 1
 DIGEST_BYTES = 32

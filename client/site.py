@@ -14,15 +14,14 @@ from pathlib import Path
 
 from fedtune.client.audit import AuditLog
 from fedtune.client.dp_round import open_ledger, plan_mechanism
-
+from fedtune.client.hospital import HospitalConfig, load_hospital_config
 from fedtune.config import DPSettings, ExperimentConfig, LoraSettings, ModelSettings, parse_config, replace
-from fedtune.data import load_records, record_digests, split_train_eval
+from fedtune.data.records import load_records, record_digests, split_train_eval
 from fedtune.errors import ConfigError, PrivacyError
-from fedtune.hospital import HospitalConfig, load_hospital_config
-from fedtune.keys import load_private, load_public
-from fedtune.lora_merge import MergeRule, make_rule
+from fedtune.lora.merge import MergeRule, make_rule
 from fedtune.runfolder import RunFolder
 from fedtune.runtime import SiteData, SiteRuntime, site_data
+from fedtune.security.keys import load_private, load_public
 from fedtune.wire import Identity, Sealer
 
 _RUNTIMES: dict[tuple[ModelSettings, LoraSettings], SiteRuntime] = {}

@@ -30,9 +30,9 @@ import tomli_w
 
 from fedtune import process
 from fedtune.errors import FedTuneError
-from fedtune.keys import KeyPair
 from fedtune.process import Markers
 from fedtune.runfolder import RunFolder
+from fedtune.security.keys import KeyPair
 
 CONNECTION = "fedtune-local"
 
@@ -127,7 +127,7 @@ def write_app(folder: RunFolder, *, signer: KeyPair | None = None) -> None:
     ``signer``: the coordinator's key; a deployment run carries its signature over the
     run's settings (``run-authorization``), without which no hospital serves it.
     """
-    from fedtune import authorization
+    from fedtune.security import authorization
 
     folder.app_dir.mkdir(parents=True, exist_ok=True)
     experiment = folder.load_config().to_toml()
@@ -209,7 +209,7 @@ def local_supernode(
     cmd = [
         sys.executable,
         "-m",
-        "fedtune.client.supernode",  # Flower's SuperNode, its polling paced for rounds
+        "fedtune.supernode",  # Flower's SuperNode, its polling paced for rounds
         "--insecure",
         "--superlink",
         f"127.0.0.1:{superlink_port}",

@@ -117,7 +117,7 @@ def build_tiny_model(out: Path) -> None:
     """Write a tiny LLaMA-style model (about 0.3M parameters) built in code to ``out``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fedtune.tiny import build_tiny_tokenizer
+    from fedtune.data.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     config = LlamaConfig(

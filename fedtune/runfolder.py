@@ -27,10 +27,10 @@ from pathlib import Path
 
 from fedtune.checkpoint import atomic_write_bytes, atomic_write_json
 from fedtune.config import ExperimentConfig, load_config
-from fedtune.data import Example, load_records, write_records
+from fedtune.data.records import Example, load_records, write_records
 from fedtune.errors import CheckpointError, ConfigError
-from fedtune.keys import KeyPair, save_keys
 from fedtune.live import STATUS
+from fedtune.security.keys import KeyPair, save_keys
 
 
 def new_folder(root: Path | None, *, parent: str, stem: str, what: str) -> Path:

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 
-from fedtune import adapter
 from fedtune.config import EvalSettings, LoraSettings, ModelSettings, TrainSettings
-from fedtune.data import Example, TokenizedExample, dataset_hash, tokenize
-from fedtune.dpsgd import train_local_dp
+from fedtune.data.records import Example, TokenizedExample, dataset_hash, tokenize
 from fedtune.evaluate import EvalResult, evaluate
-from fedtune.lora_merge import MergeRule
+from fedtune.lora import adapter
+from fedtune.lora.merge import MergeRule
 from fedtune.models import BaseModel, load_base_model, pick_device
-from fedtune.privacy import Mechanism
+from fedtune.privacy.accounting import Mechanism
+from fedtune.privacy.dpsgd import train_local_dp
 from fedtune.train import TrainResult, steps_per_round, train_local
 from fedtune.wire import Identity, RoundInstruction
 

@@ -10,13 +10,13 @@ every train and evaluate request): a sealed reply must echo both, so an envelope
 earlier round, attempt or run is refused.
 
 Client -> server, sealed (the default): one ConfigRecord ``envelope`` holding the bytes of
-a :mod:`fedtune.envelope`, whose header names the sender, run, round, kind, challenge, the
+a :mod:`fedtune.security.envelope`, whose header names the sender, run, round, kind, challenge, the
 adapter and base hashes and the head of the hospital's audit trail when the reply was
-built (:class:`~fedtune.witness.ChainHead`), and whose encrypted payload is a safetensors
+built (:class:`~fedtune.security.witness.ChainHead`), and whose encrypted payload is a safetensors
 blob: the delta's tensors (train only) with ``num-examples``, ``metrics`` and ``refusal``
 in its metadata. The coordinator records each opened envelope's audit head with the
 SHA-256 of the content as received (:func:`wire_bytes`, the serialization the hospital's
-audit trail hashes) in the run's ``witness.jsonl`` (:mod:`fedtune.witness`).
+audit trail hashes) in the run's ``witness.jsonl`` (:mod:`fedtune.security.witness`).
 
 Client -> server, plain (``security.seal = false``, research only): ``delta`` (ArrayRecord,
 train only), ``metrics`` (MetricRecord with ``num-examples`` and numbers only) and
@@ -44,10 +44,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from fedtune.envelope import EnvelopeHeader, now_ms, open_envelope, seal
 from fedtune.errors import InvalidEnvelope, UpdateRejected
-from fedtune.keys import AllowList, KeyPair, PublicIdentity
-from fedtune.witness import ChainHead
+from fedtune.security.envelope import EnvelopeHeader, now_ms, open_envelope, seal
+from fedtune.security.keys import AllowList, KeyPair, PublicIdentity
+from fedtune.security.witness import ChainHead
 
 GLOBAL = "global"
 CONFIG = "config"

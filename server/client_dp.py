@@ -6,14 +6,14 @@ the ``m`` sampled hospitals, Gaussian noise of standard deviation ``sigma * S / 
 Flower's wrapper cannot sit on this merge as it is: it clips ``reply - current`` of
 full-model replies before anything is validated (a malformed reply would reach its
 arithmetic) and then calls FedAvg's weighted mean; here replies are adapter deltas,
-validated first. ``tests/test_client_dp.py`` checks the clipped mean against Flower's
+validated first. ``tests/server/test_client_dp.py`` checks the clipped mean against Flower's
 wrapper on the same updates. Two differences, both on the safe side:
 
 - the mean divides by ``m``, the number sampled, whatever number of valid updates
   arrived, so one hospital moves the mean by at most ``S / m`` and the noise stays
   calibrated (Flower's accounted mode refuses such a round instead);
 - the noise comes from a CSPRNG-seeded generator, with the floating-point-attack
-  mitigation of :func:`fedtune.privacy.gaussian_noise`.
+  mitigation of :func:`fedtune.privacy.accounting.gaussian_noise`.
 
 Accounting: each round is one Gaussian mechanism of noise multiplier ``sigma`` with no
 amplification by sampling (sample rate 1, as Flower's fixed-clipping accounting
@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from fedtune.aggregate import weighted_mean
 from fedtune.config import ClientDPSettings
-from fedtune.delta import l2_norm
 from fedtune.errors import CheckpointError
-from fedtune.privacy import BudgetExceeded, Mechanism, epsilon_spent, gaussian_noise, secure_generator
+from fedtune.lora.aggregate import weighted_mean
+from fedtune.lora.delta import l2_norm
+from fedtune.privacy.accounting import BudgetExceeded, Mechanism, epsilon_spent, gaussian_noise, secure_generator
 
 State = dict[str, torch.Tensor]
 

@@ -18,28 +18,28 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from fedtune.server.client_dp import ClientLevelDP
-from fedtune.server.grid import exchange
-from fedtune.server.secagg import secagg_train_round
-from fedtune.server.strategy import Combine, LoraStrategy, NormBounds, TrainReport
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid
 
 from fedtune import wire
-from fedtune.adapter import META_BASE, META_SPEC, export_peft, initial_state, spec_sha256
 from fedtune.checkpoint import Checkpoint, MetricsLog, latest_round, load_checkpoint, save_checkpoint
 from fedtune.config import ExperimentConfig
-from fedtune.delta import l2_norm
 from fedtune.errors import CheckpointError, FederationStopped, FedTuneError
 from fedtune.evaluate import EvalResult
+from fedtune.experiments.report import round_line
 from fedtune.live import LiveStatus
-from fedtune.lora_merge import make_rule
+from fedtune.lora.adapter import META_BASE, META_SPEC, export_peft, initial_state, spec_sha256
+from fedtune.lora.delta import l2_norm
+from fedtune.lora.merge import make_rule
+from fedtune.lora.optimizers import DEFAULT_LR, make_server_optimizer
 from fedtune.models import load_model_config, resolve_model_dir
-from fedtune.privacy import BudgetExceeded
-from fedtune.report import round_line
+from fedtune.privacy.accounting import BudgetExceeded
 from fedtune.runfolder import RunFolder
-from fedtune.server_opt import DEFAULT_LR, make_server_optimizer
-from fedtune.witness import WitnessLog
+from fedtune.security.witness import WitnessLog
+from fedtune.server.client_dp import ClientLevelDP
+from fedtune.server.grid import exchange
+from fedtune.server.secagg import secagg_train_round
+from fedtune.server.strategy import Combine, LoraStrategy, NormBounds, TrainReport
 
 State = dict[str, torch.Tensor]
 

@@ -36,9 +36,9 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from fedtune import wire
-from fedtune.aggregate import validate_update
 from fedtune.config import SecuritySettings
 from fedtune.errors import FedTuneError, UpdateRejected
+from fedtune.lora.aggregate import validate_update
 
 State = dict[str, torch.Tensor]
 MAX_WEIGHT = 1000.0  # Flower's default: a hospital's weight is num_examples / MAX_WEIGHT, quantized too

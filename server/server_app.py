@@ -5,15 +5,15 @@ from __future__ import annotations
 from logging import INFO
 from pathlib import Path
 
-from fedtune.server.federation import run_federation
-from fedtune.server.grid import PromptGrid
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fedtune import wire
-from fedtune.keys import AllowList, load_private
 from fedtune.runfolder import RunFolder
+from fedtune.security.keys import AllowList, load_private
+from fedtune.server.federation import run_federation
+from fedtune.server.grid import PromptGrid
 
 app = ServerApp()
 

@@ -7,16 +7,16 @@ finiteness, one update per hospital, norm bounds), and only then merged, in four
 (the pattern Flower's own DP wrappers use):
 
 1. each reply becomes an update in the LoRA merge rule's update space
-   (:mod:`fedtune.lora_merge`: ``fedavg``, ``ffa`` or ``svd``);
+   (:mod:`fedtune.lora.merge`: ``fedavg``, ``ffa`` or ``svd``);
 2. the updates are combined: weighted mean, coordinate-wise trimmed mean or median, or
    :class:`~fedtune.server.client_dp.ClientLevelDP`'s noisy clipped mean;
-3. the server optimizer (:mod:`fedtune.server_opt`) turns the combined update into a step;
+3. the server optimizer (:mod:`fedtune.lora.optimizers`) turns the combined update into a step;
 4. the rule applies the step to the global adapter.
 
 Every authentic envelope (signature verified, decrypted) is witnessed before anything
 else is checked: its sender, run, round, kind, the sender's audit trail head it carries
 and the SHA-256 of the content as received go to the run's ``witness.jsonl``
-(:mod:`fedtune.witness`), which ``fedtune server witness`` hands to a hospital to check
+(:mod:`fedtune.security.witness`), which ``fedtune server witness`` hands to a hospital to check
 its audit trail against.
 
 A rejected reply is logged with its site and reason, counted, and kept out of the merge;
@@ -36,21 +36,21 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import torch
-from fedtune.server.client_dp import ClientLevelDP
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from fedtune import wire
-from fedtune.aggregate import coordinate_median, trimmed_mean, weighted_mean
-from fedtune.delta import l2_norm
-from fedtune.envelope import EnvelopeHeader, peek_header
 from fedtune.errors import FederationStopped, FedTuneError, InvalidEnvelope, UpdateRejected
 from fedtune.evaluate import EvalResult
-from fedtune.lora_merge import MergeRule
-from fedtune.server_opt import ServerOptimizer, make_server_optimizer
-from fedtune.witness import WitnessEntry, WitnessLog
+from fedtune.lora.aggregate import coordinate_median, trimmed_mean, weighted_mean
+from fedtune.lora.delta import l2_norm
+from fedtune.lora.merge import MergeRule
+from fedtune.lora.optimizers import ServerOptimizer, make_server_optimizer
+from fedtune.security.envelope import EnvelopeHeader, peek_header
+from fedtune.security.witness import WitnessEntry, WitnessLog
+from fedtune.server.client_dp import ClientLevelDP
 
 State = dict[str, torch.Tensor]
 

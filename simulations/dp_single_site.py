@@ -5,7 +5,7 @@ and evaluates it on that hospital's held-out notes: the quickest way to see whet
 learning rate, logical batch or adapter shape can learn anything at a given noise
 multiplier before spending a federation on it. --sigma 0 trains without DP (same loop
 as the federation's clients). The noise multiplier for a target epsilon comes from
-``fedtune.privacy.noise_for_target`` (printed with --target-epsilon).
+``fedtune.privacy.accounting.noise_for_target`` (printed with --target-epsilon).
 
 Usage:
   python simulations/dp_single_site.py --target-epsilon 8 --accum 4 --lr 2e-2
@@ -45,10 +45,10 @@ def main() -> int:
 
     import torch
 
-    from fedtune import clinical
     from fedtune.config import EvalSettings, LoraSettings, ModelSettings, TrainSettings
-    from fedtune.dpsgd import sample_rate, train_local_dp
-    from fedtune.privacy import Mechanism, epsilon_spent, noise_for_target
+    from fedtune.data import clinical
+    from fedtune.privacy.accounting import Mechanism, epsilon_spent, noise_for_target
+    from fedtune.privacy.dpsgd import sample_rate, train_local_dp
     from fedtune.runtime import SiteRuntime, site_data
     from fedtune.train import train_local
 

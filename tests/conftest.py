@@ -1,8 +1,15 @@
-"""Shared fixtures: a private model cache and the tiny LLaMA-style model built in code."""
+"""Shared fixtures: a private model cache and the tiny LLaMA-style model built in code.
+
+Tests that start Flower processes carry ``@pytest.mark.flower`` and stay out of the fast
+subset (``pytest -m "not flower"``); a test without the mark that starts one fails,
+so the subset stays fast and honest.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -21,6 +28,40 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# what starts Flower: its own programs, the SuperNode fedtune paces, and the fedtune
+# commands that run a SuperLink, a SuperNode or a simulation
+FLOWER_PROGRAMS = ("flower-superlink", "flower-supernode", "flwr", "flwr-simulation", "fedtune.supernode")
+FLOWER_COMMANDS = (("simulate",), ("run",), ("sweep",), ("compare",), ("server", "start"), ("client", "start"))
+
+
+def starts_flower(argv: Sequence[str]) -> bool:
+    """Whether a command line starts a Flower process (directly, or through a fedtune command)."""
+    words = [str(a) for a in argv]
+    if any(Path(w).name in FLOWER_PROGRAMS for w in words[:3]):
+        return True
+    if "fedtune" in words[:3]:
+        rest = words[words.index("fedtune") + 1 :]
+        return any(tuple(rest[: len(c)]) == c for c in FLOWER_COMMANDS)
+    return False
+
+
+@pytest.fixture(autouse=True)
+def _flower_needs_the_mark(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    if request.node.get_closest_marker("flower") is not None:
+        yield
+        return
+    real = subprocess.Popen.__init__
+
+    def guarded(self: subprocess.Popen[bytes], args: object, *a: object, **kw: object) -> None:
+        argv = [args] if isinstance(args, str | bytes | os.PathLike) else list(args)  # type: ignore[call-overload]
+        if starts_flower([os.fsdecode(x) if isinstance(x, bytes | os.PathLike) else str(x) for x in argv]):
+            raise AssertionError(f"this test starts Flower ({argv[:4]}): mark it @pytest.mark.flower")
+        real(self, args, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+    yield
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -71,7 +112,7 @@ def client_app_module(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyp
     from fedtune.runfolder import RunFolder
 
     def install(name: str) -> None:
-        source = Path(__file__).with_name(f"{name}.py")
+        source = Path(__file__).with_name("apps") / f"{name}.py"
         honest_write_app = launcher.write_app
 
         def write_app(folder: RunFolder) -> None:

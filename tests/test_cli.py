@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedtune.cli import main
-from fedtune.data import load_records
+from fedtune.data.records import load_records
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,8 +97,7 @@ def test_client_privacy_reports_and_refuses_an_open_ledger(tmp_path: Path, capsy
     import json
 
     from fedtune.client.ledger import Policy, PrivacyLedger
-
-    from fedtune.privacy import Mechanism
+    from fedtune.privacy.accounting import Mechanism
 
     path = tmp_path / "st-elsewhere.json"
     ledger = PrivacyLedger(path, Policy(8.0, 1e-5))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.front import RefusalLog
 from fedtune.logfile import RotatingFile, pump
+from fedtune.server.front import RefusalLog
 
 
 def _lines(path: Path) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fedtune import process
-from fedtune.loopback import until
+from fedtune.cli.loopback import until
 
 pytestmark = [
     pytest.mark.timeout(120),

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import flwr
 import flwr.supernode.start_client_internal as flower_loop
-from fedtune.client import supernode
-from fedtune.client.supernode import ACTIVE_FOR, ACTIVE_PULL, ACTIVE_PUSH, Pacer, install
+
+from fedtune import supernode
+from fedtune.supernode import ACTIVE_FOR, ACTIVE_PULL, ACTIVE_PUSH, Pacer, install
 
 
 def test_the_pinned_flower_loop_is_the_one_paced() -> None:
@@ -77,7 +78,7 @@ def test_the_supernode_dies_with_its_daemon_however_the_daemon_dies(tmp_path) ->
 
     ready, left = tmp_path / "child.pid", tmp_path / "left"
     child = (
-        "import os, signal, sys, time; from fedtune.client.supernode import leave_with_parent\n"
+        "import os, signal, sys, time; from fedtune.supernode import leave_with_parent\n"
         "def graceful(*_):\n"
         "    print('SuperNode terminated gracefully.' * 200, flush=True)  # Flower logs first, then leaves\n"
         f"    open({str(left)!r}, 'w').write('deactivated'); sys.exit(0)\n"

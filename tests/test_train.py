@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtune import clinical
 from fedtune.config import EvalSettings, LoraSettings, ModelSettings, TrainSettings
-from fedtune.data import collate
+from fedtune.data import clinical
+from fedtune.data.records import collate
 from fedtune.evaluate import field_accuracy
 from fedtune.runtime import SiteRuntime, site_data
 from fedtune.train import answer_nll, lr_at, steps_per_round
@@ -88,7 +88,7 @@ def test_fedprox_keeps_the_adapter_closer_to_the_round_start(runtime: SiteRuntim
 
 
 def test_ffa_trains_only_b_and_svd_starts_a_smaller_site_at_its_rank(runtime: SiteRuntime) -> None:
-    from fedtune.lora_merge import effective, make_rule, rank_of
+    from fedtune.lora.merge import effective, make_rule, rank_of
     from fedtune.wire import RoundInstruction
 
     train, held = clinical.generate(1, n_train=16, n_eval=1, seed=0)["st-elsewhere"]

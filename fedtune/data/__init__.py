@@ -1,0 +1,1 @@
+"""Records: loading and validation, partitions, tokenization, the embedded clinical task."""

@@ -1,0 +1,1 @@
+"""Research runs: simulate, sweep, compare, the baselines and the reports they write."""

@@ -1,0 +1,1 @@
+"""LoRA: the adapter, the merge rules exact about B·A, deltas, combines, server optimizers."""

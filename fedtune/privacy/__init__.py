@@ -1,0 +1,1 @@
+"""Differential privacy: accounting (Opacus's accountants, noise planning) and DP-SGD."""

@@ -1,0 +1,248 @@
+"""A real hospital's privacy policy, through its ClientApp in-process: the noise floor holds
+whether the run fixes the noise or a target epsilon, and a privacy ledger older than what
+the hospital already sent (a restored backup) is refused at start and before a DP round."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedtune import wire
+from fedtune.client import client_app
+from fedtune.client.audit import AuditLog, Outgoing
+from fedtune.client.dp_round import open_ledger, plan_mechanism
+from fedtune.client.hospital import EXAMPLE, load_hospital_config
+from fedtune.client.ledger import LedgerRolledBack, PrivacyLedger, check_ledger_current
+from fedtune.client.site import hospital_site
+from fedtune.config import DPSettings, ExperimentConfig, load_config
+from fedtune.data.clinical import generate_site
+from fedtune.data.records import write_records
+from fedtune.privacy.accounting import Mechanism
+from fedtune.security import pki
+from fedtune.security.keys import AllowList, KeyPair, load_private, load_public, save_keys
+
+pytestmark = pytest.mark.usefixtures("flower_run_id")
+
+FLOOR = 1.5
+TRAIN_RECORDS = 10
+
+
+@pytest.fixture()
+def hospital(tmp_path: Path) -> Path:
+    """hospital.toml of `st-elsewhere` (tiny model, floor FLOOR), with real keys and records."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    ca = pki.create_ca(tmp_path / "coordinator")
+    (keys / "ca.pem").write_bytes(ca.cert.read_bytes())
+    save_keys(KeyPair.generate("coordinator", "coordinator"), tmp_path / "coordinator")
+    shutil.copy(tmp_path / "coordinator" / "coordinator.pub", keys / "coordinator.pub")
+    pki.create_node_key(keys, "st-elsewhere")
+    save_keys(KeyPair.generate("st-elsewhere", "hospital"), keys)
+    records = generate_site(0, TRAIN_RECORDS + 2, seed=0)
+    write_records(tmp_path / "data" / "train.jsonl", records[:TRAIN_RECORDS])
+    write_records(tmp_path / "data" / "eval.jsonl", records[TRAIN_RECORDS:])
+    text = EXAMPLE.replace('path = "models/SmolLM2-135M-Instruct"', 'path = "tiny"')
+    for old, new in (("threads = 0", "threads = 1"), ("min_noise_multiplier = 0.5", f"min_noise_multiplier = {FLOOR}")):
+        assert old in text
+        text = text.replace(old, new)
+    (tmp_path / "hospital.toml").write_text(text)
+    return tmp_path / "hospital.toml"
+
+
+def _run(**dp: Any) -> ExperimentConfig:
+    return load_config(
+        None,
+        {
+            "model.source": "tiny",
+            "train.local_steps": 1,
+            "train.batch_size": 4,
+            "train.max_length": 256,
+            "federation.rounds": 3,
+            "dp.enabled": True,
+            **{f"dp.{k}": v for k, v in dp.items()},
+        },
+    )
+
+
+def _train(config: Path, cfg: ExperimentConfig, rnd: int) -> wire.Reply | wire.Refusal:
+    """One train message through the hospital's ClientApp (its mods included), opened as the coordinator would."""
+    run_dir = config.parent / "runs" / "run-a"
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"hospital-config": str(config)},
+        state=RecordDict(),
+        run_config={"experiment": cfg.to_toml(), "run-dir": str(run_dir)},
+    )
+    state = hospital_site(config, cfg.to_toml(), str(run_dir)).runtime.state()
+    challenge = wire.new_challenge()
+    settings = ConfigRecord(
+        {"num-rounds": cfg.federation.rounds, "run-id": run_dir.name, "server-round": rnd, "challenge": challenge}
+    )
+    msg = Message(
+        RecordDict({wire.GLOBAL: wire.to_arrays(state), wire.CONFIG: settings}),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+        group_id=str(rnd),
+    )
+    reply = client_app.app(msg, context)
+    assert not reply.has_error(), reply.error
+    keys = config.parent / "keys"
+    opener = wire.Opener(
+        load_private(config.parent / "coordinator" / "coordinator.key"),
+        AllowList([load_public(keys / "st-elsewhere.pub")]),
+    )
+    expected = wire.Expected(run=run_dir.name, round=rnd, kind="train", challenge=challenge)
+    return wire.open_content(reply.content, opener=opener, expected=expected)
+
+
+def _releases(config: Path) -> int:
+    ledger = load_hospital_config(config).ledger_path
+    return PrivacyLedger.open(ledger).releases() if ledger.exists() else 0
+
+
+def _audit(config: Path) -> list[dict[str, Any]]:
+    return AuditLog(load_hospital_config(config).audit_path).records()
+
+
+# -- the noise floor -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dp", "shown"),
+    [({"target_epsilon": 8.0}, "`dp.target_epsilon` = 8 over 3 rounds"), ({"noise_multiplier": 0.7}, "run's")],
+)
+def test_noise_below_the_floor_is_refused_sealed_and_nothing_is_spent(
+    hospital: Path, dp: dict[str, float], shown: str
+) -> None:
+    cfg = _run(**dp)
+    # the hospital's own plan: its 10 examples, its delta and budget, the run's rounds and batches
+    hospital_dp = DPSettings(enabled=True, delta=1e-5, budget_epsilon=8.0, **dp)
+    planned = plan_mechanism(hospital_dp, cfg.train, num_examples=TRAIN_RECORDS, num_rounds=3).noise_multiplier
+    assert planned < FLOOR
+    refusal = _train(hospital, cfg, 1)
+    assert isinstance(refusal, wire.Refusal) and refusal.kind == wire.REFUSED_POLICY
+    assert shown in refusal.reason and "\n" not in refusal.reason
+    number = f"{planned:.4g}" if "target_epsilon" in dp else f"{planned:g}"
+    assert f"noise multiplier {number} " in refusal.reason
+    assert f"is below this hospital's floor {FLOOR:g} (`privacy.min_noise_multiplier`)" in refusal.reason
+    assert _releases(hospital) == 0  # nothing trained, nothing spent
+    (record,) = _audit(hospital)  # the refusal left, and is on the record
+    assert record["kind"] == "train" and record["ledger_releases"] == 0
+
+
+def test_noise_planned_above_the_floor_trains_and_is_spent(hospital: Path) -> None:
+    cfg = _run(target_epsilon=1.0)
+    reply = _train(hospital, cfg, 1)
+    assert isinstance(reply, wire.Reply) and reply.delta
+    assert reply.metrics["dp-noise-multiplier"] >= FLOOR
+    assert _releases(hospital) == 1
+    assert [r["ledger_releases"] for r in _audit(hospital)] == [1]
+
+
+# -- a ledger that went backwards ------------------------------------------------------
+
+
+def test_a_ledger_restored_from_an_older_copy_is_refused_at_start_and_before_a_round(
+    hospital: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedtune.cli import main
+
+    cfg = _run(noise_multiplier=2.0)
+    ledger = load_hospital_config(hospital).ledger_path
+    assert isinstance(_train(hospital, cfg, 1), wire.Reply)
+    backup = ledger.read_bytes()  # last night's backup
+    assert isinstance(_train(hospital, cfg, 2), wire.Reply)
+    newest = ledger.read_bytes()
+    assert check_ledger_current(ledger, load_hospital_config(hospital).audit_path) == 2
+
+    ledger.write_bytes(backup)  # the restore: the ledger forgets round 2's release
+    sent = _audit(hospital)[-1]
+    with pytest.raises(LedgerRolledBack) as err:
+        check_ledger_current(ledger, load_hospital_config(hospital).audit_path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"privacy ledger {ledger} holds 1 releases, but record {sent['seq']} of the audit trail" in message
+    assert "when it held 2: it is an older copy" in message and "restore the newest ledger" in message
+
+    for command in ("start", "check"):  # the daemon does not start; `check` says the same
+        assert main(["client", command, "--config", str(hospital)]) == 2
+        out = capsys.readouterr().err
+        assert out.count("\n") == 1 and out.startswith("fedtune: error: ") and message in out
+
+    refusal = _train(hospital, cfg, 3)  # a daemon already running refuses the next DP round
+    assert isinstance(refusal, wire.Refusal) and refusal.kind == wire.REFUSED_POLICY
+    assert "privacy ledger is older than what it already sent" in refusal.reason
+    assert str(ledger) not in refusal.reason  # the coordinator learns no paths
+    assert _releases(hospital) == 1  # nothing trained on the old copy
+
+    ledger.write_bytes(newest)  # restoring the newest ledger is accepted
+    assert main(["client", "check", "--config", str(hospital)]) == 0
+    assert "privacy ledger current (2 releases)" in capsys.readouterr().out
+    assert isinstance(_train(hospital, cfg, 3), wire.Reply)
+    assert _releases(hospital) == 3
+
+
+def _ledger_with(path: Path, releases: int) -> PrivacyLedger:
+    ledger = open_ledger(path, DPSettings(enabled=True, noise_multiplier=1.0))
+    dataset = ledger.register([bytes([i]) * 32 for i in range(4)], label="st-elsewhere")
+    for n in range(releases):
+        ledger.record(dataset, Mechanism(1.0, 0.25, 2), release_id=f"r{n}", run_id="run-a", server_round=n + 1)
+    return ledger
+
+
+def _send(log: AuditLog, n: int, **extra: Any) -> None:
+    for i in range(n):
+        log.append(Outgoing(run="run-a", round=i + 1, kind="train", payload=b"sealed", epsilon=0.1, **extra))
+
+
+def test_a_current_ledger_and_a_trail_without_the_count_are_accepted(tmp_path: Path) -> None:
+    ledger, log = tmp_path / "privacy.json", AuditLog(tmp_path / "audit.jsonl")
+    assert check_ledger_current(ledger, log.path) == 0  # a new hospital: neither exists yet
+    _send(log, 3)  # an older trail: records from before the count existed
+    assert all("ledger_releases" not in r for r in log.records()) and log.verify().ok
+    assert check_ledger_current(ledger, log.path) == 0
+    _ledger_with(ledger, 2)
+    assert check_ledger_current(ledger, log.path) == 2
+    _send(log, 1, ledger_releases=2)
+    assert log.verify().ok and log.records()[-1]["ledger_releases"] == 2
+    assert check_ledger_current(ledger, log.path) == 2  # equal is current
+    _send(log, 1, ledger_releases=1)  # a slower process read the ledger earlier: the largest count counts
+    assert log.ledger_releases_sent() == (2, 4)
+
+
+def test_a_deleted_ledger_is_refused(tmp_path: Path) -> None:
+    ledger, log = tmp_path / "privacy.json", AuditLog(tmp_path / "audit.jsonl")
+    _ledger_with(ledger, 1)
+    _send(log, 1, ledger_releases=1)
+    ledger.unlink()
+    with pytest.raises(LedgerRolledBack, match=r"holds 0 releases, but record 1 of the audit trail .* held 1"):
+        check_ledger_current(ledger, log.path)
+
+
+def test_the_count_is_read_incrementally_and_again_when_the_log_is_replaced(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    _send(log, 2, ledger_releases=1)
+    assert log.ledger_releases_sent() == (1, 1)
+    _send(log, 1, ledger_releases=5)
+    assert log.ledger_releases_sent() == (5, 3)  # appended since the last call
+    with open(log.path, "ab") as f:
+        f.write(b'{"seq": 4, "ledger_releases": 9')  # an append in progress: not counted yet
+    assert log.ledger_releases_sent() == (5, 3)
+    with open(log.path, "ab") as f:
+        f.write(b"}\n")
+    assert log.ledger_releases_sent() == (9, 4)
+    # replaced by another log (a new file) or rewritten in place: read from the start again
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"seq": 1, "ledger_releases": 2}) + "\n")
+    os.replace(other, log.path)
+    assert log.ledger_releases_sent() == (2, 1)
+    lines = [json.dumps({"seq": n, "ledger_releases": 3}) + "\n" for n in (1, 2)]
+    log.path.write_text("".join(lines))  # same file, other content, longer
+    assert log.ledger_releases_sent() == (3, 1)

@@ -1,0 +1,131 @@
+"""fedtune.data.clinical: the embedded, generated clinical extraction task."""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from fedtune.data import clinical
+from fedtune.data.clinical import DX_LABELS, HOSPITALS, INSTRUCTION, generate, generate_site, label_of
+from fedtune.data.records import Example, dataset_hash
+from fedtune.errors import ConfigError, DataError
+
+KEYS = ["age", "sex", "bp", "hr", "dx"]
+SEX_WORDS = {
+    "F": r"\b(woman|female|lady|mrs|ms|she)\b|\d(yo)?F\b",
+    "M": r"\b(man|male|gentleman|mr|he)\b|\d(yo)?M\b",
+}
+
+
+@pytest.fixture(scope="module")
+def sites() -> dict[str, tuple[list[Example], list[Example]]]:
+    return generate(len(HOSPITALS) + 1, n_train=120, n_eval=20, seed=0)
+
+
+def _note(example: Example) -> str:
+    user = example.messages[0][1]
+    assert user.startswith(INSTRUCTION + "\n\n")
+    return user[len(INSTRUCTION) + 2 :]
+
+
+def test_names_and_instruction() -> None:
+    assert len(HOSPITALS) >= 5 and len(set(HOSPITALS)) == len(HOSPITALS)
+    assert all(re.fullmatch(r"[a-z]+(-[a-z]+)+", h) for h in HOSPITALS)
+    assert 6 <= len(DX_LABELS) <= 10
+    for word in [*KEYS, "JSON", *DX_LABELS]:
+        assert word in INSTRUCTION
+    assert clinical.site_id(0) == HOSPITALS[0]
+    assert clinical.site_id(len(HOSPITALS) + 1) == HOSPITALS[1] + "-2"
+
+
+def test_generation_is_deterministic_across_processes(sites) -> None:
+    assert generate(len(HOSPITALS) + 1, n_train=120, n_eval=20, seed=0) == sites
+    assert generate(2, n_train=120, n_eval=20, seed=1) != {k: sites[k] for k in list(sites)[:2]}
+    code = (
+        "from fedtune.data.clinical import generate; from fedtune.data.records import dataset_hash;"
+        "s = generate(6, n_train=120, n_eval=20, seed=0);"
+        "print([dataset_hash(t + e) for t, e in s.values()])"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == str([dataset_hash(t + e) for t, e in sites.values()])
+
+
+def test_sites_are_independent_and_extend() -> None:
+    assert (
+        generate_site(2, 30, seed=7)
+        == generate(4, n_train=20, n_eval=10, seed=7)["riverside-community"][0]
+        + generate(4, n_train=20, n_eval=10, seed=7)["riverside-community"][1]
+    )
+    assert generate_site(2, 10, seed=7) == generate_site(2, 30, seed=7)[:10]
+    assert generate_site(0, 0, seed=0) == []
+
+
+def test_targets_are_exact_json_consistent_with_the_note(sites) -> None:
+    for site, (train, held) in sites.items():
+        for ex in train + held:
+            assert ex.site == site
+            note, target = _note(ex), json.loads(ex.target)
+            assert list(target) == KEYS
+            assert ex.target == json.dumps(target, separators=(", ", ": "))
+            assert isinstance(target["age"], int) and 18 <= target["age"] <= 100
+            assert isinstance(target["hr"], int) and target["sex"] in ("F", "M")
+            assert target["dx"] in DX_LABELS and label_of(ex) == target["dx"]
+            systolic, diastolic = (int(v) for v in target["bp"].split("/"))
+            assert systolic > diastolic
+            for value in (target["age"], target["hr"], systolic, diastolic):
+                assert re.search(rf"(?<![\d.]){value}(?!\.?\d)", note), (value, note)
+            assert re.search(rf"(?<!\d){systolic}(/| over ){diastolic}(?!\d)", note), note
+            assert 40 <= len(note) <= 260
+            said = {sex for sex, pattern in SEX_WORDS.items() if re.search(pattern, note, re.I)}
+            assert said == {target["sex"]}, note
+
+
+def test_no_duplicate_notes(sites) -> None:
+    for train, held in sites.values():
+        train_notes = {_note(e) for e in train}
+        assert len(train_notes) == len(train)
+        assert not train_notes & {_note(e) for e in held}
+        assert len({_note(e) for e in held}) == len(held)
+
+
+def test_hospitals_write_in_different_styles(sites) -> None:
+    hallmarks = {
+        "st-elsewhere": r"-year-old| years old",
+        "northgate-general": r"^\d+(yo)?[FM][ ,]",
+        "riverside-community": r"^PATIENT: .* \| VITALS: ",
+        "mercy-valley": r"Discharge summary|was discharged",
+        "lakeshore-medical": r"^Triage",
+    }
+    for site, pattern in hallmarks.items():
+        for other, (train, _) in sites.items():
+            share = sum(bool(re.search(pattern, _note(e))) for e in train) / len(train)
+            assert share == (1.0 if other.startswith(site) else 0.0), (site, other)
+    # the same diagnosis is worded differently from site to site
+    words = {s: {_note(e).rsplit(":", 1)[-1] for e in t if label_of(e) == "pneumonia"} for s, (t, _) in sites.items()}
+    assert not words["st-elsewhere"] & words["northgate-general"]
+    assert not words["northgate-general"] & words["riverside-community"]
+
+
+def test_label_mix_differs_between_hospitals(sites) -> None:
+    mixes = {s: collections.Counter(label_of(e) for e in t) for s, (t, _) in sites.items()}
+    tops = [m.most_common(1)[0][0] for s, m in mixes.items() if s in HOSPITALS]
+    assert len(set(tops)) >= 4
+    assert mixes["st-elsewhere"] != mixes["st-elsewhere-2"]
+    cardiology = mixes["riverside-community"]
+    assert cardiology["heart failure"] + cardiology["atrial fibrillation"] > 0.5 * sum(cardiology.values())
+
+
+def test_errors() -> None:
+    with pytest.raises(ConfigError, match=r"`data.hospitals` must be >= 1, got 0"):
+        generate(0, n_train=1, n_eval=1, seed=0)
+    with pytest.raises(ConfigError, match=r"`data.train_per_hospital` and `data.eval_per_hospital`"):
+        generate(1, n_train=1, n_eval=0, seed=0)
+    with pytest.raises(ConfigError, match=r"`site_index` must be >= 0"):
+        generate_site(-1, 3, seed=0)
+    with pytest.raises(DataError, match=r"site h: target is not clinical JSON with a `dx` field"):
+        label_of(Example.from_instruction("q", "", "not json", site="h"))

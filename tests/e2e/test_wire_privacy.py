@@ -1,0 +1,120 @@
+"""What leaves a hospital: every message a client sends in a real `flwr run` is only a
+sealed envelope, its payload holds adapter tensors and the allowed numbers, and no text
+from the hospital's records appears in either form; and the coordinator's witness of
+each hospital's audit trail, recorded in the same run, vouches for exactly that trail."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from flwr.common.serde import recorddict_from_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from fedtune import wire
+from fedtune.checkpoint import load_checkpoint
+from fedtune.config import replace
+from fedtune.experiments.simulate import prepare_run, run_simulation
+from fedtune.security.envelope import open_envelope
+from fedtune.security.keys import AllowList, load_private
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.flower]
+TRAIN_METRICS = {"steps", "train-seconds", "base-model-loads", "dp-epsilon", "dp-budget"}
+TRAIN_METRICS |= {"dp-noise-multiplier", "dp-sample-rate", "dp-steps", "lora-rank"}  # lora-rank: the site's setting
+EVAL_METRICS = {"loss-sum", "tokens", "metric-sum", "exact-sum"}
+
+
+def _needles(texts: list[str]) -> set[bytes]:
+    """Every 20-character window (step 5) of every text and each text whole, raw and JSON-escaped."""
+    out = set()
+    for raw in texts:
+        for text in (raw, json.dumps(raw, ensure_ascii=False)[1:-1]):
+            out.add(text.encode())
+            out.update(text[i : i + 20].encode() for i in range(0, max(1, len(text) - 20), 5))
+    return {n for n in out if len(n) >= 12}
+
+
+def test_only_sealed_envelopes_and_no_patient_text_leave(tiny_cfg, tmp_path: Path, client_app_module) -> None:  # type: ignore[no-untyped-def]
+    cfg = replace(tiny_cfg, dp={"enabled": True, "noise_multiplier": 1.0, "budget_epsilon": 100.0})
+    folder = prepare_run(cfg, run_dir=tmp_path / "run")
+    client_app_module("recording_app")
+    run_simulation(folder, say=lambda _: None)
+
+    texts = []
+    for site in folder.sites():
+        for example in [e for split in folder.read_site(site) for e in split]:
+            texts += [content for _, content in example.messages if len(content) >= 12]
+    needles = _needles(texts)
+    assert len(needles) > 500
+    on_disk = b"".join(p.read_bytes() for p in folder.data_dir.rglob("*.jsonl"))
+    assert all(json.dumps(t, ensure_ascii=False)[1:-1].encode() in on_disk for t in texts)  # real content
+    opener = wire.Opener(load_private(folder.coordinator_key), AllowList.from_folder(folder.allowlist_dir))
+    adapter_keys = set(load_checkpoint(folder.root, 0).state)
+
+    sent = sorted((folder.root / "wire").glob("*.bin"))
+    kinds = [p.name.split("-")[0] for p in sent]
+    assert kinds.count("train") == 4 and kinds.count("evaluate") == 4  # 2 hospitals x 2 rounds each
+    for path, kind in zip(sent, kinds, strict=True):
+        raw = path.read_bytes()
+        content = recorddict_from_proto(ProtoRecordDict.FromString(raw))
+        assert list(content.keys()) == [wire.ENVELOPE]  # nothing else travels
+        envelope = content.config_records[wire.ENVELOPE]["data"]
+        assert isinstance(envelope, bytes)
+        header, payload = open_envelope(envelope, recipient=opener.keys, senders=opener.senders)
+        tensors, num, metrics, refusal = wire.decode_payload(payload)
+        assert header.kind == kind and not refusal and num > 0
+        if kind == "train":
+            assert set(tensors) == adapter_keys and set(metrics) <= TRAIN_METRICS
+            assert "train-loss" not in metrics  # DP: nothing computed from records but the noisy update
+        else:
+            assert tensors == {} and set(metrics) <= EVAL_METRICS
+        for blob in (raw, payload):
+            leaked = [n for n in needles if n in blob]
+            assert not leaked, f"{path.name} carries training text: {leaked[:3]}"
+
+    # each hospital's audit trail holds exactly what it sent, with the privacy spent so far
+    from fedtune.client.audit import AuditLog
+    from fedtune.client.commands import privacy_report
+
+    audited = []
+    for site in folder.sites():
+        log = AuditLog(folder.root / "audit" / f"{site}.jsonl")
+        assert log.verify().ok
+        records = log.records()
+        assert [r["kind"] for r in records].count("train") == 2 and len(records) == 4
+        assert all(r["run"] == folder.root.name and r["round"] in (1, 2) for r in records)
+        epsilons = [r["epsilon"] for r in records if r["kind"] == "train"]
+        assert 0 < epsilons[0] < epsilons[1] <= 100.0
+        report = json.loads(privacy_report(folder.root / "privacy" / f"{site}.json", as_json=True))
+        assert epsilons[1] == pytest.approx(next(iter(report.values()))[0]["epsilon"])
+        audited += [(r["sha256"], r["bytes"]) for r in records]
+    import hashlib
+
+    assert sorted(audited) == sorted((hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size) for p in sent)
+
+    # the coordinator witnessed every sealed reply: each trail verifies against its witness ...
+    from fedtune.cli import main
+    from fedtune.client.audit import record_hash
+    from fedtune.security.witness import load_witness
+
+    for site in folder.sites():
+        trail, out = folder.root / "audit" / f"{site}.jsonl", tmp_path / f"{site}.witness.json"
+        assert main(["server", "witness", "--run-dir", str(folder.root), "--hospital", site, "--out", str(out)]) == 0
+        witness = load_witness(out)
+        records = AuditLog(trail).records()
+        assert [(e.audit_seq, e.audit_head, e.sha256, e.bytes) for e in witness.entries] == [
+            (r["seq"] - 1, r["prev"], r["sha256"], r["bytes"]) for r in records
+        ]  # the head each reply carried is its record's prev; the hash the coordinator computed is the audit's
+        assert main(["client", "audit", "verify", str(trail), "--witness", str(out)]) == 0
+    # ... and a record forged onto one with a correct chain link and its head file rewritten to match
+    # passes the local check (its limit) but not the witness
+    log = AuditLog(trail)
+    forged = {**records[-1], "seq": len(records) + 1, "sha256": "0" * 64, "prev": records[-1]["hash"]}
+    forged["hash"] = record_hash(forged)
+    with open(trail, "a") as f:
+        f.write(json.dumps(forged, sort_keys=True) + "\n")
+    assert not log.verify().ok  # the head file left alone: not anchored
+    log.head_path.write_text(json.dumps({"seq": forged["seq"], "hash": forged["hash"]}))
+    assert log.verify().ok
+    assert main(["client", "audit", "verify", str(trail), "--witness", str(out)]) == 1
