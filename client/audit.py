@@ -63,7 +63,7 @@ from typing import Any
 
 from flwr.supercore import log
 
-from fedtune.checkpoint import atomic_write_json
+from fedtune.atomic import atomic_write_json
 from fedtune.errors import FedTuneError
 from fedtune.security.witness import ChainHead, Witness
 

@@ -92,7 +92,7 @@ def supernode_command(
 
 def new_secret(path: Path) -> bytes:
     """Fresh random bytes only the daemon and its SuperNode know (0600), written at every start."""
-    from fedtune.checkpoint import atomic_write_bytes
+    from fedtune.atomic import atomic_write_bytes
 
     secret = os.urandom(32)
     atomic_write_bytes(path, secret, mode=0o600)

@@ -179,7 +179,7 @@ class Memory:
         return data if data.get("node_key") == fingerprint else {}
 
     def save(self, **fields: Any) -> None:
-        from fedtune.checkpoint import atomic_write_json
+        from fedtune.atomic import atomic_write_json
 
         atomic_write_json(self.path, {**self.load(), **fields})
 

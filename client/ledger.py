@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedtune.checkpoint import atomic_write_bytes
+from fedtune.atomic import atomic_write_bytes
 from fedtune.client.audit import AuditLog
 from fedtune.data.records import dataset_id
 from fedtune.errors import ConfigError, PrivacyError

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from fedtune.checkpoint import atomic_write_json
+from fedtune.atomic import atomic_write_json
 
 STATUS = "status.json"
 PHASES = ("waiting", "train", "evaluate", "finished", "stopped", "failed")

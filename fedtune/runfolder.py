@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fedtune.checkpoint import atomic_write_bytes, atomic_write_json
+from fedtune.atomic import atomic_write_bytes, atomic_write_json
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.data.records import Example, load_records, write_records
 from fedtune.errors import CheckpointError, ConfigError

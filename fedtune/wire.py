@@ -45,6 +45,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from fedtune.errors import InvalidEnvelope, UpdateRejected
+from fedtune.lora.delta import State
 from fedtune.security.envelope import EnvelopeHeader, now_ms, open_envelope, seal
 from fedtune.security.keys import AllowList, KeyPair, PublicIdentity
 from fedtune.security.witness import ChainHead
@@ -60,7 +61,6 @@ NUM_EXAMPLES = "num-examples"
 REFUSED_PRIVACY_BUDGET = "privacy-budget"
 REFUSED_POLICY = "hospital-policy"
 
-State = dict[str, torch.Tensor]
 
 
 PACKED = "adapter"  # every tensor of the adapter, float32, one after another in key order

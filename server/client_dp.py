@@ -25,15 +25,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from fedtune.config import ClientDPSettings
 from fedtune.errors import CheckpointError
 from fedtune.lora.aggregate import weighted_mean
-from fedtune.lora.delta import l2_norm
+from fedtune.lora.delta import State, l2_norm
 from fedtune.privacy.accounting import BudgetExceeded, Mechanism, epsilon_spent, gaussian_noise, secure_generator
-
-State = dict[str, torch.Tensor]
 
 
 def clip(delta: State, clipping_norm: float) -> tuple[State, float]:

@@ -47,7 +47,7 @@ from typing import Any
 import tomli_w
 
 from fedtune import process
-from fedtune.checkpoint import atomic_write_json
+from fedtune.atomic import atomic_write_json
 from fedtune.client.hospital import parse_address
 from fedtune.errors import ConfigError, FedTuneError
 from fedtune.launcher import _bin, flower_env, stop_process
@@ -695,7 +695,7 @@ def install_run_keys(home: CoordinatorHome, folder: Any) -> None:
     """
     import shutil
 
-    from fedtune.checkpoint import atomic_write_bytes
+    from fedtune.atomic import atomic_write_bytes
 
     _coordinator_keys(home)  # checks mode and role before copying
     atomic_write_bytes(folder.coordinator_key, home.coordinator_key.read_bytes(), mode=0o600)
@@ -707,7 +707,7 @@ def install_run_keys(home: CoordinatorHome, folder: Any) -> None:
 
 def prepare_deployment_run(home: CoordinatorHome, cfg: Any) -> Any:
     """A new run folder under ``home/runs`` for the registered hospitals."""
-    from fedtune.checkpoint import atomic_write_bytes
+    from fedtune.atomic import atomic_write_bytes
     from fedtune.config import replace
     from fedtune.models import resolve_model_dir
     from fedtune.runfolder import RunFolder

@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid
 
@@ -29,7 +28,7 @@ from fedtune.evaluate import EvalResult
 from fedtune.experiments.report import round_line
 from fedtune.live import LiveStatus
 from fedtune.lora.adapter import META_BASE, META_SPEC, export_peft, initial_state, spec_sha256
-from fedtune.lora.delta import l2_norm
+from fedtune.lora.delta import State, l2_norm
 from fedtune.lora.merge import make_rule
 from fedtune.lora.optimizers import DEFAULT_LR, make_server_optimizer
 from fedtune.models import load_model_config, resolve_model_dir
@@ -40,8 +39,6 @@ from fedtune.server.client_dp import ClientLevelDP
 from fedtune.server.grid import exchange
 from fedtune.server.secagg import secagg_train_round
 from fedtune.server.strategy import Combine, LoraStrategy, NormBounds, TrainReport
-
-State = dict[str, torch.Tensor]
 
 
 def _start_state(folder: RunFolder, cfg: ExperimentConfig) -> tuple[Checkpoint, dict[str, Any]]:

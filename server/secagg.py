@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import flwr.compat.common.recorddict_compat as compat
-import torch
 from flwr.app import ConfigRecord, Context
 from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar
 from flwr.server import LegacyContext, ServerConfig
@@ -39,8 +38,8 @@ from fedtune import wire
 from fedtune.config import SecuritySettings
 from fedtune.errors import FedTuneError, UpdateRejected
 from fedtune.lora.aggregate import validate_update
+from fedtune.lora.delta import State
 
-State = dict[str, torch.Tensor]
 MAX_WEIGHT = 1000.0  # Flower's default: a hospital's weight is num_examples / MAX_WEIGHT, quantized too
 
 

@@ -35,7 +35,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -45,14 +44,12 @@ from fedtune import wire
 from fedtune.errors import FederationStopped, FedTuneError, InvalidEnvelope, UpdateRejected
 from fedtune.evaluate import EvalResult
 from fedtune.lora.aggregate import coordinate_median, trimmed_mean, weighted_mean
-from fedtune.lora.delta import l2_norm
+from fedtune.lora.delta import State, l2_norm
 from fedtune.lora.merge import MergeRule
 from fedtune.lora.optimizers import ServerOptimizer, make_server_optimizer
 from fedtune.security.envelope import EnvelopeHeader, peek_header
 from fedtune.security.witness import WitnessEntry, WitnessLog
 from fedtune.server.client_dp import ClientLevelDP
-
-State = dict[str, torch.Tensor]
 
 
 @dataclass

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedtune.atomic import atomic_directory, atomic_write_bytes
 from fedtune.checkpoint import (
     Checkpoint,
     MetricsLog,
-    atomic_directory,
-    atomic_write_bytes,
     checkpoint_path,
     latest_round,
     load_checkpoint,

@@ -277,7 +277,7 @@ def write_records(
     ``style="instruction"`` writes ``instruction``/``input``/``output``, splitting the user
     turn at its first blank line; it needs user + assistant pairs.
     """
-    from fedtune.checkpoint import atomic_write_bytes
+    from fedtune.atomic import atomic_write_bytes
 
     lines = [json.dumps(_record(ex, style), ensure_ascii=False) + "\n" for ex in examples]
     # Patient records: readable by the owner only.

@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fedtune.checkpoint import atomic_write_json, load_checkpoint
+from fedtune.atomic import atomic_write_json
+from fedtune.checkpoint import load_checkpoint
 from fedtune.config import ExperimentConfig
 from fedtune.evaluate import EvalResult
 from fedtune.runfolder import RunFolder

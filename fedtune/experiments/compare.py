@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.checkpoint import atomic_write_json
+from fedtune.atomic import atomic_write_json
 from fedtune.config import SERVER_OPTIMIZERS, STRATEGIES, ExperimentConfig, load_config, replace
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.experiments.report import prefixed, round_records, save_figure, site_epsilons, write_table

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedtune.checkpoint import MetricsLog, atomic_write_bytes, atomic_write_json
+from fedtune.atomic import atomic_write_bytes, atomic_write_json
+from fedtune.checkpoint import MetricsLog
 from fedtune.runfolder import RunFolder
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from fedtune.checkpoint import atomic_write_bytes, latest_round
+from fedtune.atomic import atomic_write_bytes
+from fedtune.checkpoint import latest_round
 from fedtune.config import ExperimentConfig, replace
 from fedtune.data import clinical
 from fedtune.data.records import Example, load_records, partition, split_train_eval

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedtune.checkpoint import atomic_write_json
+from fedtune.atomic import atomic_write_json
 from fedtune.config import ExperimentConfig, replace
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.experiments.report import prefixed, round_records, save_figure, site_epsilons, write_table

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from fedtune.config import LoraSettings
 from fedtune.errors import CheckpointError, ModelMismatchError
+from fedtune.lora.delta import State
 
 ADAPTER = "default"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -29,7 +30,6 @@ CONFIG_FILE = "adapter_config.json"
 META_BASE = "fedtune.base_sha256"
 META_SPEC = "fedtune.spec_sha256"
 
-State = dict[str, torch.Tensor]
 
 
 def peft_config(lora: LoraSettings, *, base_model_path: str = "") -> LoraConfig:
@@ -143,7 +143,7 @@ def export_peft(
     The base model hash and the spec hash go into the safetensors metadata, where PEFT
     ignores them and :func:`load_exported` checks them.
     """
-    from fedtune.checkpoint import atomic_directory
+    from fedtune.atomic import atomic_directory
 
     with atomic_directory(out_dir) as tmp:
         peft_config(lora, base_model_path=base_model_path).save_pretrained(str(tmp))

@@ -16,8 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fedtune.errors import UpdateRejected
-
-State = dict[str, torch.Tensor]
+from fedtune.lora.delta import State
 
 
 def validate_update(delta: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> None:

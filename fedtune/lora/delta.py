@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-State = dict[str, torch.Tensor]
+State = dict[str, torch.Tensor]  # an adapter's tensors by key: the one definition
 
 
 def compute_delta(trained: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor]) -> State:

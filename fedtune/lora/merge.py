@@ -39,9 +39,8 @@ import torch
 
 from fedtune.errors import ModelMismatchError, UpdateRejected
 from fedtune.lora.aggregate import validate_update, weighted_mean
-from fedtune.lora.delta import apply_delta, compute_delta
+from fedtune.lora.delta import State, apply_delta, compute_delta
 
-State = dict[str, torch.Tensor]
 A_TAG, B_TAG = ".lora_A.", ".lora_B."
 
 

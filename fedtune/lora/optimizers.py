@@ -22,8 +22,7 @@ import torch
 
 from fedtune.config import FederationSettings
 from fedtune.errors import CheckpointError, ConfigError
-
-State = dict[str, torch.Tensor]
+from fedtune.lora.delta import State
 
 DEFAULT_LR = {"none": 1.0, "fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
 

@@ -142,7 +142,7 @@ class SeenRuns:
 
     def claim(self, authorized: AuthorizedRun, flower_run_id: int) -> None:
         """Bind the authorization to ``flower_run_id``; refuse it for any other Flower run."""
-        from fedtune.checkpoint import atomic_write_json
+        from fedtune.atomic import atomic_write_json
 
         seen = self._load()
         first = seen.get(authorized.digest)

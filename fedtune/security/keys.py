@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from fedtune.checkpoint import atomic_write_bytes
+from fedtune.atomic import atomic_write_bytes
 from fedtune.errors import ConfigError, KeyFileError
 
 KEY_VERSION = 1

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedtune.checkpoint import atomic_write_bytes
+from fedtune.atomic import atomic_write_bytes
 from fedtune.errors import ConfigError, KeyFileError
 from fedtune.security.keys import check_private_mode
 

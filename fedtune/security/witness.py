@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedtune.checkpoint import atomic_write_json
+from fedtune.atomic import atomic_write_json
 from fedtune.errors import ConfigError
 
 FORMAT = "fedtune-witness-v1"

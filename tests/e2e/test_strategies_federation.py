@@ -11,7 +11,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from fedtune.checkpoint import CHECKPOINTS, LATEST, atomic_write_json, checkpoint_path, load_checkpoint
+from fedtune.atomic import atomic_write_json
+from fedtune.checkpoint import CHECKPOINTS, LATEST, checkpoint_path, load_checkpoint
 from fedtune.config import replace
 from fedtune.experiments.report import round_records
 from fedtune.experiments.simulate import prepare_run, run_simulation

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtune.checkpoint import Checkpoint, atomic_write_json, save_checkpoint
+from fedtune.atomic import atomic_write_json
+from fedtune.checkpoint import Checkpoint, save_checkpoint
 from fedtune.cli import main
 from fedtune.config import load_config
 from fedtune.errors import FedTuneError, StoppedEarly
