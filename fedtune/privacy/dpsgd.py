@@ -27,7 +27,7 @@ from opacus.optimizers import DPOptimizer
 from peft import PeftModel
 
 from fedtune.config import TrainSettings
-from fedtune.data.records import TokenizedExample, collate
+from fedtune.data.tokens import TokenizedExample, collate
 from fedtune.privacy.accounting import Mechanism, secure_generator
 from fedtune.train import (
     TrainResult,
