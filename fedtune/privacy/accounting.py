@@ -20,9 +20,9 @@ from functools import lru_cache
 import torch
 from opacus.accountants import create_accountant
 
+from fedtune.config import ACCOUNTANTS
 from fedtune.errors import ConfigError, PrivacyError
 
-ACCOUNTANTS = ("rdp", "prv")
 MIN_NOISE = 0.1  # below this DP-SGD is not meaningful; the search never proposes less
 MAX_NOISE = 1e3
 NOISE_RTOL = 0.01
