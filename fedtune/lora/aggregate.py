@@ -1,4 +1,4 @@
-"""Validation of updates and merge rules. No Flower in here.
+"""Validation of updates and the combines of a round's updates (the ``COMBINES`` registry). No Flower in here.
 
 ``fedavg`` here is FedAvg over deltas: the weighted mean of the sites' deltas, added
 to the current global adapter. For LoRA this averages A and B separately, which is
