@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from fedtune.config.experiment import ExperimentConfig
 from fedtune.config.federation import ClientDPSettings, DPSettings, FederationSettings, SecuritySettings
-from fedtune.config.loading import _section, config_from_dict, load_config, parse_config, replace
+from fedtune.config.loading import _section as _section  # client/hospital.py builds its sections the same way
+from fedtune.config.loading import config_from_dict, load_config, parse_config, replace
 from fedtune.config.names import (
     ACCOUNTANTS,
     AGGREGATIONS,
@@ -34,8 +35,8 @@ from fedtune.config.sections import (
     ModelSettings,
     RunSettings,
     TrainSettings,
-    _require,
 )
+from fedtune.config.sections import _require as _require  # and checks its fields the same way
 
 __all__ = [
     "ACCOUNTANTS",
@@ -59,8 +60,6 @@ __all__ = [
     "RunSettings",
     "SecuritySettings",
     "TrainSettings",
-    "_require",
-    "_section",
     "config_from_dict",
     "load_config",
     "parse_config",
