@@ -211,7 +211,8 @@ def run_daemon(config: Path, *, insecure: bool = False, max_retries: int = 0, ec
         _clear_stale(cfg, log)
         from fedtune.client.appio import AppRuntime
         from fedtune.client.audit import AuditLog
-        from fedtune.launcher import flower_env, free_port
+        from fedtune.flowerhome import flower_env
+        from fedtune.launcher import free_port
         from fedtune.security.authorization import SeenRuns
         from fedtune.security.keys import load_public
         from fedtune.supernode import PARENT_ENV
@@ -356,7 +357,7 @@ def _clear_stale(cfg: HospitalConfig, log: StructuredLog) -> None:
     rest (another platform, a SuperNode started by hand with this state folder). The
     health port, held by this daemon, says no other daemon of this hospital runs.
     """
-    from fedtune.launcher import kill_run_processes, run_processes
+    from fedtune.flowerhome import kill_run_processes, run_processes
 
     home = _DaemonHome(cfg.state_dir)
     stale = run_processes(home)  # type: ignore[arg-type]

@@ -16,7 +16,8 @@ from fedtune.client.audit import AuditLog
 from fedtune.client.dp_round import open_ledger, plan_mechanism
 from fedtune.client.hospital import HospitalConfig, load_hospital_config
 from fedtune.config import DPSettings, ExperimentConfig, LoraSettings, ModelSettings, parse_config, replace
-from fedtune.data.records import load_records, record_digests, split_train_eval
+from fedtune.data.partition import split_train_eval
+from fedtune.data.records import load_records, record_digests
 from fedtune.errors import ConfigError, PrivacyError
 from fedtune.lora.merge import MergeRule, make_rule
 from fedtune.runfolder import RunFolder

@@ -18,7 +18,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.config import EvalSettings
-from fedtune.data.records import Example, TokenizedExample, collate, prompt_ids
+from fedtune.data.records import Example
+from fedtune.data.tokens import TokenizedExample, collate, prompt_ids
 from fedtune.train import answer_nll, autocast_dtype
 
 

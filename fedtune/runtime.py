@@ -15,7 +15,8 @@ import torch
 from peft import PeftModel
 
 from fedtune.config import EvalSettings, LoraSettings, ModelSettings, TrainSettings
-from fedtune.data.records import Example, TokenizedExample, dataset_hash, tokenize
+from fedtune.data.records import Example, dataset_hash
+from fedtune.data.tokens import TokenizedExample, tokenize
 from fedtune.evaluate import EvalResult, evaluate
 from fedtune.lora import adapter
 from fedtune.lora.merge import MergeRule

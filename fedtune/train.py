@@ -18,7 +18,7 @@ import torch
 from peft import PeftModel
 
 from fedtune.config import TrainSettings
-from fedtune.data.records import TokenizedExample, collate
+from fedtune.data.tokens import TokenizedExample, collate
 
 
 @functools.cache

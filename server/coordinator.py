@@ -50,7 +50,8 @@ from fedtune import process
 from fedtune.atomic import atomic_write_json
 from fedtune.client.hospital import parse_address
 from fedtune.errors import ConfigError, FedTuneError
-from fedtune.launcher import _bin, flower_env, stop_process
+from fedtune.flowerhome import flower_env
+from fedtune.launcher import _bin, stop_process
 from fedtune.logfile import RotatingFile, pump
 from fedtune.security import pki
 from fedtune.security.keys import KeyPair, load_private, load_public

@@ -43,7 +43,7 @@ from flwr.supercore import log
 from fedtune import wire
 from fedtune.errors import FederationStopped, FedTuneError, InvalidEnvelope, UpdateRejected
 from fedtune.evaluate import EvalResult
-from fedtune.lora.aggregate import coordinate_median, trimmed_mean, weighted_mean
+from fedtune.lora.aggregate import COMBINES
 from fedtune.lora.delta import State, l2_norm
 from fedtune.lora.merge import MergeRule
 from fedtune.lora.optimizers import ServerOptimizer, make_server_optimizer
@@ -99,11 +99,7 @@ class Combine:
     trim_fraction: float = 0.2
 
     def __call__(self, updates: list[State], weights: list[float]) -> State:
-        if self.rule == "median":
-            return coordinate_median(updates)
-        if self.rule == "trimmed_mean":
-            return trimmed_mean(updates, trim_fraction=self.trim_fraction)
-        return weighted_mean(updates, weights)
+        return COMBINES[self.rule](updates, weights, trim_fraction=self.trim_fraction)
 
 
 class LoraStrategy(FedAvg):

@@ -10,7 +10,7 @@ import torch
 
 from fedtune.config import EvalSettings, LoraSettings, ModelSettings, TrainSettings
 from fedtune.data import clinical
-from fedtune.data.records import collate
+from fedtune.data.tokens import collate
 from fedtune.evaluate import field_accuracy
 from fedtune.runtime import SiteRuntime, site_data
 from fedtune.train import answer_nll, lr_at, steps_per_round

@@ -1,4 +1,4 @@
-"""A site's records: load and validate files, split, partition, tokenize for SFT.
+"""A site's records: load and validate files, write them, and their content digests.
 
 Records are chat turns ending with the assistant's answer (the training target).
 Files hold one of two shapes per record: ``instruction``/``input``/``output`` or
@@ -10,27 +10,17 @@ from __future__ import annotations
 
 import codecs
 import csv
-import dataclasses
 import hashlib
 import io
 import json
-import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal
 
-import numpy as np
-import torch
-
-from fedtune.errors import ConfigError, DataError, ModelError
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+from fedtune.errors import DataError
 
 ROLES = ("system", "user", "assistant")
-SCHEMES = ("natural", "iid", "dirichlet")
-IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 
 
 @dataclass(frozen=True)
@@ -66,17 +56,6 @@ class Example:
     def target(self) -> str:
         """The assistant answer the model learns to produce."""
         return self.messages[-1][1]
-
-
-@dataclass(frozen=True)
-class TokenizedExample:
-    """Token ids and labels; labels are -100 on the prompt, ids on the answer."""
-
-    input_ids: tuple[int, ...]
-    labels: tuple[int, ...]
-
-
-# --------------------------------------------------------------------------- files
 
 
 def _rows(path: Path) -> list[tuple[str, Any]]:
@@ -310,179 +289,3 @@ def record_digests(examples: Sequence[Example]) -> list[bytes]:
 def dataset_id(digests: Sequence[bytes]) -> str:
     """Content id of a set of records (order-insensitive): SHA-256 hex of the sorted digests."""
     return hashlib.sha256(b"".join(sorted(set(digests)))).hexdigest()
-
-
-# --------------------------------------------------------------------------- splits
-
-
-def split_train_eval(
-    examples: Sequence[Example], *, eval_fraction: float, seed: int
-) -> tuple[list[Example], list[Example]]:
-    """Split deterministically into (train, eval), both in the input's order.
-
-    Eval gets ``round(n * eval_fraction)`` records, at least 1 and at most n - 1 when n >= 2.
-    """
-    if not 0.0 < eval_fraction < 1.0:
-        raise ConfigError(f"`data.eval_fraction` must be in (0, 1), got {eval_fraction}")
-    n = len(examples)
-    n_eval = min(max(1, round(n * eval_fraction)), n - 1) if n >= 2 else 0
-    chosen = set(random.Random(seed).sample(range(n), n_eval))
-    train = [ex for i, ex in enumerate(examples) if i not in chosen]
-    return train, [ex for i, ex in enumerate(examples) if i in chosen]
-
-
-def partition(
-    sites: Mapping[str, Sequence[Example]],
-    *,
-    scheme: str,
-    num_sites: int,
-    seed: int,
-    alpha: float = 0.5,
-    label_fn: Callable[[Example], str] | None = None,
-) -> dict[str, list[Example]]:
-    """Assign records to sites; every record goes to exactly one site.
-
-    Parameters
-    ----------
-    sites : records per site as collected (the natural split).
-    scheme : ``natural`` (keep ``sites``), ``iid`` (pool, shuffle, deal) or ``dirichlet``
-        (pool; each label's records split by proportions ~ Dir(alpha), skewed for small alpha).
-    num_sites : how many sites to produce; named ``site-0`` ... for ``iid`` and ``dirichlet``.
-    label_fn : the label of a record, required by ``dirichlet``.
-
-    Returns examples re-tagged with the site id they were assigned to.
-    """
-    if scheme not in SCHEMES:
-        raise ConfigError(f"`data.partition` must be one of {', '.join(SCHEMES)}, got {scheme!r}")
-    if scheme == "natural":
-        if num_sites != len(sites):
-            raise ConfigError(
-                f"`data.hospitals` must equal the number of sites ({len(sites)}) with the "
-                f"natural partition, got {num_sites}"
-            )
-        return {name: [_tag(ex, name) for ex in exs] for name, exs in sites.items()}
-    pool = [ex for exs in sites.values() for ex in exs]
-    if num_sites < 1 or num_sites > len(pool):
-        raise ConfigError(
-            f"`data.hospitals` must be between 1 and the number of records ({len(pool)}) "
-            f"with the {scheme} partition, got {num_sites}"
-        )
-    if scheme == "iid":
-        order = np.random.default_rng(seed).permutation(len(pool))
-        groups = [sorted(order[k::num_sites].tolist()) for k in range(num_sites)]
-    else:
-        groups = _dirichlet_groups(pool, num_sites, seed=seed, alpha=alpha, label_fn=label_fn)
-    names = [f"site-{k}" for k in range(num_sites)]
-    return {n: [_tag(pool[i], n) for i in group] for n, group in zip(names, groups, strict=True)}
-
-
-def _tag(example: Example, site: str) -> Example:
-    return example if example.site == site else dataclasses.replace(example, site=site)
-
-
-def _dirichlet_groups(
-    pool: Sequence[Example],
-    num_sites: int,
-    *,
-    seed: int,
-    alpha: float,
-    label_fn: Callable[[Example], str] | None,
-) -> list[list[int]]:
-    if label_fn is None:
-        raise ConfigError("`data.partition` 'dirichlet' needs a label function; pass `label_fn`")
-    if alpha <= 0:
-        raise ConfigError(f"`data.dirichlet_alpha` must be positive, got {alpha}")
-    rng = np.random.default_rng(seed)
-    by_label: dict[str, list[int]] = {}
-    for i, ex in enumerate(pool):
-        by_label.setdefault(label_fn(ex), []).append(i)
-    groups: list[list[int]] = [[] for _ in range(num_sites)]
-    for label in sorted(by_label):  # sorted: dict order must not change the draw
-        idx = rng.permutation(by_label[label])
-        # cut points at the cumulative proportions: n=10, p=(.5,.3,.2) -> cuts at 5 and 8
-        cuts = (np.cumsum(rng.dirichlet(np.full(num_sites, alpha)))[:-1] * len(idx)).astype(int)
-        for k, part in enumerate(np.split(idx, cuts)):
-            groups[k].extend(part.tolist())
-    for k in range(num_sites):  # every site needs a record: take one from the largest site
-        if not groups[k]:
-            largest = max(range(num_sites), key=lambda j: len(groups[j]))
-            groups[k].append(groups[largest].pop())
-    return [sorted(g) for g in groups]
-
-
-# --------------------------------------------------------------------------- tokens
-
-
-def _chat_text(tokenizer: PreTrainedTokenizerBase, messages: Sequence[tuple[str, str]], *, generation: bool) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ModelError("the tokenizer has no chat template; use an instruct model's tokenizer or set one")
-    turns = [{"role": role, "content": content} for role, content in messages]
-    text = tokenizer.apply_chat_template(turns, add_generation_prompt=generation, tokenize=False)
-    return cast(str, text)
-
-
-def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _prompt_and_answer(example: Example, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
-    """The prompt (through the assistant header) and the answer text (through end-of-turn)."""
-    prompt = _chat_text(tokenizer, example.prompt_messages, generation=True)
-    full = _chat_text(tokenizer, example.messages, generation=False)
-    if full.startswith(prompt) and full[len(prompt) :].strip():
-        # ChatML: "{target}<|im_end|>\n"; the newline after the end-of-turn token is dropped
-        # so the sequence ends where generation stops.
-        return prompt, full[len(prompt) :].rstrip()
-    return prompt, example.target + (tokenizer.eos_token or "")
-
-
-def prompt_ids(example: Example, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Token ids of the prompt, ending with the assistant header, for generation."""
-    return _ids(tokenizer, _chat_text(tokenizer, example.prompt_messages, generation=True))
-
-
-def tokenize(
-    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, *, max_length: int
-) -> list[TokenizedExample]:
-    """Tokenize for causal-LM SFT: the loss covers the answer and its end-of-turn token only.
-
-    A sequence over ``max_length`` loses prompt tokens from the left; the answer is kept whole.
-
-    Raises
-    ------
-    DataError
-        When an answer alone leaves no room for a prompt token.
-    """
-    out = []
-    for index, example in enumerate(examples):
-        prompt_text, answer_text = _prompt_and_answer(example, tokenizer)
-        prompt, answer = _ids(tokenizer, prompt_text), _ids(tokenizer, answer_text)
-        if len(answer) >= max_length:
-            raise DataError(
-                f"site {example.site or '<unnamed>'} example {index}: the answer is {len(answer)} "
-                f"tokens, not under `train.max_length` ({max_length}); raise it or shorten the output"
-            )
-        prompt = prompt[max(0, len(prompt) + len(answer) - max_length) :]
-        out.append(
-            TokenizedExample(
-                input_ids=tuple(prompt + answer),
-                labels=(IGNORE_INDEX,) * len(prompt) + tuple(answer),
-            )
-        )
-    return out
-
-
-def collate(batch: Sequence[TokenizedExample], *, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding)."""
-    if not batch:
-        raise DataError("cannot collate an empty batch; check the site has training records")
-    width = max(len(ex.input_ids) for ex in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    for row, ex in enumerate(batch):
-        n = len(ex.input_ids)
-        ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
-        mask[row, :n] = 1
-        labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

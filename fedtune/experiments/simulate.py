@@ -21,10 +21,12 @@ from fedtune.atomic import atomic_write_bytes
 from fedtune.checkpoint import latest_round
 from fedtune.config import ExperimentConfig, replace
 from fedtune.data import clinical
-from fedtune.data.records import Example, load_records, partition, split_train_eval
+from fedtune.data.partition import partition, split_train_eval
+from fedtune.data.records import Example, load_records
 from fedtune.errors import CheckpointError, ConfigError, FedTuneError, StoppedEarly
 from fedtune.experiments.report import round_printer, write_summary
-from fedtune.launcher import cleanup, flwr_run, last_error
+from fedtune.flowerhome import cleanup
+from fedtune.launcher import flwr_run, last_error
 from fedtune.models import resolve_model_dir
 from fedtune.runfolder import RunFolder, new_folder
 

@@ -1,4 +1,4 @@
-"""Validation of updates and merge rules. No Flower in here.
+"""Validation of updates and the combines of a round's updates (the ``COMBINES`` registry). No Flower in here.
 
 ``fedavg`` here is FedAvg over deltas: the weighted mean of the sites' deltas, added
 to the current global adapter. For LoRA this averages A and B separately, which is
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import torch
 
@@ -113,3 +114,30 @@ def coordinate_median(updates: Sequence[Mapping[str, torch.Tensor]]) -> State:
         middle = ordered[(n - 1) // 2 : n // 2 + 1]  # one value for odd n, two for even n
         out[key] = middle.mean(dim=0).to(updates[0][key].dtype)
     return out
+
+
+class CombineFn(Protocol):
+    """How a round's updates become one: all take the records weights and the trim share;
+    the robust rules ignore the weights on purpose (a site could misreport its count)."""
+
+    def __call__(
+        self, updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], *, trim_fraction: float
+    ) -> State: ...
+
+
+def _mean(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], *, trim_fraction: float) -> State:
+    return weighted_mean(updates, weights)
+
+
+def _trimmed_mean(
+    updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], *, trim_fraction: float
+) -> State:
+    return trimmed_mean(updates, trim_fraction=trim_fraction)
+
+
+def _median(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], *, trim_fraction: float) -> State:
+    return coordinate_median(updates)
+
+
+# The registry of combines (``federation.aggregation``): config.AGGREGATIONS is tested equal to its names.
+COMBINES: dict[str, CombineFn] = {"mean": _mean, "trimmed_mean": _trimmed_mean, "median": _median}

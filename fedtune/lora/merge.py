@@ -152,6 +152,7 @@ class MergeRule:
     seed: int = 0
     name = "fedavg"
     freeze_a = False
+    linear = True  # the merged update is a weighted sum of what the sites send: secure aggregation can compute it
 
     # -- at the site -----------------------------------------------------------------
     def local_start(self, global_state: Mapping[str, torch.Tensor], *, rank: int) -> State:
@@ -197,6 +198,7 @@ class FFARule(MergeRule):
 
     name = "ffa"
     freeze_a = True
+    linear = True
 
     def reply(self, trained: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor]) -> State:
         return {k: v for k, v in compute_delta(trained, start).items() if B_TAG in k}
@@ -215,6 +217,7 @@ class SVDRule(MergeRule):
     """Effective updates merged densely, re-factorised at the run's rank; sites at any rank."""
 
     name = "svd"
+    linear = False  # each site's update is its dense B·A, a product of what it sends
 
     def local_start(self, global_state: Mapping[str, torch.Tensor], *, rank: int) -> State:
         if rank == self.rank:
@@ -256,7 +259,9 @@ class SVDRule(MergeRule):
         return to_rank(target, global_state, rank=self.rank, alpha=self.alpha, seed=self.seed)
 
 
-RULES: dict[str, type[MergeRule]] = {"fedavg": MergeRule, "ffa": FFARule, "svd": SVDRule}
+# The registry of merge rules (``federation.strategy``): config.STRATEGIES and
+# config.LINEAR_STRATEGIES are tested equal to its names and to its linear rules' names.
+RULES: dict[str, type[MergeRule]] = {rule.name: rule for rule in (MergeRule, FFARule, SVDRule)}
 
 
 def make_rule(name: str, *, alpha: float, rank: int, seed: int = 0) -> MergeRule:

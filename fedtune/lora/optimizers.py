@@ -24,8 +24,6 @@ from fedtune.config import FederationSettings
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.lora.delta import State
 
-DEFAULT_LR = {"none": 1.0, "fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
-
 
 class ServerOptimizer:
     """Turns each round's merged update into the step added to the global adapter.
@@ -37,6 +35,7 @@ class ServerOptimizer:
     """
 
     name: str = "none"
+    default_lr: float = 1.0  # ``federation.server_lr`` = 0 means this (lr 1 is plain FedAvg)
     _slots: tuple[str, ...] = ()  # names of the per-tensor moments, e.g. ("m", "v")
     _counts_steps: bool = False  # whether the step count ``t`` is part of the state
 
@@ -44,6 +43,11 @@ class ServerOptimizer:
         self.lr = lr
         self._t = 0
         self._moments: dict[str, State] = {slot: {} for slot in self._slots}
+
+    @classmethod
+    def build(cls, *, lr: float, momentum: float, beta1: float, beta2: float, tau: float) -> ServerOptimizer:
+        """This optimizer from all of the config's hyperparameters (each class takes its own)."""
+        return cls(lr)
 
     def step(self, update: Mapping[str, torch.Tensor]) -> State:
         """Advance one round and return the change to add to the global (same keys and dtypes as ``update``)."""
@@ -126,6 +130,10 @@ class FedAvgM(ServerOptimizer):
         super().__init__(lr)
         self.momentum = momentum
 
+    @classmethod
+    def build(cls, *, lr: float, momentum: float, beta1: float, beta2: float, tau: float) -> ServerOptimizer:
+        return cls(lr, momentum)
+
     def _direction(self, u: State) -> State:
         v = self._moments["v"]
         for key, value in u.items():
@@ -141,12 +149,17 @@ class FedAdam(ServerOptimizer):
     """
 
     name = "fedadam"
+    default_lr = 0.01
     _slots = ("m", "v")
     _counts_steps = True
 
     def __init__(self, lr: float, beta1: float, beta2: float, tau: float) -> None:
         super().__init__(lr)
         self.beta1, self.beta2, self.tau = beta1, beta2, tau
+
+    @classmethod
+    def build(cls, *, lr: float, momentum: float, beta1: float, beta2: float, tau: float) -> ServerOptimizer:
+        return cls(lr, beta1, beta2, tau)
 
     def _second_moment(self, v: torch.Tensor, u2: torch.Tensor) -> None:
         v.mul_(self.beta2).add_(u2, alpha=1.0 - self.beta2)
@@ -171,10 +184,18 @@ class FedYogi(FedAdam):
         v.sub_((1.0 - self.beta2) * u2 * torch.sign(v - u2))
 
 
+# The registry of server optimizers (``federation.server_optimizer``): config.SERVER_OPTIMIZERS
+# is tested equal to its names.
+SERVER_OPTIMIZERS: dict[str, type[ServerOptimizer]] = {
+    cls.name: cls for cls in (ServerOptimizer, FedAvgM, FedAdam, FedYogi)
+}
+DEFAULT_LR = {name: cls.default_lr for name, cls in SERVER_OPTIMIZERS.items()}  # for ``server_lr`` = 0
+
+
 def make_server_optimizer(
     name: str, *, lr: float, momentum: float = 0.9, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
 ) -> ServerOptimizer:
-    """Build the server optimizer ``name`` (one of ``SERVER_OPTIMIZERS``) at the resolved
+    """Build the server optimizer ``name`` (a key of ``SERVER_OPTIMIZERS``) at the resolved
     learning rate ``lr``; bad values raise ``ConfigError`` (the config's own checks)."""
     FederationSettings(
         server_optimizer=name,
@@ -186,10 +207,4 @@ def make_server_optimizer(
     )
     if not lr > 0:  # the config's 0 means "the optimizer's default"; here it is resolved
         raise ConfigError(f"`federation.server_lr` must be positive, got {lr}")
-    if name == "fedavgm":
-        return FedAvgM(lr, momentum)
-    if name == "fedadam":
-        return FedAdam(lr, beta1, beta2, tau)
-    if name == "fedyogi":
-        return FedYogi(lr, beta1, beta2, tau)
-    return ServerOptimizer(lr)
+    return SERVER_OPTIMIZERS[name].build(lr=lr, momentum=momentum, beta1=beta1, beta2=beta2, tau=tau)

@@ -13,16 +13,16 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from opacus.accountants import create_accountant
 
+from fedtune.config import ACCOUNTANTS
 from fedtune.errors import ConfigError, PrivacyError
 
-ACCOUNTANTS = ("rdp", "prv")
 MIN_NOISE = 0.1  # below this DP-SGD is not meaningful; the search never proposes less
 MAX_NOISE = 1e3
 NOISE_RTOL = 0.01
@@ -138,27 +138,16 @@ def noise_for_target(
             return False  # a failed evaluation counts as an overshoot: search toward more noise
         return eps <= target_epsilon  # NaN compares False: also an overshoot
 
-    # Invariant: fits(hi) was evaluated True; fits(lo) False (or lo is below MIN_NOISE).
-    hi = 1.0
-    if fits(hi):
-        lo = hi / 2
-        while lo >= MIN_NOISE and fits(lo):
-            hi, lo = lo, lo / 2
-        if lo < MIN_NOISE:
-            return hi
-    else:
-        lo = hi
-        while True:
-            hi = min(lo * 2, MAX_NOISE)
-            if fits(hi):
-                break
-            if hi >= MAX_NOISE:
-                raise PrivacyError(
-                    f"`target_epsilon` = {target_epsilon:g} cannot be met even with noise_multiplier {MAX_NOISE:g} "
-                    f"(sample_rate {sample_rate:g}, {steps} steps, prior epsilon {already:.4f}); "
-                    "lower the steps or sample rate, or raise the target"
-                )
-            lo = hi
+    bracket = _bracket(fits)
+    if bracket is None:
+        raise PrivacyError(
+            f"`target_epsilon` = {target_epsilon:g} cannot be met even with noise_multiplier {MAX_NOISE:g} "
+            f"(sample_rate {sample_rate:g}, {steps} steps, prior epsilon {already:.4f}); "
+            "lower the steps or sample rate, or raise the target"
+        )
+    lo, hi = bracket
+    if lo < MIN_NOISE:
+        return hi
     while hi > lo * (1 + NOISE_RTOL):  # geometric bisection: relative tolerance on the noise
         mid = math.sqrt(lo * hi)
         if fits(mid):
@@ -166,6 +155,26 @@ def noise_for_target(
         else:
             lo = mid
     return hi
+
+
+def _bracket(fits: Callable[[float], bool]) -> tuple[float, float] | None:
+    """(lo, hi) around the smallest noise that fits, from 1.0 by halving or doubling: fits(hi)
+    was evaluated True, fits(lo) False (or lo is below MIN_NOISE); None when even MAX_NOISE
+    overshoots."""
+    hi = 1.0
+    if fits(hi):
+        lo = hi / 2
+        while lo >= MIN_NOISE and fits(lo):
+            hi, lo = lo, lo / 2
+        return lo, hi
+    lo = hi
+    while True:
+        hi = min(lo * 2, MAX_NOISE)
+        if fits(hi):
+            return lo, hi
+        if hi >= MAX_NOISE:
+            return None
+        lo = hi
 
 
 def secure_generator(device: torch.device | str = "cpu", seed: int | None = None) -> torch.Generator:

@@ -27,7 +27,7 @@ from opacus.optimizers import DPOptimizer
 from peft import PeftModel
 
 from fedtune.config import TrainSettings
-from fedtune.data.records import TokenizedExample, collate
+from fedtune.data.tokens import TokenizedExample, collate
 from fedtune.privacy.accounting import Mechanism, secure_generator
 from fedtune.train import (
     TrainResult,
@@ -80,24 +80,12 @@ def train_local_dp(
         raise ValueError("train_local_dp needs at least one example")
     n = len(examples)
     q = sample_rate(settings, n)
-    logical = settings.batch_size * settings.grad_accum
     device = next(model.parameters()).device
     dtype = autocast_dtype(precision, device)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = proximal_anchor(settings, params)
-    gsm = GradSampleModule(
-        model, batch_first=True, loss_reduction="mean", strict=False, force_functorch=grad_sample_mode == "functorch"
-    )
-    sampler = secure_generator("cpu", None if seed is None else seed)
-    noise = secure_generator(device, None if seed is None else seed + 1)
-    optimizer = DPOptimizer(
-        make_optimizer(settings, params),
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        expected_batch_size=logical,
-        loss_reduction="mean",
-        generator=noise,
-        secure_mode=True,
+    gsm, optimizer, sampler = _make_private(
+        model, settings, params, noise_multiplier, max_grad_norm, grad_sample_mode=grad_sample_mode, seed=seed
     )
     total = total_steps if total_steps is not None else step_offset + steps
     losses: list[float] = []
@@ -108,46 +96,95 @@ def train_local_dp(
         for step in range(steps):
             lr = set_lr(optimizer, settings, step_offset + step, total_steps=total)
             chosen = (torch.rand(n, generator=sampler) < q).nonzero().flatten().tolist()
-            chunks = [chosen[i : i + settings.batch_size] for i in range(0, len(chosen), settings.batch_size)]
-            if not chunks:
-                # An empty Poisson sample is still a step: the update is pure noise. Opacus
-                # would skip the noise if no parameter had a per-sample gradient.
-                for p in params:
-                    p.grad_sample = torch.zeros((1, *p.shape), device=p.device, dtype=p.dtype)  # type: ignore[attr-defined]
-            step_loss = 0.0
-            for i, chunk in enumerate(chunks):
-                batch = {k: v.to(device) for k, v in collate([examples[j] for j in chunk], pad_id=pad_id).items()}
-                with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                    per_example = per_example_loss(gsm, batch)
-                    loss = per_example.mean()
-                with warnings.catch_warnings():
-                    # The frozen base model's inputs need no gradient; Opacus's hooks
-                    # fire on module outputs, which is what they need.
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    loss.backward()
-                step_loss += float(per_example.detach().sum())
-                if i < len(chunks) - 1:
-                    # Clip and sum this chunk's per-sample gradients; no noise, no step yet.
-                    optimizer.signal_skip_step(do_skip=True)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            sample = [examples[j] for j in chosen]
+            step_loss = _noisy_step(gsm, optimizer, params, sample, settings.batch_size, pad_id, device, dtype)
             proximal_pull(params, anchor, lr=lr, mu=settings.proximal_mu)
             if chosen:
                 losses.append(step_loss / len(chosen))
                 seen += len(chosen)
     finally:
-        gsm._close()  # remove Opacus's hooks: the resident model serves non-DP work too
-        for p in params:
-            p.grad = None
-            p.grad_sample = None  # type: ignore[attr-defined]
-            p.summed_grad = None  # type: ignore[attr-defined]
+        _release(gsm, params)
     model.eval()
-    result = TrainResult(
-        steps=steps,
-        examples_seen=seen,
-        mean_loss=sum(losses) / len(losses) if losses else float("nan"),
-        seconds=time.perf_counter() - start,
-    )
+    mean_loss = sum(losses) / len(losses) if losses else float("nan")
+    result = TrainResult(steps=steps, examples_seen=seen, mean_loss=mean_loss, seconds=time.perf_counter() - start)
     return result, Mechanism(noise_multiplier, q, steps) if noise_multiplier > 0 else None
+
+
+def _make_private(
+    model: PeftModel,
+    settings: TrainSettings,
+    params: list[torch.nn.Parameter],
+    noise_multiplier: float,
+    max_grad_norm: float,
+    *,
+    grad_sample_mode: str,
+    seed: int | None,
+) -> tuple[GradSampleModule, DPOptimizer, torch.Generator]:
+    """Opacus's per-sample gradient module, its clipping and noising optimizer, and the
+    generator of the Poisson samples (noise and sampling from the CSPRNG unless ``seed``)."""
+    device = next(model.parameters()).device
+    gsm = GradSampleModule(
+        model, batch_first=True, loss_reduction="mean", strict=False, force_functorch=grad_sample_mode == "functorch"
+    )
+    sampler = secure_generator("cpu", None if seed is None else seed)
+    noise = secure_generator(device, None if seed is None else seed + 1)
+    optimizer = DPOptimizer(
+        make_optimizer(settings, params),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=settings.batch_size * settings.grad_accum,  # the logical batch
+        loss_reduction="mean",
+        generator=noise,
+        secure_mode=True,
+    )
+    return gsm, optimizer, sampler
+
+
+def _noisy_step(
+    gsm: GradSampleModule,
+    optimizer: DPOptimizer,
+    params: Sequence[torch.nn.Parameter],
+    sample: Sequence[TokenizedExample],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> float:
+    """One DP-SGD step over a Poisson ``sample`` cut into physical batches of ``batch_size``:
+    each chunk's per-sample gradients are clipped and summed, then one noisy step is taken.
+    Returns the sum of the sample's per-example losses."""
+    chunks = [sample[i : i + batch_size] for i in range(0, len(sample), batch_size)]
+    if not chunks:
+        # An empty Poisson sample is still a step: the update is pure noise. Opacus
+        # would skip the noise if no parameter had a per-sample gradient.
+        for p in params:
+            p.grad_sample = torch.zeros((1, *p.shape), device=p.device, dtype=p.dtype)  # type: ignore[attr-defined]
+    step_loss = 0.0
+    for i, chunk in enumerate(chunks):
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id=pad_id).items()}
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            per_example = per_example_loss(gsm, batch)
+            loss = per_example.mean()
+        with warnings.catch_warnings():
+            # The frozen base model's inputs need no gradient; Opacus's hooks
+            # fire on module outputs, which is what they need.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
+        step_loss += float(per_example.detach().sum())
+        if i < len(chunks) - 1:
+            # Clip and sum this chunk's per-sample gradients; no noise, no step yet.
+            optimizer.signal_skip_step(do_skip=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+def _release(gsm: GradSampleModule, params: Sequence[torch.nn.Parameter]) -> None:
+    """Remove Opacus's hooks and per-sample state: the resident model serves non-DP work too."""
+    gsm._close()
+    for p in params:
+        p.grad = None
+        p.grad_sample = None  # type: ignore[attr-defined]
+        p.summed_grad = None  # type: ignore[attr-defined]

@@ -367,7 +367,7 @@ def test_a_second_daemon_stops_at_once_and_a_start_clears_a_stale_supernode(tmp_
     from fedtune.cli.loopback import Loopback
     from fedtune.client.daemon import _clear_stale, _DaemonHome
     from fedtune.client.hospital import load_hospital_config
-    from fedtune.launcher import run_processes
+    from fedtune.flowerhome import run_processes
 
     fed = Loopback(tmp_path)
     fed.pki()

@@ -1,8 +1,7 @@
-"""fedtune.data.records: loading and validation, round trips, splits, partitions, tokenization."""
+"""fedtune.data.records: loading and validation, round trips, content digests."""
 
 from __future__ import annotations
 
-import collections
 import csv
 import json
 import subprocess
@@ -12,32 +11,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedtune.data.records import (
-    IGNORE_INDEX,
-    Example,
-    TokenizedExample,
-    collate,
-    dataset_hash,
-    load_records,
-    partition,
-    prompt_ids,
-    split_train_eval,
-    tokenize,
-    write_records,
-)
-from fedtune.data.tiny import CHATML_TEMPLATE, build_tiny_tokenizer
-from fedtune.errors import ConfigError, DataError, ModelError
+from fedtune.data.records import Example, dataset_hash, load_records, write_records
+from fedtune.errors import DataError
 
 GOOD = {"instruction": "Extract the age.", "input": "A 67-year-old woman.", "output": "67"}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer()
 
 
 def _jsonl(tmp_path: Path, *records: object, name: str = "a.jsonl") -> Path:
@@ -277,146 +257,3 @@ def test_dataset_hash_is_content_only_and_stable() -> None:
     )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert other.stdout.strip() == dataset_hash([Example.from_instruction("Label it.", "note é", "a")])
-
-
-# --------------------------------------------------------------------------- splits
-
-
-def test_split_train_eval() -> None:
-    examples = _examples(20)
-    train, held = split_train_eval(examples, eval_fraction=0.25, seed=3)
-    assert len(held) == 5 and len(train) == 15
-    assert sorted(train + held, key=examples.index) == examples
-    assert (train, held) == split_train_eval(examples, eval_fraction=0.25, seed=3)
-    assert held != split_train_eval(examples, eval_fraction=0.25, seed=4)[1]
-    assert [len(p) for p in split_train_eval(examples[:2], eval_fraction=0.01, seed=0)] == [1, 1]
-    assert [len(p) for p in split_train_eval(examples[:3], eval_fraction=0.99, seed=0)] == [1, 2]
-    for bad in (0.0, 1.0, -0.5, 2.0):
-        with pytest.raises(ConfigError, match=r"`data.eval_fraction` must be in \(0, 1\)"):
-            split_train_eval(examples, eval_fraction=bad, seed=0)
-
-
-def _sites() -> dict[str, list[Example]]:
-    examples = _examples(120)
-    return {s: [e for e in examples if e.site == s] for s in ("s0", "s1", "s2")}
-
-
-def _assert_covers(out: dict[str, list[Example]], sites: dict[str, list[Example]]) -> None:
-    assigned = [e.messages for exs in out.values() for e in exs]
-    assert collections.Counter(assigned) == collections.Counter(e.messages for v in sites.values() for e in v)
-    assert all(exs for exs in out.values())
-    assert all(e.site == name for name, exs in out.items() for e in exs)
-
-
-def test_partition_natural_and_iid() -> None:
-    sites = _sites()
-    assert partition(sites, scheme="natural", num_sites=3, seed=0) == sites
-    with pytest.raises(ConfigError, match=r"`data.hospitals` must equal the number of sites \(3\)"):
-        partition(sites, scheme="natural", num_sites=4, seed=0)
-    out = partition(sites, scheme="iid", num_sites=7, seed=1)
-    assert list(out) == [f"site-{k}" for k in range(7)]
-    _assert_covers(out, sites)
-    assert {len(v) for v in out.values()} <= {17, 18}
-    assert out == partition(sites, scheme="iid", num_sites=7, seed=1)
-    assert out != partition(sites, scheme="iid", num_sites=7, seed=2)
-    with pytest.raises(ConfigError, match=r"`data.hospitals` must be between 1 and the number of records"):
-        partition(sites, scheme="iid", num_sites=121, seed=0)
-
-
-def test_partition_dirichlet_is_skewed_and_complete() -> None:
-    sites = _sites()
-    label = lambda e: e.target  # noqa: E731
-    out = partition(sites, scheme="dirichlet", num_sites=4, seed=0, alpha=0.1, label_fn=label)
-    _assert_covers(out, sites)
-    assert out == partition(sites, scheme="dirichlet", num_sites=4, seed=0, alpha=0.1, label_fn=label)
-    mixes = [collections.Counter(label(e) for e in exs) for exs in out.values()]
-    top_shares = [max(m.values()) / sum(m.values()) for m in mixes]
-    assert max(top_shares) > 0.6  # pooled data is 25% per label; small alpha concentrates it
-    assert len({m.most_common(1)[0][0] for m in mixes}) > 1
-    many = partition(sites, scheme="dirichlet", num_sites=40, seed=5, alpha=0.01, label_fn=label)
-    _assert_covers(many, sites)  # every one of 40 sites still gets a record
-    with pytest.raises(ConfigError, match=r"`data.partition` 'dirichlet' needs a label function"):
-        partition(sites, scheme="dirichlet", num_sites=3, seed=0)
-    with pytest.raises(ConfigError, match=r"`data.partition` must be one of natural, iid, dirichlet, got 'zipf'"):
-        partition(sites, scheme="zipf", num_sites=3, seed=0)
-
-
-# --------------------------------------------------------------------------- tokens
-
-
-def test_tiny_tokenizer_is_chatml_and_deterministic(tok) -> None:
-    for token in ("<|im_start|>", "<|im_end|>", "<|pad|>"):
-        assert len(tok(token, add_special_tokens=False)["input_ids"]) == 1
-    text = 'Ünïcode ✓ 😀 {"bp": "142/88"}\n\tend'
-    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
-    rendered = tok.apply_chat_template(
-        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], tokenize=False
-    )
-    assert rendered == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\na<|im_end|>\n"
-    code = (
-        "from fedtune.data.tiny import build_tiny_tokenizer;"
-        "t = build_tiny_tokenizer(); print(t('bp 142/88, hr 96', add_special_tokens=False)['input_ids'])"
-    )
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert other.stdout.strip() == str(tok("bp 142/88, hr 96", add_special_tokens=False)["input_ids"])
-    assert len(tok) == 512 and tok.pad_token_id != tok.eos_token_id
-
-
-def test_labels_mask_exactly_the_prompt(tok) -> None:
-    chat = Example(
-        (
-            ("system", "Be terse."),
-            ("user", "Age?"),
-            ("assistant", "67"),
-            ("user", "Sex?"),
-            ("assistant", '{"sex": "F"}'),
-        )
-    )
-    for ex in [Example.from_instruction("Extract the age.", "A 67-year-old woman.", '{"age": 67}'), chat]:
-        (t,) = tokenize([ex], tok, max_length=512)
-        assert len(t.input_ids) == len(t.labels)
-        n_prompt = sum(1 for label in t.labels if label == IGNORE_INDEX)
-        assert all(label == IGNORE_INDEX for label in t.labels[:n_prompt])
-        assert list(t.labels[n_prompt:]) == list(t.input_ids[n_prompt:])
-        assert tok.decode(t.labels[n_prompt:]) == ex.target + "<|im_end|>"
-        assert list(t.input_ids[:n_prompt]) == prompt_ids(ex, tok)
-        assert tok.decode(prompt_ids(ex, tok)).endswith("<|im_start|>assistant\n")
-
-
-def test_template_without_prefix_falls_back_to_target_plus_eos(tok) -> None:
-    odd = build_tiny_tokenizer()  # generation prompt differs from how a stored answer renders
-    odd.chat_template = CHATML_TEMPLATE.replace("'<|im_start|>assistant\\n'", "'<|im_start|>model\\n'")
-    ex = Example.from_instruction("Age?", "", "67")
-    (t,) = tokenize([ex], odd, max_length=64)
-    answer = [i for i, label in zip(t.input_ids, t.labels, strict=True) if label != IGNORE_INDEX]
-    assert odd.decode(answer) == "67<|im_end|>"
-
-
-def test_tokenizer_without_chat_template_is_refused() -> None:
-    bare = build_tiny_tokenizer()
-    bare.chat_template = None
-    with pytest.raises(ModelError, match="no chat template"):
-        tokenize([Example.from_instruction("Age?", "", "67")], bare, max_length=64)
-
-
-def test_truncation_keeps_the_answer(tok) -> None:
-    ex = Example.from_instruction("Extract the age. " * 20, "A 67-year-old woman.", '{"age": 67}', site="north")
-    (full,) = tokenize([ex], tok, max_length=4096)
-    (cut,) = tokenize([ex], tok, max_length=24)
-    assert len(cut.input_ids) == 24
-    assert cut.input_ids == full.input_ids[-24:] and cut.labels == full.labels[-24:]
-    assert tok.decode([i for i in cut.labels if i != IGNORE_INDEX]) == '{"age": 67}<|im_end|>'
-    long_answer = Example.from_instruction("q", "", "x y z " * 40, site="north")
-    with pytest.raises(DataError, match=r"site north example 1: the answer is \d+ tokens"):
-        tokenize([ex, long_answer], tok, max_length=24)
-
-
-def test_collate_pads_right() -> None:
-    batch = [TokenizedExample((5, 6, 7), (-100, 6, 7)), TokenizedExample((8,), (8,))]
-    out = collate(batch, pad_id=0)
-    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert out["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert all(v.dtype == torch.long for v in out.values())
-    with pytest.raises(DataError, match="empty batch"):
-        collate([], pad_id=0)

@@ -369,7 +369,7 @@ def test_a_sigint_of_the_coordinator_mid_run_ends_it_within_10_s_and_fedtune_run
     fed: Loopback, tmp_path: Path
 ) -> None:
     """Last of the module's shared federation: its coordinator is stopped for good here."""
-    from fedtune.launcher import run_processes
+    from fedtune.flowerhome import run_processes
 
     (folder,) = [p for p in fed.home.runs_dir.iterdir() if p.name.startswith("slow-")]
     run = fedtune_process("run", "--resume", str(folder), "--home", str(fed.home.root), log=tmp_path / "run.out")
@@ -428,7 +428,7 @@ def test_server_start_refuses_a_certificate_without_its_address(tmp_path: Path, 
 def _kill_hospital(fed: Loopback, name: str) -> None:
     """SIGKILL one hospital's daemon, as the OOM killer would; its SuperNode must not outlive it."""
     from fedtune.client.daemon import _DaemonHome
-    from fedtune.launcher import run_processes
+    from fedtune.flowerhome import run_processes
 
     os.kill(fed.daemons[name].pid, signal.SIGKILL)
     home = _DaemonHome(fed.folder(name) / "state")
@@ -499,7 +499,7 @@ def test_a_hospital_killed_mid_round(tmp_path: Path, capsys, min_clients: int, c
 
 def test_the_coordinator_sigkilled_and_resumed_runs_every_round_once(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     from fedtune.experiments.report import round_records
-    from fedtune.launcher import kill_run_processes
+    from fedtune.flowerhome import kill_run_processes
     from fedtune.runfolder import RunFolder
 
     fed = federation(tmp_path, 3)

@@ -19,7 +19,7 @@ from fedtune.checkpoint import latest_round, load_checkpoint
 from fedtune.config import replace
 from fedtune.experiments.report import round_records
 from fedtune.experiments.simulate import prepare_run, run_simulation
-from fedtune.launcher import run_processes
+from fedtune.flowerhome import run_processes
 from fedtune.lora.adapter import read_exported
 from fedtune.runfolder import RunFolder
 
@@ -70,7 +70,7 @@ def _wait_for_round(folder: RunFolder, k: int, proc: subprocess.Popen[bytes], ti
 
 def test_killed_simulation_resumes_without_losing_or_repeating_rounds(tiny_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from fedtune.cli.loopback import until
-    from fedtune.launcher import ray_tmpdir
+    from fedtune.flowerhome import ray_tmpdir
 
     # enough local steps that a tiny-model round takes seconds, so the crash lands mid-run
     cfg = replace(tiny_cfg, federation={"rounds": 4}, train={"local_steps": 150, "batch_size": 8})

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtune import launcher
+from fedtune import flowerhome, launcher
 from fedtune.checkpoint import load_checkpoint
 from fedtune.config import replace
 from fedtune.experiments.report import round_records
@@ -82,7 +82,7 @@ def test_secagg_completes_when_a_hospital_is_killed_mid_round(tiny_cfg, tmp_path
     folder = prepare_run(cfg, run_dir=tmp_path / "deployed")
     client_app_module("dropout_app")
     (folder.root / "kill-victim").touch()
-    env = launcher.flower_env(folder)
+    env = flowerhome.flower_env(folder)
     launcher.write_app(folder)
     marker = folder.root / "victim-waiting"
     with launcher.local_superlink(folder, env, simulation=False) as port, contextlib.ExitStack() as stack:
@@ -102,7 +102,7 @@ def test_secagg_completes_when_a_hospital_is_killed_mid_round(tiny_cfg, tmp_path
             run.wait(timeout=400)
         finally:
             launcher.stop_process(run, grace=10)
-    assert launcher.kill_run_processes(folder) == 0
+    assert flowerhome.kill_run_processes(folder) == 0
     assert run.returncode == 0, (folder.logs_dir / "flower.log").read_text()[-3000:]
 
     (record,) = round_records(folder)

@@ -1,0 +1,67 @@
+"""Experiment configuration: frozen dataclasses, validated once, parsed at the edge.
+
+A config comes from a TOML file (``simulations/default.toml`` is the reference),
+from command-line overrides (``section.field=value``), or both. Nothing below the
+apps reads raw TOML: they receive an :class:`ExperimentConfig`.
+
+``fedtune.config`` is the import path of everything here: ``names`` (the torch-free
+name lists), ``sections`` (a site's work), ``federation`` (rounds, DP, security),
+``experiment`` (the whole config and its cross-section checks), ``loading`` (TOML,
+overrides, copies).
+"""
+
+from __future__ import annotations
+
+from fedtune.config.experiment import ExperimentConfig
+from fedtune.config.federation import ClientDPSettings, DPSettings, FederationSettings, SecuritySettings
+from fedtune.config.loading import _section as _section  # client/hospital.py builds its sections the same way
+from fedtune.config.loading import config_from_dict, load_config, parse_config, replace
+from fedtune.config.names import (
+    ACCOUNTANTS,
+    AGGREGATIONS,
+    GRAD_SAMPLE_MODES,
+    LINEAR_STRATEGIES,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    PARTITIONS,
+    PRECISIONS,
+    SERVER_OPTIMIZERS,
+    STRATEGIES,
+)
+from fedtune.config.sections import (
+    DataSettings,
+    EvalSettings,
+    LoraSettings,
+    ModelSettings,
+    RunSettings,
+    TrainSettings,
+)
+from fedtune.config.sections import _require as _require  # and checks its fields the same way
+
+__all__ = [
+    "ACCOUNTANTS",
+    "AGGREGATIONS",
+    "GRAD_SAMPLE_MODES",
+    "LINEAR_STRATEGIES",
+    "LR_SCHEDULES",
+    "OPTIMIZERS",
+    "PARTITIONS",
+    "PRECISIONS",
+    "SERVER_OPTIMIZERS",
+    "STRATEGIES",
+    "ClientDPSettings",
+    "DPSettings",
+    "DataSettings",
+    "EvalSettings",
+    "ExperimentConfig",
+    "FederationSettings",
+    "LoraSettings",
+    "ModelSettings",
+    "RunSettings",
+    "SecuritySettings",
+    "TrainSettings",
+    "config_from_dict",
+    "load_config",
+    "parse_config",
+    "replace",
+]
