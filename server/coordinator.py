@@ -50,7 +50,7 @@ from fedtune import process
 from fedtune.atomic import atomic_write_json
 from fedtune.client.hospital import parse_address
 from fedtune.errors import ConfigError, FedTuneError
-from fedtune.launcher import _bin, flower_env, stop_process
+from fedtune.launcher import console_script, flower_env, stop_process
 from fedtune.logfile import RotatingFile, pump
 from fedtune.security import pki
 from fedtune.security.keys import KeyPair, load_private, load_public
@@ -234,7 +234,7 @@ def write_connection(home: CoordinatorHome, control_port: int, *, insecure: bool
 
 def superlink_command(home: CoordinatorHome, control_port: int, *, insecure: bool) -> list[str]:
     """The SuperLink, on loopback only: hospitals reach its Fleet API through the front."""
-    cmd = [_bin("flower-superlink")]
+    cmd = [console_script("flower-superlink")]
     if insecure:
         cmd.append("--insecure")
     else:
@@ -412,7 +412,7 @@ def flwr_cli(home: CoordinatorHome, *args: str, timeout: float = 60.0) -> dict[s
             f"no SuperLink of {home.root} is running; start it with `fedtune server start --home {home.root}`"
         )
     out = subprocess.run(
-        [_bin("flwr"), *args, CONNECTION, "--format", "json"],
+        [console_script("flwr"), *args, CONNECTION, "--format", "json"],
         env=flower_env(home),
         capture_output=True,
         text=True,
