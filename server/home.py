@@ -32,7 +32,6 @@ from typing import Any
 
 from fedtune import process
 from fedtune.errors import ConfigError, FedTuneError
-from fedtune.launcher import console_script, flower_env
 from fedtune.security import pki
 
 CONNECTION = "fedtune"  # the `flwr` CLI's name for this home's SuperLink (flwr/config.toml)
@@ -176,6 +175,8 @@ def healthy(url: str, ca: Path | None, *, timeout: float = 2.0) -> bool:
 
 def flwr_cli(home: CoordinatorHome, *args: str, timeout: float = 60.0) -> dict[str, Any]:
     """Run a `flwr` command against this SuperLink with JSON output; one-line error when it fails."""
+    from fedtune.launcher import console_script, flower_env  # the run folder's imports: only when flwr runs
+
     if home.server() is None:
         raise ConfigError(
             f"no SuperLink of {home.root} is running; start it with `fedtune server start --home {home.root}`"
