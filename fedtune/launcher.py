@@ -33,7 +33,7 @@ from fedtune.security.keys import KeyPair
 CONNECTION = "fedtune-local"
 
 
-def _bin(name: str) -> str:
+def console_script(name: str) -> str:
     """A console script of this environment (not whatever is first on PATH)."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
@@ -97,7 +97,7 @@ def local_superlink(folder: RunFolder, env: dict[str, str], *, simulation: bool 
     connection = {"superlink": {"default": CONNECTION, CONNECTION: {"address": f"127.0.0.1:{port}", "insecure": True}}}
     (folder.flwr_home / "config.toml").write_text(tomli_w.dumps(connection))
     cmd = [
-        _bin("flower-superlink"),
+        console_script("flower-superlink"),
         *(["--simulation"] if simulation else ["--database", str(folder.root / "state.db")]),
         "--insecure",
         "--isolation",
@@ -206,7 +206,7 @@ def start_run(
 ) -> subprocess.Popen[bytes]:
     """``flwr run`` of the run folder's app bundle against a SuperLink (the local one by
     default), streaming its log to ``logs/flower.log``; the caller waits for it and stops it."""
-    cmd = [_bin("flwr"), "run", str(folder.app_dir), connection, "--stream"]
+    cmd = [console_script("flwr"), "run", str(folder.app_dir), connection, "--stream"]
     if federation_config:
         cmd += ["--federation-config", federation_config]
     folder.logs_dir.mkdir(parents=True, exist_ok=True)

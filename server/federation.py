@@ -28,17 +28,17 @@ from fedtune.evaluate import EvalResult
 from fedtune.experiments.report import round_line
 from fedtune.live import LiveStatus
 from fedtune.lora.adapter import META_BASE, META_SPEC, export_peft, initial_state, spec_sha256
-from fedtune.lora.delta import State, l2_norm
-from fedtune.lora.merge import make_rule
-from fedtune.lora.optimizers import DEFAULT_LR, make_server_optimizer
+from fedtune.lora.delta import State
 from fedtune.models import load_model_config, resolve_model_dir
 from fedtune.privacy.accounting import BudgetExceeded
 from fedtune.runfolder import RunFolder
 from fedtune.security.witness import WitnessLog
 from fedtune.server.client_dp import ClientLevelDP
 from fedtune.server.grid import exchange
+from fedtune.server.replies import TrainReport
+from fedtune.server.sampling import await_hospitals
 from fedtune.server.secagg import secagg_train_round
-from fedtune.server.strategy import Combine, LoraStrategy, NormBounds, TrainReport
+from fedtune.server.strategy import LoraStrategy
 
 
 def _start_state(folder: RunFolder, cfg: ExperimentConfig) -> tuple[Checkpoint, dict[str, Any]]:
@@ -74,115 +74,116 @@ def _client_dp(cfg: ExperimentConfig, extra: dict[str, Any], num_sampled: int) -
     return dp
 
 
-def build_strategy(
-    cfg: ExperimentConfig,
-    meta: dict[str, str],
-    client_dp: ClientLevelDP | None,
-    *,
-    opener: wire.Opener | None = None,
-    run_id: str = "",
-    witness: WitnessLog | None = None,
-    node_names: dict[int, str] | None = None,
-) -> LoraStrategy:
-    """The round's strategy: samples ``cfg.sampled_per_round()`` hospitals, needs ``min_clients`` or all of them."""
-    # Flower's FedAvg samples max(int(N * fraction_train), min_train_nodes) nodes a round.
-    sampled = cfg.sampled_per_round()
-    fed = cfg.federation
-    optimizer = make_server_optimizer(
-        fed.server_optimizer,
-        lr=fed.server_lr or DEFAULT_LR[fed.server_optimizer],
-        momentum=fed.server_momentum,
-        beta1=fed.server_beta1,
-        beta2=fed.server_beta2,
-        tau=fed.server_tau,
-    )
-    strategy = LoraStrategy(
-        spec_sha256=meta[META_SPEC],
-        base_sha256=meta[META_BASE],
-        min_updates=cfg.federation.min_clients or sampled,
-        num_nodes=cfg.data.hospitals,
-        client_dp=client_dp,
-        opener=opener,
-        run_id=run_id,
-        bounds=NormBounds(relative=cfg.security.norm_bound, absolute=cfg.security.max_update_norm),
-        rule=make_rule(fed.strategy, alpha=cfg.lora.alpha, rank=cfg.lora.rank, seed=cfg.lora.init_seed),
-        combine=Combine(fed.aggregation, fed.trim_fraction),
-        optimizer=optimizer,
-        witness=witness,
-        node_names=node_names,
-    )
-    strategy.fraction_train = cfg.federation.fraction_train
-    strategy.min_train_nodes = sampled
-    return strategy
-
-
-def await_hospitals(
-    grid: Grid, *, want: int, need: int, timeout: float, say: Callable[[str], None], why: str = ""
-) -> int:
-    """Wait until ``want`` hospitals are connected, or ``timeout`` seconds; return how many are.
-
-    After the timeout the round goes on with fewer if at least ``need`` are connected;
-    otherwise the federation fails with a message that says what is missing. A dead
-    SuperNode counts as connected until Flower's heartbeat marks it offline; a round that
-    samples it loses its reply at ``round_timeout`` and goes on with the others.
-    """
-    deadline = time.monotonic() + timeout
-    shown = -1
-    while True:
-        online = len(list(grid.get_node_ids()))
-        if online >= want:
-            return online
-        if time.monotonic() >= deadline:
-            if online >= need:
-                say(f"{online} of {want} hospitals connected after {timeout:.0f} s; going on with them")
-                return online
-            raise FedTuneError(
-                f"only {online} hospital(s) connected within `federation.join_timeout` ({timeout:.0f} s), "
-                f"a round needs {need}{why}; start more hospitals or lower `federation.min_clients`"
-            )
-        if online != shown:
-            say(f"waiting for hospitals: {online}/{want} connected")
-            shown = online
-        time.sleep(1.0)
-
-
-def _secure_round(
+def _round(
     grid: Grid,
     context: Context | None,
     cfg: ExperimentConfig,
     strategy: LoraStrategy,
+    live: LiveStatus,
+    client_dp: ClientLevelDP | None,
+    *,
     state: State,
     rnd: int,
-    run_id: str,
+) -> tuple[State, dict[str, Any]]:
+    """Train and evaluate round ``rnd``: (the new global adapter, the round's metrics line)."""
+    live.phase(rnd, "train")
+    start = time.perf_counter()
+    config = wire.instruction_config(num_rounds=cfg.federation.rounds, run_id=strategy.run_id)
+    if client_dp is not None:
+        client_dp.check_next(rnd)
+    arrays = _train(grid, context, cfg, strategy, live, state=state, rnd=rnd, config=config)
+    train_seconds = time.perf_counter() - start
+    live.phase(rnd, "evaluate")
+    timeout = cfg.federation.round_timeout
+    evaluation = _evaluate(grid, strategy, live, rnd=rnd, arrays=arrays, config=config, timeout=timeout)
+    seconds = time.perf_counter() - start
+    record = _round_record(rnd, strategy.report, evaluation, train_seconds=train_seconds, seconds=seconds)
+    return wire.from_arrays(arrays), record
+
+
+def _train(
+    grid: Grid,
+    context: Context | None,
+    cfg: ExperimentConfig,
+    strategy: LoraStrategy,
+    live: LiveStatus,
+    *,
+    state: State,
+    rnd: int,
+    config: ConfigRecord,
 ) -> ArrayRecord:
-    """Train through SecAgg+; the strategy's report gets what the coordinator may see."""
-    if context is None:
-        raise FedTuneError("`security.secure_aggregation` needs the ServerApp's context")
-    result = secagg_train_round(
-        grid,
-        context,
-        cfg.security,
-        global_state=state,
-        reference=strategy.rule.reference(state),
-        server_round=rnd,
-        num_rounds=cfg.federation.rounds,
-        sample_size=cfg.sampled_per_round(),
-        run_id=run_id,
-        seed=cfg.run.seed,
-        timeout=cfg.federation.round_timeout,
-    )
-    if len(result.metrics) < strategy.min_updates:
-        raise FedTuneError(
-            f"round {rnd}: only {len(result.metrics)} hospital(s) completed secure aggregation, "
-            f"the round needs {strategy.min_updates} (`federation.min_clients`)"
+    """One training round, plain or through SecAgg+, merged and recorded by the strategy."""
+    if cfg.security.secure_aggregation:
+        if context is None:
+            raise FedTuneError("`security.secure_aggregation` needs the ServerApp's context")
+        result = secagg_train_round(
+            grid,
+            context,
+            cfg.security,
+            global_state=state,
+            reference=strategy.merge.rule.reference(state),
+            server_round=rnd,
+            num_rounds=cfg.federation.rounds,
+            sample_size=cfg.sampled_per_round(),
+            run_id=strategy.run_id,
+            seed=cfg.run.seed,
+            timeout=cfg.federation.round_timeout,
         )
-    norm = l2_norm(result.mean_delta)
-    if strategy.bounds.absolute and norm > strategy.bounds.absolute:
-        raise FedTuneError(f"round {rnd}: the aggregate update's norm {norm:.4g} is over `security.max_update_norm`")
-    dropped = [{"site": "(secure aggregation)", "reason": f"{result.dropped} hospital(s) dropped out"}]
-    strategy.report = TrainReport(accepted=result.metrics, rejected=dropped if result.dropped else [])
-    strategy.current = state
-    return wire.to_arrays(strategy.step(result.mean_delta))
+        arrays, _ = strategy.aggregate_secure(rnd, state, result)
+        return arrays
+    messages = list(strategy.configure_train(rnd, wire.to_arrays(state), config, grid))
+    replies = _exchange(grid, messages, kind="train", live=live, timeout=cfg.federation.round_timeout)
+    try:
+        merged, _ = strategy.aggregate_train(rnd, replies)
+    finally:
+        _settle(live, "train", strategy.report.nodes)
+    if merged is None:  # LoraStrategy raises instead; a plain FedAvg would return None
+        raise FedTuneError(f"round {rnd}: no update could be merged")
+    return merged
+
+
+def _evaluate(
+    grid: Grid,
+    strategy: LoraStrategy,
+    live: LiveStatus,
+    *,
+    rnd: int,
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    timeout: float,
+) -> dict[str, Any]:
+    """The round's evaluation of the new global adapter, pooled over the hospitals that answered."""
+    messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(config)), grid))
+    replies = _exchange(grid, messages, kind="evaluate", live=live, timeout=timeout)
+    evaluation = _eval_record(strategy.evaluate_replies(rnd, replies))
+    _settle(live, "evaluate", strategy.eval_nodes)
+    return evaluation
+
+
+def _round_record(
+    rnd: int, report: TrainReport, evaluation: dict[str, Any], *, train_seconds: float, seconds: float
+) -> dict[str, Any]:
+    """The round's line in ``metrics.jsonl``."""
+    record: dict[str, Any] = {
+        "kind": "round",
+        "round": rnd,
+        "train": report.accepted,
+        "rejected": report.rejected,
+        "refused": report.refused,
+        "eval": evaluation,
+        "download-bytes": report.download_bytes,
+        "train-seconds": train_seconds,
+        "seconds": seconds,
+    }
+    if report.client_dp:
+        record["client-dp"] = report.client_dp
+    return record
+
+
+def _save(folder: RunFolder, ckpt: Checkpoint, client_dp: ClientLevelDP | None, *, stopped: str | None = None) -> None:
+    """The round's checkpoint, with client-level DP's accountant and why the federation stopped."""
+    extra: dict[str, Any] = {"client_dp": client_dp.state_dict()} if client_dp is not None else {}
+    save_checkpoint(folder.root, ckpt, extra=extra if stopped is None else {**extra, "stopped": stopped})
 
 
 def _settle(live: LiveStatus, kind: str, nodes: dict[int, dict[str, str]]) -> None:
@@ -191,13 +192,9 @@ def _settle(live: LiveStatus, kind: str, nodes: dict[int, dict[str, str]]) -> No
     live.settle(kind)
 
 
-def _exchange(
-    grid: Grid, messages: list[Message], *, kind: str, live: LiveStatus, timeout: float
-) -> list[Message]:
+def _exchange(grid: Grid, messages: list[Message], *, kind: str, live: LiveStatus, timeout: float) -> list[Message]:
     live.sampled(kind, [m.metadata.dst_node_id for m in messages])
-    return exchange(
-        grid, messages, timeout=timeout, on_reply=lambda msg: live.answered(kind, msg.metadata.src_node_id)
-    )
+    return exchange(grid, messages, timeout=timeout, on_reply=lambda msg: live.answered(kind, msg.metadata.src_node_id))
 
 
 def run_federation(
@@ -247,15 +244,9 @@ def _rounds(
     metrics.keep_rounds_up_to(done)
     rounds = cfg.federation.rounds
     client_dp = _client_dp(cfg, extra, cfg.sampled_per_round())
-    if cfg.security.seal and opener is None:
-        raise FedTuneError("`security.seal` is on but the coordinator has no keys to open envelopes with")
-    witness = WitnessLog(folder.witness_path) if opener is not None else None  # kept across resumes: facts
-    strategy = build_strategy(
-        cfg, meta, client_dp, opener=opener, run_id=folder.root.name, witness=witness, node_names=folder.node_names()
-    )
+    strategy = _strategy(folder, cfg, meta, client_dp, opener=opener)
     if done:  # round 0 has no optimizer state yet; a later round's must be there
-        strategy.optimizer.load_state_dict(resumed.aux)
-    timeout = cfg.federation.round_timeout
+        strategy.merge.optimizer.load_state_dict(resumed.aux)
     stopped = str(extra.get("stopped", ""))
     if stopped:
         say(f"the federation stopped after round {done}/{rounds}: {stopped}")
@@ -271,63 +262,60 @@ def _rounds(
         want = max(cfg.data.hospitals, need) if rnd == done + 1 else need
         live.phase(rnd, "waiting")
         await_hospitals(grid, want=want, need=need, timeout=cfg.federation.join_timeout, say=say, why=why)
-        live.phase(rnd, "train")
-        start = time.perf_counter()
-        config = wire.instruction_config(num_rounds=rounds, run_id=folder.root.name)
         try:
-            if client_dp is not None:
-                client_dp.check_next(rnd)
-            if cfg.security.secure_aggregation:
-                arrays = _secure_round(grid, context, cfg, strategy, state, rnd, folder.root.name)
-            else:
-                messages = list(strategy.configure_train(rnd, wire.to_arrays(state), config, grid))
-                replies = _exchange(grid, messages, kind="train", live=live, timeout=timeout)
-                try:
-                    arrays, _ = strategy.aggregate_train(rnd, replies)
-                finally:
-                    _settle(live, "train", strategy.report.nodes)
+            state, record = _round(grid, context, cfg, strategy, live, client_dp, state=state, rnd=rnd)
         except (FederationStopped, BudgetExceeded) as stop:
             stopped = str(stop)
-            state_extra = {"client_dp": client_dp.state_dict()} if client_dp is not None else {}
-            save_checkpoint(
-                folder.root,
-                Checkpoint(done, state, meta, strategy.optimizer.state_dict()),  # no step was taken this round
-                extra={**state_extra, "stopped": stopped},
-            )
+            optimizer = strategy.merge.optimizer.state_dict()
+            _save(folder, Checkpoint(done, state, meta, optimizer), client_dp, stopped=stopped)  # no step was taken
             say(f"stopping after round {done}/{rounds}: {stopped}")
             break
-        if arrays is None:  # LoraStrategy raises instead; a plain FedAvg would return None
-            raise FedTuneError(f"round {rnd}: no update could be merged")
-        state = wire.from_arrays(arrays)
-        train_seconds = time.perf_counter() - start
-        live.phase(rnd, "evaluate")
-        messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(config)), grid))
-        eval_replies = _exchange(grid, messages, kind="evaluate", live=live, timeout=timeout)
-        evaluation = _eval_record(strategy.evaluate_replies(rnd, eval_replies))
-        _settle(live, "evaluate", strategy.eval_nodes)
-        report = strategy.report
-        record: dict[str, Any] = {
-            "kind": "round",
-            "round": rnd,
-            "train": report.accepted,
-            "rejected": report.rejected,
-            "refused": report.refused,
-            "eval": evaluation,
-            "download-bytes": report.download_bytes,
-            "train-seconds": train_seconds,
-            "seconds": time.perf_counter() - start,
-        }
-        if report.client_dp:
-            record["client-dp"] = report.client_dp
         metrics.append(record)
         meta = {**meta, META_BASE: strategy.base_sha256}
-        state_extra = {"client_dp": client_dp.state_dict()} if client_dp is not None else {}
-        save_checkpoint(folder.root, Checkpoint(rnd, state, meta, strategy.optimizer.state_dict()), extra=state_extra)
+        _save(folder, Checkpoint(rnd, state, meta, strategy.merge.optimizer.state_dict()), client_dp)
         done = rnd
         say(round_line(record, rounds))
+    _export(folder, cfg, state, meta, done=done, stopped=stopped, say=say)
+    return state, done, stopped
+
+
+def _strategy(
+    folder: RunFolder,
+    cfg: ExperimentConfig,
+    meta: dict[str, str],
+    client_dp: ClientLevelDP | None,
+    *,
+    opener: wire.Opener | None,
+) -> LoraStrategy:
+    """The run's strategy; sealed replies are witnessed in the run's ``witness.jsonl``."""
+    if cfg.security.seal and opener is None:
+        raise FedTuneError("`security.seal` is on but the coordinator has no keys to open envelopes with")
+    witness = WitnessLog(folder.witness_path) if opener is not None else None  # kept across resumes: facts
+    return LoraStrategy.from_config(
+        cfg,
+        meta,
+        client_dp=client_dp,
+        run_id=folder.root.name,
+        opener=opener,
+        witness=witness,
+        node_names=folder.node_names(),
+    )
+
+
+def _export(
+    folder: RunFolder,
+    cfg: ExperimentConfig,
+    state: State,
+    meta: dict[str, str],
+    *,
+    done: int,
+    stopped: str,
+    say: Callable[[str], None],
+) -> None:
+    """The global adapter of the last trained round, in PEFT format; nothing when none was trained."""
     if not done:  # round 0 is the untrained initial adapter: nothing to hand anyone
         say(f"no round was trained: nothing exported ({stopped or 'no rounds configured'})")
-        return state, done, stopped
+        return
     export_peft(
         folder.adapter_dir,
         state,
@@ -336,4 +324,3 @@ def _rounds(
         base_sha256=meta[META_BASE],
     )
     say(f"exported the global adapter of round {done} (PEFT format) to {folder.adapter_dir}")
-    return state, done, stopped

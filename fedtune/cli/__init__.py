@@ -124,27 +124,29 @@ def _client_privacy(args: argparse.Namespace) -> int:
 
 
 def _server(args: argparse.Namespace) -> int:
-    from fedtune.server import coordinator
+    from fedtune.server.admission import add_hospital, invite, remove_hospital
+    from fedtune.server.home import CoordinatorHome
+    from fedtune.server.serving import serve
 
     if args.server_command == "witness":
         return _server_witness(args)
-    home = coordinator.CoordinatorHome(Path(args.home))
+    home = CoordinatorHome(Path(args.home))
     if args.server_command == "invite":
-        written = coordinator.invite(home, args.name, Path(args.out), address=args.address)
+        written = invite(home, args.name, Path(args.out), address=args.address)
         print(f"wrote the startup kit of hospital `{args.name}` to {args.out}:")
         for path in written:
             print(f"  {path}")
         print("it holds no secret: send the folder to the hospital's IT; INSTRUCTIONS.txt says what to do")
         return 0
     if args.server_command == "start":
-        return coordinator.serve(home, address=args.address, host=args.host, port=args.port, insecure=args.insecure)
+        return serve(home, address=args.address, host=args.host, port=args.port, insecure=args.insecure)
     if args.server_command == "add-hospital":
-        entry = coordinator.add_hospital(home, args.name, Path(args.node_key), Path(args.envelope_key))
+        entry = add_hospital(home, args.name, Path(args.node_key), Path(args.envelope_key))
         print(f"hospital `{args.name}` registered as SuperNode {entry['node-id']}")
         print(f"  node key {entry['node-key']}; envelope key {entry['envelope-key']}")
         print("  compare both fingerprints with the hospital's IT before its first round")
         return 0
-    coordinator.remove_hospital(home, args.name)
+    remove_hospital(home, args.name)
     print(f"hospital `{args.name}` removed: its SuperNode can no longer connect and its updates are refused")
     return 0
 
@@ -152,12 +154,13 @@ def _server(args: argparse.Namespace) -> int:
 def _server_witness(args: argparse.Namespace) -> int:
     import json
 
-    from fedtune.server import coordinator
+    from fedtune.server.home import CoordinatorHome
+    from fedtune.server.runs import gather_witness
 
     if args.run_dir and (args.home or args.run):
         raise ConfigError("`--run-dir` names one run folder; give it without `--home` or `--run`")
-    home = coordinator.CoordinatorHome(Path(args.home or "coordinator"))
-    witness, skipped = coordinator.gather_witness(
+    home = CoordinatorHome(Path(args.home or "coordinator"))
+    witness, skipped = gather_witness(
         args.hospital, home=home, run=args.run, run_dir=Path(args.run_dir) if args.run_dir else None
     )
     if skipped:
@@ -179,18 +182,19 @@ def _server_witness(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from fedtune.config import load_config
     from fedtune.runfolder import RunFolder
-    from fedtune.server import coordinator
+    from fedtune.server.home import CoordinatorHome
+    from fedtune.server.runs import launch, prepare_deployment_run
 
-    home = coordinator.CoordinatorHome(Path(args.home))
+    home = CoordinatorHome(Path(args.home))
     if args.resume:
         folder = RunFolder(Path(args.resume).resolve())
         folder.load_config()  # a clear error when it is not a run folder
     elif args.config:
-        folder = coordinator.prepare_deployment_run(home, load_config(args.config))
+        folder = prepare_deployment_run(home, load_config(args.config))
     else:
         raise ConfigError("give a run config (`fedtune run CONFIG`) or a run to continue (`--resume RUN`)")
     try:
-        print(coordinator.launch(home, folder, say=lambda line: print(line, flush=True)))
+        print(launch(home, folder, say=lambda line: print(line, flush=True)))
     except KeyboardInterrupt:
         print(
             f"fedtune: interrupted; the run is stopped at the coordinator and its completed rounds are kept; "
@@ -202,20 +206,21 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from fedtune.server import coordinator
+    from fedtune.server.home import CoordinatorHome
+    from fedtune.server.status import main_status, watch_status
 
-    home = coordinator.CoordinatorHome(Path(args.home))
+    home = CoordinatorHome(Path(args.home))
     if args.watch is not None:
         if args.watch <= 0:
             raise ConfigError(f"`--watch` must be a positive number of seconds, got {args.watch:g}")
-        return coordinator.watch_status(
+        return watch_status(
             home,
             every=args.watch,
             as_json=args.json,
             out=lambda text: print(text, end="", flush=True),
             clear=sys.stdout.isatty() and not args.json,
         )
-    print(coordinator.main_status(home, as_json=args.json), end="")
+    print(main_status(home, as_json=args.json), end="")
     return 0
 
 

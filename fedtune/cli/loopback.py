@@ -62,7 +62,7 @@ def until(check: Callable[[], bool], what: str, limit: float = 60.0, step: float
 
 def hospital_toml(name: str, *, address: str, health: str, model: str = "tiny", require_dp: bool = False) -> str:
     """The startup kit's ``hospital.toml`` (``fedtune server invite``) filled in for a loopback hospital."""
-    from fedtune.server.coordinator import kit_toml
+    from fedtune.server.admission import kit_toml
 
     text = (
         kit_toml(name, address)
@@ -88,7 +88,7 @@ class Loopback:
 
     def __post_init__(self) -> None:
         from fedtune.launcher import free_port
-        from fedtune.server.coordinator import CoordinatorHome
+        from fedtune.server.home import CoordinatorHome
 
         self.root = Path(self.root).resolve()
         self.port = self.port or free_port()
@@ -164,7 +164,7 @@ class Loopback:
         return proc
 
     def node_status(self, name: str) -> str:
-        from fedtune.server.coordinator import status_rows
+        from fedtune.server.status import status_rows
 
         _, hospitals, _ = status_rows(self.home)
         return next((str(h["status"]) for h in hospitals if h["hospital"] == name), "absent")

@@ -33,7 +33,8 @@ import tomli_w
 from fedtune.cli import main
 from fedtune.cli.loopback import HOSPITALS, Loopback, federation, fedtune_process, stop, until
 from fedtune.live import TRAIN_STATES, read_status
-from fedtune.server import coordinator
+from fedtune.server.home import CONNECTION, CoordinatorHome, flwr_cli
+from fedtune.server.status import status_data, status_rows
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.flower]
 APPS = Path(__file__).resolve().parents[1] / "apps"
@@ -127,10 +128,10 @@ def test_outsiders_cannot_steer_the_federation_while_it_runs(fed: Loopback, tmp_
     refused = (fed.home.logs_dir / "front.log").read_text()
     assert "REFUSED 127.0.0.1 POST '/v1/control/register-node'" in refused
     # nothing changed: the same three hospitals, all still online, no intruder node, one run
-    _, hospitals, runs = coordinator.status_rows(fed.home)
+    _, hospitals, runs = status_rows(fed.home)
     assert sorted(h["hospital"] for h in hospitals) == sorted(NAMES)
     assert all(h["status"] == "online" for h in hospitals), hospitals
-    nodes = coordinator.flwr_cli(fed.home, "supernode", "list")["nodes"]
+    nodes = flwr_cli(fed.home, "supernode", "list")["nodes"]
     assert len(nodes) == 3
     assert len(runs) == 1
     said = (tmp_path / "run.out").read_text()
@@ -167,7 +168,7 @@ def test_every_hospital_refuses_a_foreign_app_even_from_the_coordinators_own_cha
 
     out, marker = tmp_path / "replies.json", tmp_path / "ran-at-a-hospital.json"
     config = f'out="{out}" marker="{marker}"'
-    done = _flwr(fed.home.flwr_home, "run", str(APPS / "foreign"), coordinator.CONNECTION, "--run-config", config)
+    done = _flwr(fed.home.flwr_home, "run", str(APPS / "foreign"), CONNECTION, "--run-config", config)
     assert done.returncode == 0, done.stdout + done.stderr  # the coordinator's channel accepts it: its own machine
     until(out.exists, "the foreign ServerApp to hear back from the hospitals", limit=150)
     replies = json.loads(out.read_text())["replies"]
@@ -326,7 +327,7 @@ def _live(fed: Loopback, round_at_least: int) -> tuple[str, dict[str, object]]:
     seen: list[tuple[str, dict[str, object]]] = []
 
     def live() -> bool:
-        for run, entry in coordinator.status_data(fed.home)["live"].items():
+        for run, entry in status_data(fed.home)["live"].items():
             if int(entry["round"]) >= round_at_least and entry["phase"] == "train":
                 seen.append((run, entry))
                 return True
@@ -342,7 +343,7 @@ def test_ctrl_c_of_fedtune_run_stops_the_run_at_the_coordinator(fed: Loopback, t
         run_name, live = _live(fed, 1)
         # while it trains, `fedtune status` names the Flower run and every hospital's state in the round
         run_id = str(live["flower-run-id"])
-        assert run_id in {r["run-id"] for r in coordinator.flwr_cli(fed.home, "ls")["runs"]}
+        assert run_id in {r["run-id"] for r in flwr_cli(fed.home, "ls")["runs"]}
         rows = live["hospitals"]
         assert isinstance(rows, list) and {r["hospital"] for r in rows} == set(NAMES)
         assert all(r["train"] in TRAIN_STATES for r in rows)
@@ -356,7 +357,7 @@ def test_ctrl_c_of_fedtune_run_stops_the_run_at_the_coordinator(fed: Loopback, t
     assert "fedtune simulate" not in said
     status = read_status(folder)
     assert status is not None and not _alive(int(status["pid"]))  # its ServerApp is gone: no second trainer
-    assert coordinator.status_data(fed.home)["live"] == {}
+    assert status_data(fed.home)["live"] == {}
 
 
 def _alive(pid: int) -> bool:
@@ -415,7 +416,7 @@ def test_a_hospital_without_tls_material_is_refused_unless_insecure(tmp_path: Pa
 def test_server_start_refuses_a_certificate_without_its_address(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     from fedtune.security import pki
 
-    home = coordinator.CoordinatorHome(tmp_path / "coordinator")
+    home = CoordinatorHome(tmp_path / "coordinator")
     assert main(["server", "start", "--home", str(home.root), "--address", "127.0.0.1"]) == 2
     assert "pki/ca.pem is missing; create the PKI first" in capsys.readouterr().err
     pki.create_ca(home.pki_dir)

@@ -19,6 +19,7 @@ from fedtune.cli import main
 from fedtune.client.audit import GENESIS, AuditLog, Outgoing
 from fedtune.security.keys import AllowList, KeyPair
 from fedtune.security.witness import ChainHead, WitnessEntry, WitnessLog, gather, load_witness
+from fedtune.server.sampling import Sampling
 from fedtune.server.strategy import LoraStrategy
 
 GLOBAL = {"l.lora_A.weight": torch.ones(2, 3), "l.lora_B.weight": torch.zeros(3, 2)}
@@ -37,8 +38,7 @@ def _strategy(tmp_path: Path) -> LoraStrategy:
     return LoraStrategy(
         spec_sha256="spec",
         base_sha256="",
-        min_updates=1,
-        num_nodes=2,
+        sampling=Sampling(2),
         opener=wire.Opener(COORD, AllowList([p.public for p in SITES.values()])),
         run_id="run-1",
         witness=WitnessLog(tmp_path / "witness.jsonl"),

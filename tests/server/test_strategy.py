@@ -11,6 +11,8 @@ from fedtune import wire
 from fedtune.errors import FedTuneError
 from fedtune.lora.aggregate import weighted_mean
 from fedtune.lora.delta import apply_delta
+from fedtune.server.merging import Combine, Merge
+from fedtune.server.sampling import Sampling
 from fedtune.server.strategy import LoraStrategy
 
 pytestmark = pytest.mark.usefixtures("flower_run_id")
@@ -30,8 +32,8 @@ def _delta(value: float) -> dict[str, torch.Tensor]:
     return {k: torch.full_like(v, value) for k, v in GLOBAL.items()}
 
 
-def _strategy(min_updates: int = 1) -> LoraStrategy:
-    s = LoraStrategy(spec_sha256="spec", base_sha256="", min_updates=min_updates, num_nodes=3)
+def _strategy(min_updates: int = 1, *, nodes: int = 3, merge: Merge | None = None) -> LoraStrategy:
+    s = LoraStrategy(spec_sha256="spec", base_sha256="", sampling=Sampling(nodes, min_updates=min_updates), merge=merge)
     s.current = {k: v.clone() for k, v in GLOBAL.items()}
     return s
 
@@ -134,8 +136,8 @@ def test_client_level_dp_replaces_the_weighted_mean() -> None:
     from fedtune.config import ClientDPSettings
     from fedtune.server.client_dp import ClientLevelDP, clip
 
-    s = _strategy()
-    s.client_dp = ClientLevelDP(ClientDPSettings(enabled=True, noise_multiplier=1e-9, clipping_norm=0.5), num_sampled=2)
+    dp = ClientLevelDP(ClientDPSettings(enabled=True, noise_multiplier=1e-9, clipping_norm=0.5), num_sampled=2)
+    s = _strategy(merge=Merge(client_dp=dp))
     arrays, _ = s.aggregate_train(1, [_reply("a", _delta(1.0), n=10), _reply("b", _delta(0.01), n=1000)])
     merged = wire.from_arrays(arrays)
     big, small = clip(_delta(1.0), 0.5)[0], _delta(0.01)
@@ -147,19 +149,18 @@ def test_client_level_dp_replaces_the_weighted_mean() -> None:
 def test_fraction_train_samples_that_share_of_the_hospitals() -> None:
     from fedtune.config import load_config
     from fedtune.lora.adapter import META_BASE, META_SPEC
-    from fedtune.server.federation import build_strategy
 
     class FourNodes:
         def get_node_ids(self) -> list[int]:
             return [11, 12, 13, 14]
 
     meta = {META_SPEC: "spec", META_BASE: ""}
-    half = build_strategy(load_config(None, {"data.hospitals": 4, "federation.fraction_train": 0.5}), meta, None)
+    half = LoraStrategy.from_config(load_config(None, {"data.hospitals": 4, "federation.fraction_train": 0.5}), meta)
     config = wire.instruction_config(num_rounds=2)
     messages = list(half.configure_train(1, wire.to_arrays(GLOBAL), config, FourNodes()))  # type: ignore[arg-type]
     assert len(messages) == 2 and {m.metadata.dst_node_id for m in messages} <= {11, 12, 13, 14}
     assert half.min_updates == 2  # min_clients = 0: every sampled hospital
-    every = build_strategy(load_config(None, {"data.hospitals": 4, "federation.min_clients": 3}), meta, None)
+    every = LoraStrategy.from_config(load_config(None, {"data.hospitals": 4, "federation.min_clients": 3}), meta)
     assert len(list(every.configure_train(1, wire.to_arrays(GLOBAL), config, FourNodes()))) == 4  # type: ignore[arg-type]
     assert every.min_updates == 3
 
@@ -177,10 +178,9 @@ class _Nodes:
 def test_sampling_never_waits_for_a_dead_hospital() -> None:
     from fedtune.config import load_config
     from fedtune.lora.adapter import META_BASE, META_SPEC
-    from fedtune.server.federation import build_strategy
 
     meta = {META_SPEC: "spec", META_BASE: ""}
-    s = build_strategy(load_config(None, {"data.hospitals": 3, "federation.min_clients": 2}), meta, None)
+    s = LoraStrategy.from_config(load_config(None, {"data.hospitals": 3, "federation.min_clients": 2}), meta)
     config = wire.instruction_config(num_rounds=2)
     grid = _Nodes(11, 12)  # the third has died: Flower's own sampling would wait for it forever
     train = list(s.configure_train(1, wire.to_arrays(GLOBAL), config, grid))  # type: ignore[arg-type]
@@ -190,7 +190,7 @@ def test_sampling_never_waits_for_a_dead_hospital() -> None:
 
 
 def test_await_hospitals_goes_on_with_enough_and_fails_clearly_without() -> None:
-    from fedtune.server.federation import await_hospitals
+    from fedtune.server.sampling import await_hospitals
 
     said: list[str] = []
     assert await_hospitals(_Nodes(1, 2, 3), want=3, need=2, timeout=5, say=said.append) == 3  # type: ignore[arg-type]
@@ -212,12 +212,7 @@ def test_await_hospitals_goes_on_with_enough_and_fails_clearly_without() -> None
 
 @pytest.mark.parametrize("combine", ["median", "trimmed_mean", "mean"])
 def test_robust_combines_ignore_one_huge_update(combine: str) -> None:
-    from fedtune.server.strategy import Combine
-
-    s = LoraStrategy(
-        spec_sha256="spec", base_sha256="", min_updates=1, num_nodes=5, combine=Combine(combine, trim_fraction=0.2)
-    )
-    s.current = {k: v.clone() for k, v in GLOBAL.items()}
+    s = _strategy(nodes=5, merge=Merge(combine=Combine(combine, trim_fraction=0.2)))
     values = [1.0, 2.0, 3.0, 2.0, 4992.0]  # the last hospital pushes; the norm bound is off here
     arrays, _ = s.aggregate_train(1, [_reply(f"h{i}", _delta(v), n=10) for i, v in enumerate(values)])
     merged = wire.from_arrays(arrays)
@@ -230,13 +225,7 @@ def test_robust_combines_ignore_one_huge_update(combine: str) -> None:
 def test_a_server_optimizer_steps_along_the_merged_update() -> None:
     from fedtune.lora.optimizers import make_server_optimizer
 
-    s = LoraStrategy(
-        spec_sha256="spec",
-        base_sha256="",
-        min_updates=1,
-        num_nodes=2,
-        optimizer=make_server_optimizer("fedavgm", lr=0.5),
-    )
+    s = _strategy(nodes=2, merge=Merge(optimizer=make_server_optimizer("fedavgm", lr=0.5)))
     for rnd in (1, 2):
         s.current = {k: v.clone() for k, v in GLOBAL.items()}
         arrays, _ = s.aggregate_train(rnd, [_reply("a", _delta(1.0)), _reply("b", _delta(3.0))])
@@ -304,11 +293,11 @@ def test_an_error_reply_names_the_hospital_admitted_with_its_node() -> None:
     """Flower answers for a node that left ("Node Unavailable"); the coordinator names the hospital."""
     from flwr.app import Error
 
-    from fedtune.server.strategy import _site_hint
+    from fedtune.server.replies import site_hint
 
     request = Message(RecordDict({"x": ConfigRecord({"a": 1})}), dst_node_id=7, message_type=MessageType.TRAIN)
     request.metadata.__dict__["_message_id"] = "m" * 64
     failed = Message(Error(code=5, reason="Error: Node Unavailable"), reply_to=request)
     failed.metadata.__dict__["_src_node_id"] = 7
-    assert _site_hint(failed, {7: "riverside-community"}) == "riverside-community"
-    assert _site_hint(failed, {}) == "node-7"  # simulation: no admitted names
+    assert site_hint(failed, {7: "riverside-community"}) == "riverside-community"
+    assert site_hint(failed, {}) == "node-7"  # simulation: no admitted names

@@ -11,7 +11,9 @@ from fedtune.lora.aggregate import weighted_mean
 from fedtune.lora.delta import apply_delta
 from fedtune.security.keys import AllowList, KeyPair
 from fedtune.security.witness import ChainHead
-from fedtune.server.strategy import LoraStrategy, NormBounds
+from fedtune.server.merging import Merge, NormBounds
+from fedtune.server.sampling import Sampling
+from fedtune.server.strategy import LoraStrategy
 
 GLOBAL = {"l.lora_A.weight": torch.ones(2, 3), "l.lora_B.weight": torch.zeros(3, 2)}
 COORD = KeyPair.generate("coordinator", "coordinator")
@@ -32,11 +34,10 @@ def _strategy(bounds: NormBounds | None = None) -> LoraStrategy:
     return LoraStrategy(
         spec_sha256="spec",
         base_sha256="",
-        min_updates=1,
-        num_nodes=3,
-        opener=opener,
+        sampling=Sampling(3),
+        merge=Merge(bounds=bounds or NormBounds()),
         run_id="run-1",
-        bounds=bounds or NormBounds(),
+        opener=opener,
     )
 
 

@@ -11,7 +11,7 @@ from fedtune.cli import main
 from fedtune.client.hospital import load_hospital_config
 from fedtune.data.clinical import generate_site
 from fedtune.data.records import write_records
-from fedtune.server.coordinator import CoordinatorHome
+from fedtune.server.home import CoordinatorHome
 
 
 @pytest.fixture()

@@ -27,7 +27,8 @@ from fedtune.experiments.report import run_status
 from fedtune.experiments.simulate import ended_early, federation_done
 from fedtune.live import LiveStatus, read_status
 from fedtune.runfolder import RunFolder
-from fedtune.server import coordinator
+from fedtune.server.home import CoordinatorHome
+from fedtune.server.status import status_data, watch_status
 
 RUN = "e2e-20260101-000000"
 NODES = {"st-elsewhere": 11, "northgate-general": 22}
@@ -43,8 +44,8 @@ def server_app() -> Iterator[subprocess.Popen[bytes]]:
     proc.wait()
 
 
-def _home(tmp_path: Path) -> tuple[coordinator.CoordinatorHome, RunFolder]:
-    home = coordinator.CoordinatorHome(tmp_path / "coordinator")
+def _home(tmp_path: Path) -> tuple[CoordinatorHome, RunFolder]:
+    home = CoordinatorHome(tmp_path / "coordinator")
     registry = {name: {"node-id": node, "node-key": "SHA256:x", "envelope-key": "ab"} for name, node in NODES.items()}
     atomic_write_json(home.registry_path, registry)
     folder = RunFolder(home.runs_dir / RUN)
@@ -95,7 +96,7 @@ def test_status_shows_a_live_round_and_each_hospital_in_it(
     server_app.wait()
     status = run_status(folder.root)
     assert status["state"] == "interrupted in round 2/3 (evaluate); resume with `fedtune run --resume`"
-    assert coordinator.status_data(home)["live"] == {}
+    assert status_data(home)["live"] == {}
 
 
 def test_status_says_how_runs_ended(tmp_path: Path) -> None:
@@ -128,7 +129,7 @@ def test_watch_refreshes_until_ctrl_c(tmp_path: Path, capsys: pytest.CaptureFixt
         if len(naps) == 2:
             raise KeyboardInterrupt
 
-    assert coordinator.watch_status(home, every=3.0, out=frames.append, sleep=sleep) == 0
+    assert watch_status(home, every=3.0, out=frames.append, sleep=sleep) == 0
     assert len(frames) == 2 and naps == [3.0, 3.0]
     assert all(f.startswith("--- ") and "SuperLink of" in f and RUN in f for f in frames)
     assert main(["status", "--home", str(home.root), "--watch", "0"]) == 2
