@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
-import torch
 
 from fedtune.errors import ConfigError, DataError, ModelError
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase
 
 ROLES = ("system", "user", "assistant")
@@ -474,6 +474,8 @@ def tokenize(
 
 def collate(batch: Sequence[TokenizedExample], *, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding)."""
+    import torch  # here: reading and writing records (runfolder, the ledger, `fedtune status`) needs no torch
+
     if not batch:
         raise DataError("cannot collate an empty batch; check the site has training records")
     width = max(len(ex.input_ids) for ex in batch)
