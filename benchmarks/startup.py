@@ -114,7 +114,8 @@ def main() -> None:
         if name in light and (median >= LIMIT_S or heavy):
             failed.append(name)
     RESULTS.mkdir(exist_ok=True)
-    payload = {"repeats": args.repeats, "limit_s": LIMIT_S, "fedtune": fedtune, "commands": results}
+    how = "python -m fedtune" if fedtune[0] == sys.executable else "the fedtune console script"
+    payload = {"repeats": args.repeats, "limit_s": LIMIT_S, "fedtune": how, "commands": results}
     (RESULTS / "startup.json").write_text(json.dumps(payload, indent=2) + "\n")
     if failed:
         raise SystemExit(f"over {LIMIT_S} s or importing a heavy library: {', '.join(failed)}")
