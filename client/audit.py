@@ -61,8 +61,6 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.supercore import log
-
 from fedtune.atomic import atomic_write_json
 from fedtune.errors import FedTuneError
 from fedtune.security.witness import ChainHead, Witness
@@ -282,6 +280,8 @@ class AuditLog:
                     f"was changed outside fedtune; run {self._verify_hint}"
                 )
             self._write_head(int(head["seq"]), str(head["hash"]))
+            from flwr.supercore import log  # here: Flower costs `fedtune client check` 0.3 s at start
+
             log(WARNING, "audit trail %s: %s", self.path, recovered)
         if fragment:
             raise FedTuneError(f"{self.path}: the last record is incomplete; run {self._verify_hint}")

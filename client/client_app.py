@@ -136,7 +136,7 @@ def train(msg: Message, context: Context) -> Message:
     try:
         delta, metrics = _local_update(instruction, site)
     except BudgetExceeded as err:
-        refusal = wire.pack_refusal(
+        spent = wire.pack_refusal(
             site.identity(),
             kind=wire.REFUSED_PRIVACY_BUDGET,
             reason=err.public_reason(),  # the full message (with the dataset's id) stays in the hospital's log
@@ -144,7 +144,7 @@ def train(msg: Message, context: Context) -> Message:
             instruction=instruction,
             audit=site.audit.head(),
         )
-        return Message(refusal, reply_to=msg)
+        return Message(spent, reply_to=msg)
     return reply(site, msg, instruction, metrics, num_examples=len(site.data.train), delta=delta)
 
 

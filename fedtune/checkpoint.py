@@ -14,14 +14,13 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from fedtune.atomic import atomic_write_bytes, atomic_write_json
 from fedtune.errors import CheckpointError
+
+if TYPE_CHECKING:  # torch and safetensors load where tensors are saved or read, not for `fedtune status`
+    import torch
 
 AUX = "fedtune.aux/"  # prefix of tensors that are round state, not adapter (e.g. server optimizer moments)
 CHECKPOINTS = "checkpoints"
@@ -49,6 +48,8 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, *, extra: Mapping[str, Any]
 
     ``extra`` (JSON-able, e.g. strategy state) is stored in ``latest.json``.
     """
+    from safetensors.torch import save_file
+
     path = checkpoint_path(run_dir, ckpt.server_round)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -72,6 +73,8 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, *, extra: Mapping[str, Any]
 
 
 def load_checkpoint(run_dir: Path, server_round: int) -> Checkpoint:
+    from safetensors import SafetensorError, safe_open
+
     path = checkpoint_path(run_dir, server_round)
     try:
         with safe_open(str(path), framework="pt") as f:

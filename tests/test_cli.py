@@ -1,14 +1,17 @@
-"""The command line: one-line errors with a non-zero exit, and `fedtune data`."""
+"""The command line: one-line errors with a non-zero exit, `fedtune data`, light commands that
+stay light, and a parser that knows every command the docs name."""
 
 from __future__ import annotations
 
+import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from fedtune.cli import main
+from fedtune.cli import build_parser, main
 from fedtune.data.records import load_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,3 +132,70 @@ def test_keys_create_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     (tmp_path / "st-elsewhere.key").chmod(0o640)
     assert main(["keys", "show", str(tmp_path / "st-elsewhere.key")]) == 2
     assert "chmod 600" in capsys.readouterr().err
+
+
+# What a command that does no model work must not import: each costs 0.1-1.5 s at start
+# (benchmarks/startup.py times them; this keeps them out without timing anything).
+HEAVY = {"torch", "transformers", "peft", "opacus", "flwr", "ray", "safetensors", "matplotlib", "numpy"}
+
+
+@pytest.fixture(scope="module")
+def light_commands(tmp_path_factory: pytest.TempPathFactory) -> list[list[str]]:
+    """The light commands, on files fedtune itself made: a coordinator home with its PKI, a hospital's folder."""
+    from fedtune.cli.loopback import Loopback
+
+    fed = Loopback(tmp_path_factory.mktemp("light"))
+    fed.pki()
+    config = fed.add_hospital("st-elsewhere", 0)
+    return [
+        ["--help"],
+        ["client", "example-config"],
+        ["client", "check", "--config", str(config)],
+        ["status", "--home", str(fed.home.root)],
+        ["pki", "show", str(fed.home.ca_cert), str(fed.home.pki_dir / "coordinator.pub")],
+        ["keys", "show", str(fed.home.pki_dir / "coordinator.pub")],
+    ]
+
+
+def test_light_commands_import_no_model_library(light_commands: list[list[str]]) -> None:
+    for argv in light_commands:
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "fedtune", *argv], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in done.stderr.splitlines() if "|" in line}
+        assert not imported & HEAVY, f"`fedtune {' '.join(argv[:2])}` imports {sorted(imported & HEAVY)}"
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(actions[0].choices) if actions else {}
+
+
+# Mentions in the docs that name no command yet; each must still be there (delete it when fixed).
+STALE = {"fedtune sweep"}  # README.md: sweeps are `fedtune simulate --epsilons`
+
+
+def test_parser_knows_every_command_the_docs_name() -> None:
+    """Every `fedtune WORD [WORD ...]` in a code span or block of README and docs/ is a command."""
+    texts = {p.name: p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
+    unknown: set[str] = set()
+    found = 0
+    for text in texts.values():
+        blocks = re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.S)
+        spans = re.findall(r"`([^`\n]+(?:\n[^`\n]+)?)`", re.sub(r"```.*?```", "", text, flags=re.S))
+        for code in [*blocks, *spans]:
+            for mention in re.finditer(r"(?<![\w./-])fedtune((?: +[a-z][a-z-]*)+)", code.replace("\n", " ")):
+                parser, said = build_parser(), "fedtune"
+                for word in mention.group(1).split():
+                    subs = _subcommands(parser)
+                    if not subs:
+                        break  # a command's own arguments follow
+                    said += f" {word}"
+                    if word not in subs:
+                        unknown.add(said)
+                        break
+                    parser = subs[word]
+                found += 1
+    assert found > 50  # the scan sees the docs' commands
+    assert unknown == STALE, f"not commands of `fedtune`: {sorted(unknown - STALE)}; fixed: {sorted(STALE - unknown)}"

@@ -16,12 +16,13 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-
-import torch
-from opacus.accountants import create_accountant
+from typing import TYPE_CHECKING
 
 from fedtune.config import ACCOUNTANTS
 from fedtune.errors import ConfigError, PrivacyError
+
+if TYPE_CHECKING:  # torch and Opacus load where noise is drawn or epsilon computed, not where a ledger is read
+    import torch
 
 MIN_NOISE = 0.1  # below this DP-SGD is not meaningful; the search never proposes less
 MAX_NOISE = 1e3
@@ -83,6 +84,8 @@ def _merged(history: Sequence[Mechanism]) -> tuple[tuple[float, float, int], ...
 
 @lru_cache(maxsize=1024)
 def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    from opacus.accountants import create_accountant
+
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)  # Opacus's own format: (noise_multiplier, sample_rate, steps)
     with warnings.catch_warnings():  # low-noise histories make RDP warn about its largest order
@@ -184,6 +187,8 @@ def secure_generator(device: torch.device | str = "cpu", seed: int | None = None
     the run's config (which the coordinator knows) would let it regenerate and subtract
     the noise. ``seed`` exists for tests only.
     """
+    import torch
+
     gen = torch.Generator(device=device)
     gen.manual_seed(secrets.randbits(63) if seed is None else seed)
     return gen
@@ -196,6 +201,8 @@ def gaussian_noise(reference: torch.Tensor, std: float, generator: torch.Generat
     low-order bits an attacker would use to tell which draw produced a value
     (Holohan et al., arXiv:2107.10138, section 5.1; Opacus's ``secure_mode`` does the same).
     """
+    import torch
+
     total = torch.zeros(reference.shape, dtype=torch.float64, device=reference.device)
     for _ in range(4):
         total += torch.normal(

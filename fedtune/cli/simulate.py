@@ -1,0 +1,160 @@
+"""Research runs on one machine: ``fedtune simulate`` (and its sweeps), ``compare``, ``data``.
+
+Each handler imports the experiment code (torch, Flower, transformers) only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from fedtune.errors import ConfigError
+
+_FLAGS = {
+    "hospitals": "data.hospitals",
+    "rounds": "federation.rounds",
+    "local_steps": "train.local_steps",
+    "partition": "data.partition",
+    "dirichlet_alpha": "data.dirichlet_alpha",
+    "model": "model.source",
+    "lora_rank": "lora.rank",
+    "lora_alpha": "lora.alpha",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "seed": "run.seed",
+    "name": "run.name",
+}
+
+
+def _value(text: str) -> Any:
+    """A --set value as TOML would read it (numbers, booleans, lists), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out = {key: getattr(args, flag) for flag, key in _FLAGS.items() if getattr(args, flag) is not None}
+    if args.no_baselines:
+        out["run.baselines"] = False
+    for flag, key in (("target_epsilon", "dp.target_epsilon"), ("noise_multiplier", "dp.noise_multiplier")):
+        if getattr(args, flag, None) is not None:
+            out["dp.enabled"] = True
+            out[key] = getattr(args, flag)
+    for item in args.set or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} must look like section.field=value")
+        out[key.strip()] = _value(raw.strip())
+    return out
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from fedtune.config import load_config
+    from fedtune.experiments.simulate import ended_early, prepare_run, resume_folder, run_simulation
+    from fedtune.experiments.sweep import is_sweep, parse_epsilons, prepare_sweep, run_sweep
+
+    if args.resume:
+        if args.config or _overrides(args) or args.epsilons:
+            raise ConfigError("--resume continues a run with its own config.toml; drop CONFIG and the other flags")
+        if is_sweep(Path(args.resume)):
+            print("\n" + run_sweep(Path(args.resume).resolve(), say=_say), flush=True)
+            return 0
+        folder = resume_folder(Path(args.resume))
+    elif args.epsilons:
+        if args.target_epsilon is not None or args.noise_multiplier is not None:
+            raise ConfigError("--epsilons sets each sweep run's DP noise; drop --target-epsilon and --noise-multiplier")
+        cfg = load_config(Path(args.config) if args.config else None, _overrides(args))
+        root = prepare_sweep(cfg, parse_epsilons(args.epsilons), root=Path(args.out) if args.out else None)
+        print("\n" + run_sweep(root, say=_say), flush=True)
+        return 0
+    else:
+        # No CONFIG: the embedded defaults (simulations/default.toml spells them out).
+        cfg = load_config(Path(args.config) if args.config else None, _overrides(args))
+        folder = prepare_run(cfg, run_dir=Path(args.out) if args.out else None)
+    print("\n" + run_simulation(folder, say=_say), flush=True)
+    early = ended_early(folder, folder.load_config())
+    if early is not None:
+        raise early
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fedtune.experiments.compare import prepare_compare, run_compare
+
+    if args.resume:
+        if args.plan or args.out:
+            raise ConfigError("--resume continues a comparison with its own compare.json; drop PLAN and --out")
+        root = Path(args.resume).resolve()
+    elif args.plan:
+        root = prepare_compare(Path(args.plan), root=Path(args.out) if args.out else None)
+    else:
+        raise ConfigError("give a plan (`fedtune compare PLAN`) or a comparison to continue (`--resume DIR`)")
+    print("\n" + run_compare(root, say=_say), flush=True)
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from fedtune.data import clinical
+    from fedtune.data.records import write_records
+
+    out = Path(args.out)
+    sites = clinical.generate(args.hospitals, n_train=args.train, n_eval=args.eval, seed=args.seed)
+    for site, (train, held_out) in sites.items():
+        write_records(out / f"{site}.train.jsonl", train)
+        write_records(out / f"{site}.eval.jsonl", held_out)
+        print(f"{site}: {len(train)} train + {len(held_out)} held-out records -> {out / site}.*.jsonl")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``simulate``, ``compare`` and ``data``."""
+    sim = sub.add_parser("simulate", help="run a local multi-hospital federation with baselines, table and plots")
+    sim.add_argument(
+        "config", nargs="?", help="experiment TOML (default: the embedded defaults = simulations/default.toml)"
+    )
+    sim.add_argument("--hospitals", type=int, help="number of simulated hospitals")
+    sim.add_argument("--rounds", type=int, help="federated rounds")
+    sim.add_argument("--local-steps", type=int, help="optimizer steps per site per round")
+    sim.add_argument("--partition", choices=["natural", "iid", "dirichlet"], help="how records are split")
+    sim.add_argument("--dirichlet-alpha", type=float, help="label skew of the dirichlet partition")
+    sim.add_argument("--model", help="'smollm2', 'tiny', a local HF model folder or a .gguf file")
+    sim.add_argument("--lora-rank", type=int)
+    sim.add_argument("--lora-alpha", type=int)
+    sim.add_argument("--batch-size", type=int)
+    sim.add_argument("--lr", type=float)
+    sim.add_argument("--seed", type=int)
+    sim.add_argument("--name", help="run name (prefix of the run folder)")
+    sim.add_argument("--out", help="run folder to create (default: <run.output_dir>/<name>-<time>)")
+    sim.add_argument("--no-baselines", action="store_true", help="skip base / local-only / centralized")
+    sim.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="any other config field")
+    sim.add_argument(
+        "--epsilons",
+        metavar="E1,E2,...",
+        help="privacy-utility sweep: the federation without DP and with DP-SGD at each target epsilon",
+    )
+    sim.add_argument("--target-epsilon", type=float, help="DP-SGD with noise so the run spends at most this epsilon")
+    sim.add_argument("--noise-multiplier", type=float, help="DP-SGD with this fixed noise multiplier")
+    sim.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (or sweep) from its last round")
+    sim.set_defaults(func=_simulate, models=True, again="fedtune simulate --resume RUN_DIR")
+
+    cmp = sub.add_parser("compare", help="LoRA merge strategies and server optimizers side by side, one table and plot")
+    cmp.add_argument("plan", nargs="?", help="plan TOML: `strategies` and `configs` (e.g. simulations/strategies.toml)")
+    cmp.add_argument("--out", help="comparison folder to create (default: <run.output_dir>/compare-<time>)")
+    cmp.add_argument("--resume", metavar="DIR", help="finish an interrupted comparison and redo its table")
+    cmp.set_defaults(func=_compare, models=True, again="fedtune compare --resume DIR")
+
+    data = sub.add_parser("data", help="write the embedded clinical dataset to disk (JSONL) to see the format")
+    data.add_argument("--out", default="fedtune-data", help="folder to write (default: fedtune-data)")
+    data.add_argument("--hospitals", type=int, default=3)
+    data.add_argument("--train", type=int, default=160, help="training records per hospital")
+    data.add_argument("--eval", type=int, default=16, help="held-out records per hospital")
+    data.add_argument("--seed", type=int, default=0)
+    data.set_defaults(func=_data)
