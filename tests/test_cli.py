@@ -173,7 +173,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 
 # Mentions in the docs that name no command yet; each must still be there (delete it when fixed).
-STALE = {"fedtune sweep"}  # README.md: sweeps are `fedtune simulate --epsilons`
+STALE: set[str] = set()  # mentions the docs may keep although no command has them (none)
 
 
 def test_parser_knows_every_command_the_docs_name() -> None:
