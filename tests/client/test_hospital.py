@@ -131,7 +131,7 @@ def test_the_commands_print_an_example_and_check_with_an_exit_code(hospital_dir:
 def test_a_hospital_at_its_own_rank_takes_part_only_in_svd_runs(
     hospital_dir: Path, strategy: str, refused: bool
 ) -> None:
-    from fedtune.client.site import policy_refusal
+    from fedtune.client.policy import policy_refusal
     from fedtune.config import load_config
 
     path = hospital_dir / "hospital.toml"

@@ -4,6 +4,7 @@ the hospital already sent (a restored backup) is refused at start and before a D
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,8 +20,8 @@ from fedtune.client.audit import AuditLog, Outgoing
 from fedtune.client.dp_round import open_ledger, plan_mechanism
 from fedtune.client.hospital import EXAMPLE, load_hospital_config
 from fedtune.client.ledger import LedgerRolledBack, PrivacyLedger, check_ledger_current
-from fedtune.client.site import hospital_site
-from fedtune.config import DPSettings, ExperimentConfig, load_config
+from fedtune.client.site import Site, Sites
+from fedtune.config import DPSettings, ExperimentConfig, LoraSettings, ModelSettings, load_config
 from fedtune.data.clinical import generate_site
 from fedtune.data.records import write_records
 from fedtune.privacy.accounting import Mechanism
@@ -80,7 +81,7 @@ def _train(config: Path, cfg: ExperimentConfig, rnd: int) -> wire.Reply | wire.R
         state=RecordDict(),
         run_config={"experiment": cfg.to_toml(), "run-dir": str(run_dir)},
     )
-    state = hospital_site(config, cfg.to_toml(), str(run_dir)).runtime.state()
+    state = client_app.SITES.hospital(config, cfg.to_toml(), str(run_dir)).runtime.state()
     challenge = wire.new_challenge()
     settings = ConfigRecord(
         {"num-rounds": cfg.federation.rounds, "run-id": run_dir.name, "server-round": rnd, "challenge": challenge}
@@ -109,6 +110,38 @@ def _releases(config: Path) -> int:
 
 def _audit(config: Path) -> list[dict[str, Any]]:
     return AuditLog(load_hospital_config(config).audit_path).records()
+
+
+# -- the resident cache ----------------------------------------------------------------
+
+
+def test_each_message_builds_its_site_once(hospital: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[Context] = []
+    build = client_app._site
+
+    def counted(context: Context) -> Site:
+        built.append(context)
+        return build(context)
+
+    monkeypatch.setattr(client_app, "_site", counted)
+    assert isinstance(_train(hospital, _run(noise_multiplier=2.0), 1), wire.Reply)
+    assert len(built) == 1  # the `audited` mod and the train handler share one site
+    assert isinstance(_train(hospital, _run(noise_multiplier=2.0), 2), wire.Reply)
+    assert len(built) == 2  # the next message builds its own
+
+
+def test_one_base_model_per_process_and_a_new_model_replaces_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedtune.client import site as site_module
+
+    monkeypatch.setattr(site_module, "SiteRuntime", lambda model, lora: object())  # no model is loaded
+    sites = Sites()
+    tiny, other, lora = ModelSettings(source="tiny"), ModelSettings(source="smollm2"), LoraSettings(rank=2)
+    first = sites.runtime(tiny, lora)
+    assert sites.runtime(tiny, lora) is first and sites.base_model_loads == 1  # resident across rounds
+    own_rank = sites.runtime(tiny, dataclasses.replace(lora, rank=4))  # a hospital at its own rank: kept beside
+    assert sites.runtime(tiny, lora) is first and own_rank is not first
+    sites.runtime(other, lora)  # another model replaces every runtime of the old one
+    assert sites.runtime(tiny, lora) is not first and sites.base_model_loads == 4
 
 
 # -- the noise floor -------------------------------------------------------------------
