@@ -73,20 +73,6 @@ class Outgoing:
     ledger_releases: int | None = None  # releases in the privacy ledger when this left (None: no DP)
 
 
-@dataclass(frozen=True)
-class _Scanned:
-    """How far ``ledger_releases_sent`` read a log, and the largest count it found there."""
-
-    file: tuple[int, int]  # (st_dev, st_ino): a replaced log is read again from the start
-    offset: int  # the end of the last complete line read
-    tail: bytes  # that line: a log rewritten in place is read again from the start
-    most: int
-    seq: int
-
-
-_SCANNED: dict[Path, _Scanned] = {}
-
-
 def lock_path(log: Path) -> Path:
     """The trail's lock file: held by every append, and by ``fedtune client backup`` while it copies."""
     return Path(log).with_name(Path(log).name + ".lock")
@@ -273,44 +259,6 @@ class AuditLog:
                     if isinstance(record, dict):
                         out.append(record)
         return out
-
-    def ledger_releases_sent(self) -> tuple[int, int]:
-        """The largest ``ledger_releases`` a record carries, and that record's ``seq`` ((0, 0): none).
-
-        Asked before every DP round, of a log that grows without bound: only the lines
-        appended since this process last asked are parsed. Lines that do not parse are
-        skipped (``verify`` judges them); a torn last line is read again next time.
-        """
-        key = self.path.absolute()
-        try:
-            f = open(self.path, "rb")  # noqa: SIM115 (closed below)
-        except FileNotFoundError:
-            _SCANNED.pop(key, None)
-            return 0, 0
-        with f:
-            st = os.fstat(f.fileno())
-            seen = _SCANNED.get(key)
-            if seen is not None and seen.offset:
-                f.seek(seen.offset - len(seen.tail))
-                same = seen.file == (st.st_dev, st.st_ino) and f.read(len(seen.tail)) == seen.tail
-                if not same:
-                    seen = None
-            offset, tail, most, seq = (seen.offset, seen.tail, seen.most, seen.seq) if seen else (0, b"", 0, 0)
-            f.seek(offset)
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break
-                offset, tail = offset + len(line), line
-                try:
-                    record = json.loads(line)
-                    value = record.get("ledger_releases")
-                except (ValueError, AttributeError):
-                    continue
-                if isinstance(value, int) and not isinstance(value, bool) and value > most:
-                    number = record.get("seq")
-                    most, seq = value, number if isinstance(number, int) else 0
-        _SCANNED[key] = _Scanned((st.st_dev, st.st_ino), offset, tail, most, seq)
-        return most, seq
 
     # -- verification ------------------------------------------------------------------
     def verify(self) -> Verdict:

@@ -25,7 +25,7 @@ from flwr.supercore import log
 from fedtune import wire
 from fedtune.client.audit import Outgoing
 from fedtune.client.dp_round import open_ledger, private_train_round
-from fedtune.client.ledger import LedgerRolledBack, check_ledger_current
+from fedtune.client.ledger_rollback import LedgerRolledBack, check_ledger_current
 from fedtune.client.site import Site, Sites, round_seed
 from fedtune.errors import FedTuneError
 from fedtune.privacy.accounting import BudgetExceeded

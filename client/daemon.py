@@ -181,7 +181,7 @@ def run_daemon(config: Path, *, insecure: bool = False, max_retries: int = 0, ec
     registered, removed, clock), 1 when it gave up (``--max-retries``) or the SuperNode failed.
     ``echo``: plain lines on the ``sys.stderr`` of the call (not of the import: tests swap it).
     """
-    from fedtune.client.ledger import check_ledger_current
+    from fedtune.client.ledger_rollback import check_ledger_current
 
     cfg = load_hospital_config(config, insecure=insecure)
     check_ledger_current(cfg.ledger_path, cfg.audit_path)  # an older copy of the ledger: refused, one line

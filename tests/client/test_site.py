@@ -5,8 +5,6 @@ the hospital already sent (a restored backup) is refused at start and before a D
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,15 +14,15 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedtune import wire
 from fedtune.client import client_app
-from fedtune.client.audit import AuditLog, Outgoing
-from fedtune.client.dp_round import open_ledger, plan_mechanism
+from fedtune.client.audit import AuditLog
+from fedtune.client.dp_round import plan_mechanism
 from fedtune.client.hospital import EXAMPLE, load_hospital_config
-from fedtune.client.ledger import LedgerRolledBack, PrivacyLedger, check_ledger_current
+from fedtune.client.ledger import PrivacyLedger
+from fedtune.client.ledger_rollback import LedgerRolledBack, check_ledger_current
 from fedtune.client.site import Site, Sites
 from fedtune.config import DPSettings, ExperimentConfig, LoraSettings, ModelSettings, load_config
 from fedtune.data.clinical import generate_site
 from fedtune.data.records import write_records
-from fedtune.privacy.accounting import Mechanism
 from fedtune.security import pki
 from fedtune.security.keys import AllowList, KeyPair, load_private, load_public, save_keys
 
@@ -220,62 +218,3 @@ def test_a_ledger_restored_from_an_older_copy_is_refused_at_start_and_before_a_r
     assert "privacy ledger current (2 releases)" in capsys.readouterr().out
     assert isinstance(_train(hospital, cfg, 3), wire.Reply)
     assert _releases(hospital) == 3
-
-
-def _ledger_with(path: Path, releases: int) -> PrivacyLedger:
-    ledger = open_ledger(path, DPSettings(enabled=True, noise_multiplier=1.0))
-    dataset = ledger.register([bytes([i]) * 32 for i in range(4)], label="st-elsewhere")
-    for n in range(releases):
-        ledger.record(dataset, Mechanism(1.0, 0.25, 2), release_id=f"r{n}", run_id="run-a", server_round=n + 1)
-    return ledger
-
-
-def _send(log: AuditLog, n: int, **extra: Any) -> None:
-    for i in range(n):
-        log.append(Outgoing(run="run-a", round=i + 1, kind="train", payload=b"sealed", epsilon=0.1, **extra))
-
-
-def test_a_current_ledger_and_a_trail_without_the_count_are_accepted(tmp_path: Path) -> None:
-    ledger, log = tmp_path / "privacy.json", AuditLog(tmp_path / "audit.jsonl")
-    assert check_ledger_current(ledger, log.path) == 0  # a new hospital: neither exists yet
-    _send(log, 3)  # an older trail: records from before the count existed
-    assert all("ledger_releases" not in r for r in log.records()) and log.verify().ok
-    assert check_ledger_current(ledger, log.path) == 0
-    _ledger_with(ledger, 2)
-    assert check_ledger_current(ledger, log.path) == 2
-    _send(log, 1, ledger_releases=2)
-    assert log.verify().ok and log.records()[-1]["ledger_releases"] == 2
-    assert check_ledger_current(ledger, log.path) == 2  # equal is current
-    _send(log, 1, ledger_releases=1)  # a slower process read the ledger earlier: the largest count counts
-    assert log.ledger_releases_sent() == (2, 4)
-
-
-def test_a_deleted_ledger_is_refused(tmp_path: Path) -> None:
-    ledger, log = tmp_path / "privacy.json", AuditLog(tmp_path / "audit.jsonl")
-    _ledger_with(ledger, 1)
-    _send(log, 1, ledger_releases=1)
-    ledger.unlink()
-    with pytest.raises(LedgerRolledBack, match=r"holds 0 releases, but record 1 of the audit trail .* held 1"):
-        check_ledger_current(ledger, log.path)
-
-
-def test_the_count_is_read_incrementally_and_again_when_the_log_is_replaced(tmp_path: Path) -> None:
-    log = AuditLog(tmp_path / "audit.jsonl")
-    _send(log, 2, ledger_releases=1)
-    assert log.ledger_releases_sent() == (1, 1)
-    _send(log, 1, ledger_releases=5)
-    assert log.ledger_releases_sent() == (5, 3)  # appended since the last call
-    with open(log.path, "ab") as f:
-        f.write(b'{"seq": 4, "ledger_releases": 9')  # an append in progress: not counted yet
-    assert log.ledger_releases_sent() == (5, 3)
-    with open(log.path, "ab") as f:
-        f.write(b"}\n")
-    assert log.ledger_releases_sent() == (9, 4)
-    # replaced by another log (a new file) or rewritten in place: read from the start again
-    other = tmp_path / "other.jsonl"
-    other.write_text(json.dumps({"seq": 1, "ledger_releases": 2}) + "\n")
-    os.replace(other, log.path)
-    assert log.ledger_releases_sent() == (2, 1)
-    lines = [json.dumps({"seq": n, "ledger_releases": 3}) + "\n" for n in (1, 2)]
-    log.path.write_text("".join(lines))  # same file, other content, longer
-    assert log.ledger_releases_sent() == (3, 1)
