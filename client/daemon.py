@@ -45,7 +45,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from fedtune.client.health import HealthServer, Identity, Link, Memory, Watch, split_level
+from fedtune.client.causes import Identity
+from fedtune.client.health import Memory, Watch, split_level
+from fedtune.client.health_routes import HealthServer, Link
 from fedtune.client.hospital import HospitalConfig, load_hospital_config, parse_address
 from fedtune.errors import ConfigError
 
