@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.client.daemon import StructuredLog
+from fedtune.client.daemon_log import StructuredLog
 
 
 def test_the_log_rotates_by_size_and_keeps_its_backups(tmp_path: Path) -> None:
@@ -32,6 +32,40 @@ def test_the_log_rotates_by_size_and_keeps_its_backups(tmp_path: Path) -> None:
     assert int(newest_backup[-1][5:]) + 1 == int(oldest_kept[5:])  # nothing lost between files
     shown = echo.getvalue()
     assert "line 38" in shown and "line 39" not in shown  # DEBUG records stay out of the console
+
+
+def test_the_supernode_lines_go_through_the_watch_into_the_log(tmp_path: Path) -> None:
+    import sys
+
+    from fedtune.client.causes import Identity
+    from fedtune.client.daemon_supernode import SuperNode
+    from fedtune.client.health import Memory, Watch
+    from fedtune.client.health_routes import Link
+
+    who = Identity("st-elsewhere", "coord.example.org:9092", "keys/ca.pem", "keys/st-elsewhere.node.key", "SHA256:a")
+    watch = Watch(who, Link(who), Memory(tmp_path / "connection.json"))
+    log = StructuredLog(tmp_path / "client.log.jsonl", "st-elsewhere", None)
+    script = "print('INFO : SuperNode ID: 42'); print('INFO : Received successfully'); raise SystemExit(3)"
+    woken: list[int] = []
+    supernode = SuperNode(
+        [sys.executable, "-c", script],
+        env=dict(os.environ),
+        cwd=tmp_path,
+        hospital="st-elsewhere",
+        log=log,
+        watch=watch,
+        wake=lambda: woken.append(1),
+    )
+    watch.begin()
+    assert supernode.run() == 3  # its exit code, for the watch to decide on
+    log.close()
+    assert watch.link.state == "connected" and watch.node_id == 42 and woken == [1]  # the app is woken at once
+    records = [json.loads(line) for line in (tmp_path / "client.log.jsonl").read_text().splitlines()]
+    assert [(r["source"], r["message"]) for r in records] == [
+        ("supernode", "SuperNode ID: 42"),
+        ("fedtune", "connected to the coordinator at coord.example.org:9092 as node 42"),
+        ("supernode", "Received successfully"),
+    ]
 
 
 @pytest.mark.flower
