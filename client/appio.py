@@ -271,7 +271,7 @@ class AppRuntime:
             state=context.state,  # SecAgg+ keeps its per-run state here; it goes back to the SuperNode
             run_config=context.run_config,
         )
-        from fedtune.client.client_app import app
+        from fedtune.client.client_app import SITES, app
 
         started = time.perf_counter()
         try:
@@ -284,13 +284,11 @@ class AppRuntime:
             self._record(f"{kind}/error", authorized.run, group, reason)
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
         self.stats.served += 1
-        from fedtune.client.site import base_model_loads
-
         self.say(
             "ERROR" if reply.has_error() else "INFO",
             f"{kind} (round {group or '?'}) of run {authorized.run} served in {time.perf_counter() - started:.3f} s "
             "in the daemon's process; "
-            f"base model loads in this process: {base_model_loads()}",
+            f"base model loads in this process: {SITES.base_model_loads}",
         )
         return reply
 

@@ -25,8 +25,8 @@ from flwr.supercore import log
 from fedtune import wire
 from fedtune.client.audit import Outgoing
 from fedtune.client.dp_round import open_ledger, private_train_round
-from fedtune.client.ledger import LedgerRolledBack, check_ledger_current
-from fedtune.client.site import Site, base_model_loads, hospital_site, round_seed, simulated
+from fedtune.client.ledger_rollback import LedgerRolledBack, check_ledger_current
+from fedtune.client.site import Site, Sites, round_seed
 from fedtune.errors import FedTuneError
 from fedtune.privacy.accounting import BudgetExceeded
 
@@ -45,7 +45,7 @@ def audited(msg: Message, context: Context, call_next: ClientAppCallable) -> Mes
     keys, shares and masked vectors, error replies) and hashes its wire serialization.
     """
     reply = call_next(msg, context)
-    site = _site(context)
+    site = site_of(msg, context)
     payload = b"" if reply.has_error() else recorddict_to_proto(reply.content).SerializeToString(deterministic=True)
     group = msg.metadata.group_id
     epsilon, delta, releases = site.privacy_spent()  # after the reply: the ledger holds its release
@@ -75,6 +75,7 @@ def _kind(msg: Message, reply: Message) -> str:
     return f"{kind}/error" if reply.has_error() else kind
 
 
+SITES = Sites()  # what this process keeps resident: one base model, the sites' data and keys, the hospital's run
 app = ClientApp(mods=[audited, secagg_when_asked])
 
 
@@ -100,16 +101,22 @@ def reply(
 
 
 def _site(context: Context) -> Site:
+    """The site ``context`` is for, from the process's resident :data:`SITES`."""
     if "hospital-config" in context.node_config:  # a real hospital's daemon
         config = Path(str(context.node_config["hospital-config"]))
-        return hospital_site(config, str(context.run_config["experiment"]), str(context.run_config["run-dir"]))
-    return simulated(Path(str(context.run_config["run-dir"])), int(context.node_config["partition-id"]))  # type: ignore[arg-type]
+        return SITES.hospital(config, str(context.run_config["experiment"]), str(context.run_config["run-dir"]))
+    return SITES.simulated(Path(str(context.run_config["run-dir"])), int(context.node_config["partition-id"]))  # type: ignore[arg-type]
+
+
+def site_of(msg: Message, context: Context) -> Site:
+    """The site ``msg`` is for, built once per message: the ``audited`` mod and the handler share it."""
+    return SITES.once(msg, lambda: _site(context))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter on this site's data; reply with the delta."""
-    site = _site(context)
+    site = site_of(msg, context)
     refusal = site.refusal or _ledger_refusal(site)
     if refusal:
         log(WARNING, "%s: round refused: %s", site.data.site, refusal)
@@ -179,7 +186,7 @@ def _local_update(instruction: wire.RoundInstruction, site: Site) -> tuple[dict[
         return done.delta, {
             **done.metrics(),
             "lora-rank": site.runtime.lora.rank,
-            "base-model-loads": base_model_loads(),
+            "base-model-loads": SITES.base_model_loads,
         }
     seed = round_seed(cfg.run.seed, site.seed_index, instruction.server_round)
     delta, result = site.runtime.train_round(instruction, data, cfg.train, seed=seed, rule=site.rule)
@@ -189,7 +196,7 @@ def _local_update(instruction: wire.RoundInstruction, site: Site) -> tuple[dict[
         "steps": result.steps,
         "examples-seen": result.examples_seen,
         "train-seconds": result.seconds,
-        "base-model-loads": base_model_loads(),
+        "base-model-loads": SITES.base_model_loads,
     }
     return delta, metrics
 
@@ -197,7 +204,7 @@ def _local_update(instruction: wire.RoundInstruction, site: Site) -> tuple[dict[
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global adapter on this site's held-out split."""
-    site = _site(context)
+    site = site_of(msg, context)
     instruction = wire.unpack_instruction(msg.content)
     # a hospital at its own rank (`svd`) evaluates the global adapter at that rank: what it can run
     own = site.rule.local_start(instruction.state, rank=site.runtime.lora.rank)

@@ -16,18 +16,22 @@ from __future__ import annotations
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from fedtune.client.health import (
+from fedtune.client.causes import (
     FLEET_INVALID_HEARTBEAT_INTERVAL,
     FLEET_NODE_ACTIVATION_FAILED,
     Identity,
-    Memory,
     clock_skew,
     not_registered,
     tls_mismatch,
 )
+from fedtune.client.health import Memory
 from fedtune.client.hospital import HospitalConfig, parse_address
 from fedtune.errors import FedTuneError
+
+if TYPE_CHECKING:
+    import httpx
 
 
 class DialError(FedTuneError):
@@ -74,12 +78,8 @@ def dial(cfg: HospitalConfig, who: Identity, *, timeout: float = 10.0) -> Dialle
 
 
 def _signed_call(cfg: HospitalConfig, who: Identity, where: str, *, timeout: float) -> None:
-    import time
-    from email.utils import parsedate_to_datetime
-
     import httpx
     from flwr.proto.fleet_pb2 import ActivateNodeRequest, DeactivateNodeRequest
-    from flwr.supercore.error import FlowerError
     from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
     from flwr.supernode.fleet_http_client import FleetHttpClient
@@ -103,36 +103,48 @@ def _signed_call(cfg: HospitalConfig, who: Identity, where: str, *, timeout: flo
         try:
             answer = client.ActivateNode(request)
         except httpx.HTTPStatusError as err:
-            response = err.response
-            error = FlowerError.from_json(response.text)
-            code = error.code if error is not None else None
-            if response.status_code == 400 and code == FLEET_INVALID_HEARTBEAT_INTERVAL:
+            refusal = _refusal(cfg, who, where, err.response)
+            if refusal is None:
                 return  # admitted: the key was found, then the probe's interval refused
-            if response.status_code == 412 and code == FLEET_NODE_ACTIVATION_FAILED:
-                known = Memory(cfg.state_dir / "connection.json").knows(who.fingerprint)
-                before = f" (it was connected as node {known.get('node_id')} before: removed?)" if known else ""
-                raise DialError(f"{where}: node key not registered: {not_registered(who)}{before}") from err
-            if response.status_code == 401:
-                try:
-                    ahead = time.time() - parsedate_to_datetime(response.headers["date"]).timestamp()
-                except (KeyError, TypeError, ValueError):
-                    ahead = 0.0
-                if not -300 < ahead < 4:
-                    raise DialError(f"{where}: clock skew: {clock_skew(who, ahead)}") from err
-                raise DialError(f"{where}: node key refused: the coordinator rejects this node's signature") from err
-            if response.status_code in (502, 503, 504):
-                raise DialError(
-                    f"{where}: coordinator down: its front answers HTTP {response.status_code} (TLS OK): its "
-                    "SuperLink is not running; ask the coordinator"
-                ) from err
-            if response.status_code == 404:
-                raise DialError(
-                    f"{where}: not a coordinator: TLS OK, but the server there has no Fleet API (HTTP 404): is it "
-                    "the coordinator's address and port?"
-                ) from err
-            detail = error.message if error is not None else response.text[:200]
-            raise DialError(f"{where}: Fleet call failed (TLS OK): HTTP {response.status_code} {detail}") from err
+            raise refusal from err
         except httpx.HTTPError as err:
             raise DialError(f"{where}: Fleet call failed (TLS OK): {type(err).__name__}: {err}") from err
         # a coordinator that accepted the probe activated this node: leave it as it was
         client.DeactivateNode(DeactivateNodeRequest(node_id=answer.node_id))
+
+
+def _refusal(cfg: HospitalConfig, who: Identity, where: str, response: httpx.Response) -> DialError | None:
+    """What the coordinator's HTTP error answer to the probe says (None: the node key is admitted)."""
+    import time
+    from email.utils import parsedate_to_datetime
+
+    from flwr.supercore.error import FlowerError
+
+    error = FlowerError.from_json(response.text)
+    code = error.code if error is not None else None
+    if response.status_code == 400 and code == FLEET_INVALID_HEARTBEAT_INTERVAL:
+        return None
+    if response.status_code == 412 and code == FLEET_NODE_ACTIVATION_FAILED:
+        known = Memory(cfg.state_dir / "connection.json").knows(who.fingerprint)
+        before = f" (it was connected as node {known.get('node_id')} before: removed?)" if known else ""
+        return DialError(f"{where}: node key not registered: {not_registered(who)}{before}")
+    if response.status_code == 401:
+        try:
+            ahead = time.time() - parsedate_to_datetime(response.headers["date"]).timestamp()
+        except (KeyError, TypeError, ValueError):
+            ahead = 0.0
+        if not -300 < ahead < 4:
+            return DialError(f"{where}: clock skew: {clock_skew(who, ahead)}")
+        return DialError(f"{where}: node key refused: the coordinator rejects this node's signature")
+    if response.status_code in (502, 503, 504):
+        return DialError(
+            f"{where}: coordinator down: its front answers HTTP {response.status_code} (TLS OK): its "
+            "SuperLink is not running; ask the coordinator"
+        )
+    if response.status_code == 404:
+        return DialError(
+            f"{where}: not a coordinator: TLS OK, but the server there has no Fleet API (HTTP 404): is it "
+            "the coordinator's address and port?"
+        )
+    detail = error.message if error is not None else response.text[:200]
+    return DialError(f"{where}: Fleet call failed (TLS OK): HTTP {response.status_code} {detail}")

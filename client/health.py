@@ -1,4 +1,4 @@
-"""What the hospital daemon knows about its link to the coordinator, and its health routes.
+"""What the hospital daemon knows about its link to the coordinator, from what its SuperNode prints.
 
 The daemon reads every line its SuperNode prints (Flower's log, and the facts
 :mod:`fedtune.supernode` adds about each failed Fleet call) and keeps one state:
@@ -18,9 +18,8 @@ Each cause is said once, in one line that says what to do: ERROR for what needs 
 Flower's own exit blurb, its retry lines, tracebacks and its HTTP servers' start-up
 chatter stay in the log file at DEBUG, out of the console.
 
-The health routes (``daemon.health``, loopback only): ``GET /health/live`` answers 200
-while the daemon runs; ``GET /health/ready`` answers 200 only while ``connected``, else
-503; ``GET /health`` answers 200 with the state as JSON. Both others carry the JSON too.
+The health routes report that state (:mod:`fedtune.client.health_routes`); the one-line
+causes are :mod:`fedtune.client.causes`.
 
 A hospital cannot ask the coordinator whether it removed this node key: a removed key
 and one never admitted get the same answer. The daemon remembers in
@@ -33,18 +32,24 @@ SuperNode that died without leaving (a SIGKILLed container) is still online ther
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from fedtune.client.causes import (
+    FLEET_NODE_ACTIVATION_FAILED,
+    Identity,
+    clock_skew,
+    is_tls,
+    not_registered,
+    removed,
+    tls_mismatch,
+)
+from fedtune.client.health_routes import Link, utc_now
 from fedtune.supernode import EVENT_PREFIX, EXIT_UNAUTHORIZED
 
 LEVEL = re.compile(r"^(?:\x1b\[[0-9;]*m)?(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*(?:\x1b\[[0-9;]*m)?\s*:\s*(.*)$")
@@ -56,8 +61,6 @@ STALE_WINDOW = 2 * 30 + 15
 STALE_RETRY = 10.0
 CLOCK_AHEAD_MAX, CLOCK_BEHIND_MAX = 4.0, 300.0  # Flower refuses > 5 s ahead, > 305 s behind (Date: 1 s steps)
 TLS_BACKOFF_MAX = 60.0
-FLEET_NODE_ACTIVATION_FAILED = 2004  # flwr.supercore.error.ApiErrorCode (tests check the pin)
-FLEET_INVALID_HEARTBEAT_INTERVAL = 2003
 RETRY_STATUS = frozenset({502, 503, 504})
 # the SuperNode's HTTP servers and Flower's notices, kept out of the operator's console
 CHATTER = (
@@ -85,81 +88,6 @@ def split_level(line: str) -> tuple[str | None, str]:
     return None, ANSI.sub("", raw).strip()
 
 
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What the messages name: this hospital as its config writes it."""
-
-    hospital: str
-    address: str
-    ca: str  # `coordinator.ca` as written
-    node_key: str  # `keys.node_key` as written
-    fingerprint: str  # of the node key, SHA256:...
-
-    @property
-    def node_pub(self) -> str:
-        return str(Path(self.node_key).with_suffix(".pub"))
-
-    @property
-    def keys_dir(self) -> str:
-        return str(Path(self.node_key).parent)
-
-
-def not_registered(who: Identity) -> str:
-    return (
-        f"the coordinator at {who.address} does not know this node key ({who.fingerprint}): send "
-        f"{who.node_pub} to the coordinator for `fedtune server add-hospital --name {who.hospital}`, then start again"
-    )
-
-
-def removed(who: Identity, node_id: int | None) -> str:
-    node = f", node {node_id}" if node_id else ""
-    return (
-        f"the coordinator at {who.address} no longer accepts this node key ({who.fingerprint}{node}), which it had "
-        "admitted; ask the coordinator why. To come back: `fedtune pki hospital --name "
-        f"{who.hospital} --out {who.keys_dir} --rotate-node-key`, then send {who.node_pub} to the coordinator for "
-        "`fedtune server add-hospital`"
-    )
-
-
-def clock_skew(who: Identity, ahead: float) -> str:
-    side = f"{ahead:.0f} s ahead of" if ahead > 0 else f"{-ahead:.0f} s behind"
-    return (
-        f"this machine's clock is {side} the coordinator's at {who.address}, and the coordinator refuses node "
-        "signatures dated more than 5 s ahead or 300 s behind its own time: set the clock (NTP), then start again"
-    )
-
-
-def tls_mismatch(error: str, *, address: str, ca: str) -> str:
-    """One line for a certificate the hospital cannot accept, from the TLS error's text."""
-    low = error.lower()
-    host = address.rpartition(":")[0].strip("[]")
-    reason = re.search(r"certificate verify failed: ([^(]+?)\s*(?:\(_ssl|$)", error)
-    why = reason.group(1).rstrip(".") if reason else error
-    if "hostname mismatch" in low or "ip address mismatch" in low:
-        return (
-            f"TLS mismatch: the coordinator's certificate does not name {host} ({why}): set `coordinator.address` "
-            "to a name or address its certificate lists, or ask the coordinator to add this one "
-            "(`fedtune pki server --address`)"
-        )
-    if "expired" in low or "not yet valid" in low:
-        return f"TLS mismatch: the coordinator's certificate at {address} is not valid now ({why}): ask it to renew it"
-    if "wrong_version_number" in low or "record layer failure" in low or "packet length too long" in low:
-        return f"TLS mismatch: {address} does not speak TLS: check the port in `coordinator.address`"
-    return (
-        f"TLS mismatch: the coordinator's certificate at {address} does not verify with `coordinator.ca` ({ca}): "
-        f"{why}; use the federation's ca.pem from the coordinator (the CA that signed its certificate)"
-    )
-
-
-def is_tls(fact: dict[str, Any]) -> bool:
-    low = str(fact.get("error", "")).lower()
-    return bool(fact.get("transport")) and any(w in low for w in ("certificate", "ssl", "tls"))
-
-
 class Memory:
     """``connection.json``: the node key this hospital was last connected with, as which node, and if removed."""
 
@@ -182,38 +110,6 @@ class Memory:
         from fedtune.atomic import atomic_write_json
 
         atomic_write_json(self.path, {**self.load(), **fields})
-
-
-class Link:
-    """The state the health routes report; thread-safe."""
-
-    def __init__(self, who: Identity) -> None:
-        self.who = who
-        self._lock = threading.Lock()
-        self._doc: dict[str, Any] = {"state": "starting", "since": utc_now()}
-
-    def set(self, state: str, **fields: Any) -> None:
-        with self._lock:
-            same = self._doc["state"] == state
-            keep: dict[str, Any] = {k: self._doc[k] for k in ("since", "node_id") if k in self._doc and same}
-            if state == "retrying" and "node_id" in self._doc:
-                keep["node_id"] = self._doc["node_id"]
-            self._doc = {"state": state, "since": utc_now(), **keep, **fields}
-
-    def update(self, **fields: Any) -> None:
-        with self._lock:
-            self._doc.update(fields)
-
-    @property
-    def state(self) -> str:
-        with self._lock:
-            return str(self._doc["state"])
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            doc = dict(self._doc)
-        ready = doc["state"] == "connected"
-        return {"hospital": self.who.hospital, "coordinator": self.who.address, **doc, "live": True, "ready": ready}
 
 
 @dataclass(frozen=True)
@@ -389,45 +285,3 @@ class Watch:
         self.link.set("stopped", reason=f"gave up ({tries})")
         level = "WARNING" if already_said else "ERROR"
         return Verdict("fail", (Said(level, f"gave up ({tries}): {what}"),))
-
-
-class HealthServer:
-    """``daemon.health``: ``/health``, ``/health/live``, ``/health/ready``, on loopback, in a thread."""
-
-    def __init__(self, host: str, port: int, link: Link) -> None:
-        import socket
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                doc = link.snapshot()
-                route = self.path.split("?", 1)[0].rstrip("/")
-                if route in ("/health", "/health/live"):
-                    code = 200
-                elif route == "/health/ready":
-                    code = 200 if doc["ready"] else 503
-                else:
-                    code, doc = 404, {"error": "not found; try /health, /health/live or /health/ready"}
-                body = (json.dumps(doc) + "\n").encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
-                return  # probes every few seconds are not worth a log line
-
-        class Server(ThreadingHTTPServer):
-            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            daemon_threads = True
-
-        self.server = Server((host, port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, name="fedtune-health", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            self.server.shutdown()
-            self.server.server_close()

@@ -230,11 +230,35 @@ class HospitalConfig:
 
         ``insecure``: no TLS and no node authentication, so the CA and node key may be absent.
         """
+        self._check_keys(insecure=insecure)
+        for i, value in enumerate((*self.data.train, *self.data.eval)):
+            f = f"data.train[{i}]" if i < len(self.data.train) else f"data.eval[{i - len(self.data.train)}]"
+            p = self.path(value)
+            if not p.is_file() or not os.access(p, os.R_OK):
+                raise ConfigError(f"{self._where(f)}: {p} is not a readable file")
+        if self.model.path not in ("smollm2", "tiny"):
+            folder = self.path(self.model.path)
+            if not (folder / "config.json").is_file():
+                raise ConfigError(f"{self._where('model.path')}: {folder} is not a model folder (no config.json)")
+        for f, p in (
+            ("privacy.ledger", self.ledger_path.parent),
+            ("audit.log", self.audit_path.parent),
+            ("daemon.log_file", self.log_path.parent),
+            ("daemon.state_dir", self.state_dir),
+        ):
+            target = p
+            while not target.exists() and target != target.parent:
+                target = target.parent
+            if not os.access(target, os.W_OK):
+                raise ConfigError(f"{self._where(f)}: {p} is not writable by this user")
+
+    def _where(self, f: str) -> str:
+        return f"{self.source}: `{f}`"
+
+    def _check_keys(self, *, insecure: bool) -> None:
+        """The CA, the coordinator's key and the hospital's own: given, present, loadable, whose they say."""
         from fedtune.security import pki
         from fedtune.security.keys import load_private, load_public
-
-        def where(f: str) -> str:
-            return f"{self.source}: `{f}`"
 
         required = {
             "coordinator.ca": self.coordinator.ca,
@@ -247,7 +271,7 @@ class HospitalConfig:
         for f, value in required.items():
             if not value:
                 raise ConfigError(
-                    f"{where(f)} is required (TLS and node authentication are on unless --insecure); "
+                    f"{self._where(f)} is required (TLS and node authentication are on unless --insecure); "
                     "see `fedtune client example-config`"
                 )
         given = {"coordinator.ca": "ca.pem", "coordinator.envelope_key": "coordinator.pub"}
@@ -255,7 +279,7 @@ class HospitalConfig:
             p = self.path(required[f]) if f in required else None
             if p is not None and not p.exists():  # the hospital does not make these: the coordinator gives them
                 raise ConfigError(
-                    f"{where(f)}: {p} does not exist: copy the coordinator's {name} there (it is public: the "
+                    f"{self._where(f)}: {p} does not exist: copy the coordinator's {name} there (it is public: the "
                     "coordinator sends it with your admission; compare its fingerprint, `fedtune pki show`)"
                 )
         try:
@@ -268,32 +292,13 @@ class HospitalConfig:
             raise ConfigError(f"{self.source}: {err}") from err
         if coordinator.role != "coordinator":
             raise ConfigError(
-                f"{where('coordinator.envelope_key')} holds a {coordinator.role} key, not the coordinator's"
+                f"{self._where('coordinator.envelope_key')} holds a {coordinator.role} key, not the coordinator's"
             )
         if own.role != "hospital" or own.name != self.name:
             raise ConfigError(
-                f"{where('keys.envelope_key')} is the key of {own.role} {own.name!r}, not of hospital {self.name!r}"
+                f"{self._where('keys.envelope_key')} is the key of {own.role} {own.name!r}, not of hospital "
+                f"{self.name!r}"
             )
-        for i, value in enumerate((*self.data.train, *self.data.eval)):
-            f = f"data.train[{i}]" if i < len(self.data.train) else f"data.eval[{i - len(self.data.train)}]"
-            p = self.path(value)
-            if not p.is_file() or not os.access(p, os.R_OK):
-                raise ConfigError(f"{where(f)}: {p} is not a readable file")
-        if self.model.path not in ("smollm2", "tiny"):
-            folder = self.path(self.model.path)
-            if not (folder / "config.json").is_file():
-                raise ConfigError(f"{where('model.path')}: {folder} is not a model folder (no config.json)")
-        for f, p in (
-            ("privacy.ledger", self.ledger_path.parent),
-            ("audit.log", self.audit_path.parent),
-            ("daemon.log_file", self.log_path.parent),
-            ("daemon.state_dir", self.state_dir),
-        ):
-            target = p
-            while not target.exists() and target != target.parent:
-                target = target.parent
-            if not os.access(target, os.W_OK):
-                raise ConfigError(f"{where(f)}: {p} is not writable by this user")
 
 
 SECTIONS = {f.name: f for f in dataclasses.fields(HospitalConfig) if f.name != "source"}

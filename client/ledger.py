@@ -12,6 +12,10 @@ records keep what they already spent. The whole history is composed again on eve
 question (Opacus's accountants), so restarts, new runs and several processes sharing
 the file never reset or lose spend. A release is recorded (atomic write + fsync) before
 its update leaves the hospital; every release counts, a retried round included.
+
+This module handles the files; the accounting is :mod:`fedtune.client.ledger_accounting`,
+the format :mod:`fedtune.client.ledger_format`, and the check that a ledger is not an older
+copy :mod:`fedtune.client.ledger_rollback`.
 """
 
 from __future__ import annotations
@@ -29,15 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.atomic import atomic_write_bytes
-from fedtune.client.audit import AuditLog
+from fedtune.client.ledger_accounting import record_histories, report_rows, worst_epsilon
+from fedtune.client.ledger_format import DIGEST_BYTES, LEDGER_VERSION, parse_ledger, release_mechanism, split_digests
 from fedtune.data.records import dataset_id
 from fedtune.errors import ConfigError, PrivacyError
-from fedtune.privacy.accounting import BudgetExceeded, Mechanism, check_accounting, epsilon_spent
-
-LEDGER_VERSION = 1
-DIGEST_BYTES = 32
-_RELEASE_FIELDS: dict[str, type] = {"release": str, "time": str, "run_id": str, "server_round": int, "steps": int}
-_RELEASE_FLOATS = ("noise_multiplier", "sample_rate")
+from fedtune.privacy.accounting import BudgetExceeded, Mechanism, check_accounting
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,6 @@ class Policy:
 
 def _default_clock() -> datetime:
     return datetime.now(UTC)
-
-
-def _mech(release: dict[str, Any]) -> Mechanism:
-    return Mechanism(release["noise_multiplier"], release["sample_rate"], release["steps"])
 
 
 def _check_private(path: Path, what: str) -> None:
@@ -127,7 +123,7 @@ class PrivacyLedger:
             state = json.loads(self.path.read_bytes())
         except (OSError, ValueError) as err:
             raise PrivacyError(f"privacy ledger {self.path} is unreadable ({err}); restore it from backup") from err
-        self._datasets = _parse(state, f"privacy ledger {self.path}")
+        self._datasets = parse_ledger(state, f"privacy ledger {self.path}")
 
     def _write(self) -> None:
         state = {
@@ -164,7 +160,7 @@ class PrivacyLedger:
                 f"record digests of dataset {dataset[:12]} are missing ({path}); restore the ledger's "
                 f"`{self.records_dir.name}` folder from backup"
             ) from err
-        digests = [raw[i : i + DIGEST_BYTES] for i in range(0, len(raw), DIGEST_BYTES)]
+        digests = split_digests(raw)
         if len(raw) % DIGEST_BYTES or dataset_id(digests) != dataset:
             raise PrivacyError(f"{path} does not match dataset {dataset[:12]}; restore it from backup")
         self._digest_cache[dataset] = frozenset(digests)
@@ -195,22 +191,10 @@ class PrivacyLedger:
             raise PrivacyError(f"dataset {dataset[:12]} is not registered in {self.path}; register it first")
         return self._datasets[dataset]
 
-    def _record_histories(self, dataset: str) -> list[list[Mechanism]]:
-        """The distinct release histories the records of ``dataset`` have (one per overlap pattern)."""
-        own = [_mech(r) for r in self._known(dataset)["releases"]]
-        others = [(d, info) for d, info in self._datasets.items() if d != dataset and info["releases"]]
-        if not others:
-            return [own]
-        sets = [(d, self._digests(d)) for d, _ in others]
-        patterns = {frozenset(d for d, s in sets if r in s) for r in self._digests(dataset)}
-        return [own + [_mech(r) for d in sorted(p) for r in self._datasets[d]["releases"]] for p in patterns]
-
     def _worst(self, dataset: str, extra: Mechanism | None = None) -> float:
-        added = [extra] if extra is not None else []
-        return max(
-            epsilon_spent(h + added, delta=self.policy.delta, accountant=self.policy.accountant)
-            for h in self._record_histories(dataset)
-        )
+        self._known(dataset)
+        histories = record_histories(self._datasets, dataset, self._digests)
+        return worst_epsilon(histories, delta=self.policy.delta, accountant=self.policy.accountant, extra=extra)
 
     # -- queries ----------------------------------------------------------------------
     def spent(self, dataset: str) -> float:
@@ -260,7 +244,7 @@ class PrivacyLedger:
             releases = self._known(dataset)["releases"]
             for r in releases:
                 if r["release"] == release_id:
-                    if _mech(r) != mechanism:
+                    if release_mechanism(r) != mechanism:
                         raise PrivacyError(f"release `{release_id}` is already recorded with a different mechanism")
                     return self._worst(dataset)
             after = self._check_loaded(dataset, mechanism)
@@ -295,30 +279,14 @@ class PrivacyLedger:
     def report(self) -> list[dict[str, Any]]:
         """One row per dataset: label, records, releases, rounds, runs, own and per-record epsilon, remaining."""
         self._refresh()
-        rows = []
-        for ds, info in sorted(self._datasets.items(), key=lambda kv: kv[1]["registered"]):
-            releases = info["releases"]
-            own = epsilon_spent(
-                [_mech(r) for r in releases], delta=self.policy.delta, accountant=self.policy.accountant
-            )
-            eps = self._worst(ds)
-            rows.append(
-                {
-                    "dataset": ds,
-                    "label": info["label"],
-                    "records": info["records"],
-                    "releases": len(releases),
-                    "rounds": len({(r["run_id"], r["server_round"]) for r in releases}),
-                    "runs": len({r["run_id"] for r in releases}),
-                    "own epsilon": own,
-                    "epsilon": eps,
-                    "delta": self.policy.delta,
-                    "budget": self.policy.budget_epsilon,
-                    "remaining": max(self.policy.budget_epsilon - eps, 0.0),
-                    "last release": releases[-1]["time"] if releases else "",
-                }
-            )
-        return rows
+        policy = self.policy
+        return report_rows(
+            self._datasets,
+            self._worst,
+            budget_epsilon=policy.budget_epsilon,
+            delta=policy.delta,
+            accountant=policy.accountant,
+        )
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -338,7 +306,7 @@ class PrivacyLedger:
         with self._locked():
             if not isinstance(state, dict):
                 raise PrivacyError("`state` must be an object from PrivacyLedger.state_dict()")
-            new = _parse({"version": state.get("version"), "datasets": state.get("datasets")}, "`state`")
+            new = parse_ledger({"version": state.get("version"), "datasets": state.get("datasets")}, "`state`")
             for ds, info in self._datasets.items():
                 kept = {r["release"] for r in new.get(ds, {}).get("releases", [])}
                 missing = [r for r in info["releases"] if r["release"] not in kept]
@@ -353,7 +321,7 @@ class PrivacyLedger:
             self.records_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             for ds, encoded in digests.items():
                 raw = base64.b64decode(encoded)
-                if dataset_id([raw[i : i + DIGEST_BYTES] for i in range(0, len(raw), DIGEST_BYTES)]) != ds:
+                if dataset_id(split_digests(raw)) != ds:
                     raise PrivacyError(f"`state`: record digests of dataset {ds[:12]} do not match its id")
                 atomic_write_bytes(self._digests_path(ds), raw, mode=0o600)
             self._datasets = new
@@ -361,78 +329,6 @@ class PrivacyLedger:
             self._write()
 
 
-class LedgerRolledBack(PrivacyError):
-    """The ledger holds fewer releases than the hospital had recorded when it sent its last
-    messages: it is an older copy, and training on it would spend again what was spent."""
-
-    def public_reason(self) -> str:
-        """What a refusal may tell the coordinator: no paths, no counts."""
-        return (
-            "this hospital's privacy ledger is older than what it already sent (a restored copy); "
-            "it trains no more until its operators restore the newest ledger"
-        )
-
-
 def lock_path(ledger: Path) -> Path:
     """The ledger's lock file: held by every write, and by ``fedtune client backup`` while it copies."""
     return Path(ledger).with_name(Path(ledger).name + ".lock")
-
-
-def check_ledger_current(ledger_path: Path, audit_path: Path) -> int:
-    """Refuse a ledger older than what the hospital already released; return its release count.
-
-    The audit trail is the witness. A release is written to the ledger (fsync) before its
-    update is built, and the audit record of the message that carries it is appended after,
-    with the ledger's release count at that moment (``ledger_releases``); the ledger only
-    grows (``record`` appends, ``load_state_dict`` refuses to forget). So a current ledger
-    holds at least the largest count in the trail; fewer means it was replaced by an older
-    copy (a backup, a snapshot of its volume) or deleted, and would under-count the spend.
-    The trail is already there, append-only, hash-chained and read from where the last
-    call stopped, so this costs no second file to keep in step. Records without the field
-    (older trails, rounds without DP) prove nothing and are accepted. Not seen here: the
-    ledger and the trail rolled back together (one snapshot of the whole state folder);
-    only a witness outside the hospital (the coordinator's record of the trail's head) sees that.
-    """
-    held = PrivacyLedger.open(ledger_path).releases() if Path(ledger_path).exists() else 0
-    sent, seq = AuditLog(audit_path).ledger_releases_sent()
-    if held < sent:
-        raise LedgerRolledBack(
-            f"privacy ledger {ledger_path} holds {held} releases, but record {seq} of the audit trail {audit_path} "
-            f"was sent when it held {sent}: it is an older copy (a restored backup or snapshot) and under-counts the "
-            "privacy spent; restore the newest ledger and never train on an older copy"
-        )
-    return held
-
-
-def _parse(state: Any, where: str) -> dict[str, dict[str, Any]]:
-    """Validate a ledger's content strictly: a malformed ledger must never under-count."""
-    if not isinstance(state, dict) or state.get("version") != LEDGER_VERSION:
-        got = state.get("version") if isinstance(state, dict) else type(state).__name__
-        raise PrivacyError(f"{where}: `version` must be {LEDGER_VERSION}, got {got!r}; restore it from backup")
-    datasets = state.get("datasets")
-    if not isinstance(datasets, dict):
-        raise PrivacyError(f"{where}: `datasets` must be an object; restore it from backup")
-    out: dict[str, dict[str, Any]] = {}
-    for ds, info in datasets.items():
-        ok = isinstance(info, dict) and isinstance(info.get("releases"), list)
-        ok = ok and isinstance(info.get("records"), int) and isinstance(info.get("registered"), str)
-        if not ok or not isinstance(info.get("label", ""), str):
-            raise PrivacyError(f"{where}: dataset `{ds}` is malformed; restore it from backup")
-        for r in info["releases"]:
-            ok = isinstance(r, dict) and all(
-                isinstance(r.get(k), t) and not isinstance(r.get(k), bool) for k, t in _RELEASE_FIELDS.items()
-            )
-            ok = ok and all(isinstance(r.get(k), int | float) for k in _RELEASE_FLOATS)
-            if not ok:
-                raise PrivacyError(f"{where}: malformed release {r!r} of dataset `{ds}`; restore it from backup")
-            try:
-                _mech(r)
-            except ConfigError as err:
-                raise PrivacyError(f"{where}: bad release of dataset `{ds}`: {err}") from err
-        out[ds] = {
-            "label": info.get("label", ""),
-            "records": info["records"],
-            "registered": info["registered"],
-            "releases": [dict(r) for r in info["releases"]],
-        }
-    return out

@@ -35,7 +35,7 @@ def _example_config(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from fedtune.client.hospital import load_hospital_config
-    from fedtune.client.ledger import check_ledger_current
+    from fedtune.client.ledger_rollback import check_ledger_current
 
     cfg = load_hospital_config(args.config)
     releases = check_ledger_current(cfg.ledger_path, cfg.audit_path)

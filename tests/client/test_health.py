@@ -1,5 +1,5 @@
 """The daemon's view of its link, from what its SuperNode prints: states, one-line causes,
-health routes, log rotation, and the Fleet-call facts the SuperNode wrapper reports.
+and the Fleet-call facts the SuperNode wrapper reports.
 
 In process, no Flower processes: the lines fed here are the ones Flower 1.41's SuperNode
 and :mod:`fedtune.supernode` print (tests/e2e/test_deployment.py sees the real ones).
@@ -8,12 +8,7 @@ and :mod:`fedtune.supernode` print (tests/e2e/test_deployment.py sees the real o
 from __future__ import annotations
 
 import inspect
-import io
 import json
-import os
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +16,10 @@ import httpx
 import pytest
 
 from fedtune import supernode
-from fedtune.client import health
-from fedtune.client.daemon import StructuredLog
-from fedtune.client.health import STALE_WINDOW, HealthServer, Identity, Link, Memory, Watch
+from fedtune.client import causes, health
+from fedtune.client.causes import Identity
+from fedtune.client.health import STALE_WINDOW, Memory, Watch
+from fedtune.client.health_routes import Link
 from fedtune.supernode import EVENT_PREFIX, EXIT_UNAUTHORIZED
 
 WHO = Identity("st-elsewhere", "coord.example.org:9092", "keys/ca.pem", "keys/st-elsewhere.node.key", "SHA256:abc")
@@ -149,7 +145,7 @@ def test_a_tls_mismatch_is_one_error_line_and_the_daemon_keeps_dialling(tmp_path
     ],
 )
 def test_tls_problems_are_named(error: str, expected: str) -> None:
-    message = health.tls_mismatch(error, address=WHO.address, ca=WHO.ca)
+    message = causes.tls_mismatch(error, address=WHO.address, ca=WHO.ca)
     assert message.startswith("TLS mismatch: ") and expected in message and "\n" not in message
 
 
@@ -234,58 +230,6 @@ def test_tracebacks_and_chatter_stay_out_of_the_console(tmp_path: Path) -> None:
     assert code.action == "fail" and code.said[0].message == "the SuperNode exited with code 1"
 
 
-def test_the_health_routes(tmp_path: Path) -> None:
-    from fedtune.launcher import free_port
-
-    link = Link(WHO)
-    port = free_port()
-    server = HealthServer("127.0.0.1", port, link)
-    server.start()
-
-    def get(route: str) -> tuple[int, dict[str, Any]]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{route}", timeout=5) as answer:
-                return answer.status, json.loads(answer.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
-
-    try:
-        assert get("/health/live")[0] == 200
-        code, doc = get("/health/ready")
-        assert code == 503 and doc["state"] == "starting" and doc["live"] and not doc["ready"]
-        link.set("connected", node_id=7)
-        assert get("/health/ready")[0] == 200
-        code, doc = get("/health")
-        assert code == 200 and doc["state"] == "connected" and doc["node_id"] == 7 and doc["hospital"] == "st-elsewhere"
-        link.set("refused", reason="not registered")
-        assert get("/health/ready")[0] == 503 and get("/health")[1]["reason"] == "not registered"
-        assert get("/metrics")[0] == 404
-        with pytest.raises(OSError):
-            HealthServer("127.0.0.1", port, link)  # a second daemon of the hospital: the port is taken
-    finally:
-        server.stop()
-
-
-def test_the_log_rotates_by_size_and_keeps_its_backups(tmp_path: Path) -> None:
-    path = tmp_path / "state" / "client.log.jsonl"
-    echo = io.StringIO()
-    log = StructuredLog(path, "st-elsewhere", echo, max_bytes=600, backups=2)
-    for i in range(40):
-        log.event("DEBUG" if i % 2 else "INFO", f"line {i:02d} " + "x" * 40)
-    log.close()
-    files = sorted(p.name for p in path.parent.iterdir())
-    assert files == ["client.log.jsonl", "client.log.jsonl.1", "client.log.jsonl.2"]
-    assert all(p.stat().st_size <= 600 and p.stat().st_mode & 0o777 == 0o600 for p in path.parent.iterdir())
-    assert json.loads(path.read_text().splitlines()[-1])["message"].startswith("line 39")
-    newest_backup = [
-        json.loads(x)["message"][:7] for x in (path.parent / "client.log.jsonl.1").read_text().splitlines()
-    ]
-    oldest_kept = json.loads(path.read_text().splitlines()[0])["message"][:7]
-    assert int(newest_backup[-1][5:]) + 1 == int(oldest_kept[5:])  # nothing lost between files
-    shown = echo.getvalue()
-    assert "line 38" in shown and "line 39" not in shown  # DEBUG records stay out of the console
-
-
 def test_the_supernode_reports_failed_calls_and_recovery(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     request = httpx.Request("POST", "https://coord/v1/fleet/pull-messages")
     outcomes: list[Any] = [
@@ -347,82 +291,11 @@ def test_the_flower_behaviour_the_daemon_relies_on_is_pinned() -> None:
 
     assert fleet.FleetHttpClient is FleetHttpClient and callable(FleetHttpClient._unary_unary)
     assert "FleetHttpClient.from_server_address(" in inspect.getsource(fleet.http_request_response)
-    assert ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED == health.FLEET_NODE_ACTIVATION_FAILED
-    assert ApiErrorCode.FLEET_INVALID_HEARTBEAT_INTERVAL == health.FLEET_INVALID_HEARTBEAT_INTERVAL
+    assert ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED == causes.FLEET_NODE_ACTIVATION_FAILED
+    assert ApiErrorCode.FLEET_INVALID_HEARTBEAT_INTERVAL == causes.FLEET_INVALID_HEARTBEAT_INTERVAL
     assert STALE_WINDOW == constant.HEARTBEAT_PATIENCE * constant.HEARTBEAT_DEFAULT_INTERVAL + 15
     assert (constant.SYSTEM_TIME_TOLERANCE, constant.TIMESTAMP_TOLERANCE) == (5, 300)
     # `client check --dial` relies on the key being looked up before the interval is checked
     source = inspect.getsource(fleet_handlers.activate_node)
     assert source.index("get_node_id_by_public_key") < source.index("_validate_heartbeat_interval")
     assert constant.HEARTBEAT_MIN_INTERVAL > 0
-
-
-@pytest.mark.flower
-def test_a_second_daemon_stops_at_once_and_a_start_clears_a_stale_supernode(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    import socket
-    import subprocess
-    import sys
-
-    from fedtune.cli import main
-    from fedtune.cli.loopback import Loopback
-    from fedtune.client.daemon import _clear_stale, _DaemonHome
-    from fedtune.client.hospital import load_hospital_config
-    from fedtune.flowerhome import run_processes
-
-    fed = Loopback(tmp_path)
-    fed.pki()
-    config = fed.add_hospital("st-elsewhere", 0)
-    cfg = load_hospital_config(config)
-    host, _, port = cfg.daemon.health.rpartition(":")
-    with socket.socket() as taken:
-        taken.bind((host, int(port)))
-        taken.listen()
-        capsys.readouterr()
-        assert main(["client", "start", "--config", str(config), "--max-retries", "1"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "`daemon.health` 127.0.0.1:" in err and "already running?" in err
-    assert not cfg.log_path.exists()  # stopped before it started anything
-
-    # a SuperNode an earlier daemon left (its Flower home is this hospital's): stopped, and said so
-    home = _DaemonHome(cfg.state_dir)
-    env = {**os.environ, "FLWR_HOME": str(home.flwr_home)}
-    stale = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env=env)
-    try:
-        deadline = time.monotonic() + 30
-        while stale.pid not in run_processes(home):  # type: ignore[arg-type]
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        log = StructuredLog(cfg.log_path, cfg.name, None)
-        _clear_stale(cfg, log)
-        log.close()
-        assert stale.wait(timeout=30) != 0
-        (said,) = [json.loads(line) for line in cfg.log_path.read_text().splitlines()]
-        assert said["level"] == "WARNING" and said["message"] == (
-            f"stopped 1 process(es) left by an earlier daemon of this hospital (pid {stale.pid})"
-        )
-    finally:
-        if stale.poll() is None:
-            stale.kill()
-            stale.wait()
-
-
-def test_a_stopping_runtime_gives_up_its_retries_at_once() -> None:
-    """A task whose input never comes must not hold the daemon's exit (Flower's pull threads are joined at exit)."""
-    import threading
-
-    from fedtune.client.appio import local_retry
-
-    calls: list[int] = []
-
-    def gone() -> None:
-        calls.append(1)
-        raise httpx.ConnectError("[Errno 111] Connection refused")
-
-    stop = threading.Event()
-    retry = local_retry(max_time=3600, stop=stop)
-    stopper = threading.Timer(0.3, stop.set)  # the daemon is asked to stop while the task retries
-    stopper.start()
-    with pytest.raises(httpx.ConnectError):
-        retry.invoke(gone)
-    stopper.join()
-    assert stop.is_set() and 0 < len(calls) < 10  # retried until the stop, then gave up: not an hour of retries

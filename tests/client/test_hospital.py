@@ -131,7 +131,7 @@ def test_the_commands_print_an_example_and_check_with_an_exit_code(hospital_dir:
 def test_a_hospital_at_its_own_rank_takes_part_only_in_svd_runs(
     hospital_dir: Path, strategy: str, refused: bool
 ) -> None:
-    from fedtune.client.site import policy_refusal
+    from fedtune.client.policy import policy_refusal
     from fedtune.config import load_config
 
     path = hospital_dir / "hospital.toml"
@@ -158,29 +158,18 @@ def test_relative_paths_work_from_any_folder(hospital_dir: Path, monkeypatch, ca
     assert all(p.is_absolute() for p in (cfg.ledger_path, cfg.audit_path, cfg.log_path, cfg.path(cfg.keys.node_key)))
 
 
-def test_a_backup_is_consistent_private_and_restores_to_a_working_hospital(hospital_dir: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    import hashlib
-    import json
-    import tarfile
+def _backup_while_a_round_holds_the_ledger(config: Path, out: Path) -> list[int]:
+    """A round holding the ledger: the backup waits for it, so it never copies half a round."""
     import threading
 
     from fedtune.cli import main
-    from fedtune.client.audit import AuditLog, Outgoing
     from fedtune.client.backup import _holding
-    from fedtune.client.ledger import Policy, PrivacyLedger, lock_path
+    from fedtune.client.ledger import lock_path
 
-    cfg = load_hospital_config(hospital_dir / "hospital.toml")
-    PrivacyLedger(cfg.ledger_path, Policy(8.0, 1e-5)).register([hashlib.sha256(b"record").digest()], label="site")
-    AuditLog(cfg.audit_path).append(Outgoing(run="r1", round=1, kind="train", payload=b"delta", ledger_releases=0))
-    (cfg.state_dir / "runs.json").write_text("{}")
-    out = hospital_dir / "backups" / "st-elsewhere.tar.gz"
-    out.parent.mkdir()
-
-    # a round holding the ledger: the backup waits for it, so it never copies half a round
     held, release = threading.Event(), threading.Event()
 
     def round_in_progress() -> None:
-        with _holding(lock_path(cfg.ledger_path)):
+        with _holding(lock_path(load_hospital_config(config).ledger_path)):
             held.set()
             release.wait(30)
 
@@ -189,9 +178,7 @@ def test_a_backup_is_consistent_private_and_restores_to_a_working_hospital(hospi
     held.wait(30)
     codes: list[int] = []
     copier = threading.Thread(
-        target=lambda: codes.append(
-            main(["client", "backup", "--config", str(hospital_dir / "hospital.toml"), "--out", str(out)])
-        )
+        target=lambda: codes.append(main(["client", "backup", "--config", str(config), "--out", str(out)]))
     )
     copier.start()
     copier.join(0.5)
@@ -199,6 +186,26 @@ def test_a_backup_is_consistent_private_and_restores_to_a_working_hospital(hospi
     release.set()
     copier.join(60)
     holder.join(30)
+    return codes
+
+
+def test_a_backup_is_consistent_private_and_restores_to_a_working_hospital(hospital_dir: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+    import json
+    import tarfile
+
+    from fedtune.cli import main
+    from fedtune.client.audit import AuditLog, Outgoing
+    from fedtune.client.ledger import Policy, PrivacyLedger
+
+    cfg = load_hospital_config(hospital_dir / "hospital.toml")
+    PrivacyLedger(cfg.ledger_path, Policy(8.0, 1e-5)).register([hashlib.sha256(b"record").digest()], label="site")
+    AuditLog(cfg.audit_path).append(Outgoing(run="r1", round=1, kind="train", payload=b"delta", ledger_releases=0))
+    (cfg.state_dir / "runs.json").write_text("{}")
+    out = hospital_dir / "backups" / "st-elsewhere.tar.gz"
+    out.parent.mkdir()
+
+    codes = _backup_while_a_round_holds_the_ledger(hospital_dir / "hospital.toml", out)
     assert codes == [0]
     said = capsys.readouterr().out
     assert said.count("\n") == 1 and "0600: it holds the private keys" in said and "audit trail of 1 records" in said

@@ -4,8 +4,7 @@ the hospital already sent (a restored backup) is refused at start and before a D
 
 from __future__ import annotations
 
-import json
-import os
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,15 +14,15 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedtune import wire
 from fedtune.client import client_app
-from fedtune.client.audit import AuditLog, Outgoing
-from fedtune.client.dp_round import open_ledger, plan_mechanism
+from fedtune.client.audit import AuditLog
+from fedtune.client.dp_round import plan_mechanism
 from fedtune.client.hospital import EXAMPLE, load_hospital_config
-from fedtune.client.ledger import LedgerRolledBack, PrivacyLedger, check_ledger_current
-from fedtune.client.site import hospital_site
-from fedtune.config import DPSettings, ExperimentConfig, load_config
+from fedtune.client.ledger import PrivacyLedger
+from fedtune.client.ledger_rollback import LedgerRolledBack, check_ledger_current
+from fedtune.client.site import Site, Sites
+from fedtune.config import DPSettings, ExperimentConfig, LoraSettings, ModelSettings, load_config
 from fedtune.data.clinical import generate_site
 from fedtune.data.records import write_records
-from fedtune.privacy.accounting import Mechanism
 from fedtune.security import pki
 from fedtune.security.keys import AllowList, KeyPair, load_private, load_public, save_keys
 
@@ -80,7 +79,7 @@ def _train(config: Path, cfg: ExperimentConfig, rnd: int) -> wire.Reply | wire.R
         state=RecordDict(),
         run_config={"experiment": cfg.to_toml(), "run-dir": str(run_dir)},
     )
-    state = hospital_site(config, cfg.to_toml(), str(run_dir)).runtime.state()
+    state = client_app.SITES.hospital(config, cfg.to_toml(), str(run_dir)).runtime.state()
     challenge = wire.new_challenge()
     settings = ConfigRecord(
         {"num-rounds": cfg.federation.rounds, "run-id": run_dir.name, "server-round": rnd, "challenge": challenge}
@@ -109,6 +108,38 @@ def _releases(config: Path) -> int:
 
 def _audit(config: Path) -> list[dict[str, Any]]:
     return AuditLog(load_hospital_config(config).audit_path).records()
+
+
+# -- the resident cache ----------------------------------------------------------------
+
+
+def test_each_message_builds_its_site_once(hospital: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[Context] = []
+    build = client_app._site
+
+    def counted(context: Context) -> Site:
+        built.append(context)
+        return build(context)
+
+    monkeypatch.setattr(client_app, "_site", counted)
+    assert isinstance(_train(hospital, _run(noise_multiplier=2.0), 1), wire.Reply)
+    assert len(built) == 1  # the `audited` mod and the train handler share one site
+    assert isinstance(_train(hospital, _run(noise_multiplier=2.0), 2), wire.Reply)
+    assert len(built) == 2  # the next message builds its own
+
+
+def test_one_base_model_per_process_and_a_new_model_replaces_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedtune.client import site as site_module
+
+    monkeypatch.setattr(site_module, "SiteRuntime", lambda model, lora: object())  # no model is loaded
+    sites = Sites()
+    tiny, other, lora = ModelSettings(source="tiny"), ModelSettings(source="smollm2"), LoraSettings(rank=2)
+    first = sites.runtime(tiny, lora)
+    assert sites.runtime(tiny, lora) is first and sites.base_model_loads == 1  # resident across rounds
+    own_rank = sites.runtime(tiny, dataclasses.replace(lora, rank=4))  # a hospital at its own rank: kept beside
+    assert sites.runtime(tiny, lora) is first and own_rank is not first
+    sites.runtime(other, lora)  # another model replaces every runtime of the old one
+    assert sites.runtime(tiny, lora) is not first and sites.base_model_loads == 4
 
 
 # -- the noise floor -------------------------------------------------------------------
@@ -187,62 +218,3 @@ def test_a_ledger_restored_from_an_older_copy_is_refused_at_start_and_before_a_r
     assert "privacy ledger current (2 releases)" in capsys.readouterr().out
     assert isinstance(_train(hospital, cfg, 3), wire.Reply)
     assert _releases(hospital) == 3
-
-
-def _ledger_with(path: Path, releases: int) -> PrivacyLedger:
-    ledger = open_ledger(path, DPSettings(enabled=True, noise_multiplier=1.0))
-    dataset = ledger.register([bytes([i]) * 32 for i in range(4)], label="st-elsewhere")
-    for n in range(releases):
-        ledger.record(dataset, Mechanism(1.0, 0.25, 2), release_id=f"r{n}", run_id="run-a", server_round=n + 1)
-    return ledger
-
-
-def _send(log: AuditLog, n: int, **extra: Any) -> None:
-    for i in range(n):
-        log.append(Outgoing(run="run-a", round=i + 1, kind="train", payload=b"sealed", epsilon=0.1, **extra))
-
-
-def test_a_current_ledger_and_a_trail_without_the_count_are_accepted(tmp_path: Path) -> None:
-    ledger, log = tmp_path / "privacy.json", AuditLog(tmp_path / "audit.jsonl")
-    assert check_ledger_current(ledger, log.path) == 0  # a new hospital: neither exists yet
-    _send(log, 3)  # an older trail: records from before the count existed
-    assert all("ledger_releases" not in r for r in log.records()) and log.verify().ok
-    assert check_ledger_current(ledger, log.path) == 0
-    _ledger_with(ledger, 2)
-    assert check_ledger_current(ledger, log.path) == 2
-    _send(log, 1, ledger_releases=2)
-    assert log.verify().ok and log.records()[-1]["ledger_releases"] == 2
-    assert check_ledger_current(ledger, log.path) == 2  # equal is current
-    _send(log, 1, ledger_releases=1)  # a slower process read the ledger earlier: the largest count counts
-    assert log.ledger_releases_sent() == (2, 4)
-
-
-def test_a_deleted_ledger_is_refused(tmp_path: Path) -> None:
-    ledger, log = tmp_path / "privacy.json", AuditLog(tmp_path / "audit.jsonl")
-    _ledger_with(ledger, 1)
-    _send(log, 1, ledger_releases=1)
-    ledger.unlink()
-    with pytest.raises(LedgerRolledBack, match=r"holds 0 releases, but record 1 of the audit trail .* held 1"):
-        check_ledger_current(ledger, log.path)
-
-
-def test_the_count_is_read_incrementally_and_again_when_the_log_is_replaced(tmp_path: Path) -> None:
-    log = AuditLog(tmp_path / "audit.jsonl")
-    _send(log, 2, ledger_releases=1)
-    assert log.ledger_releases_sent() == (1, 1)
-    _send(log, 1, ledger_releases=5)
-    assert log.ledger_releases_sent() == (5, 3)  # appended since the last call
-    with open(log.path, "ab") as f:
-        f.write(b'{"seq": 4, "ledger_releases": 9')  # an append in progress: not counted yet
-    assert log.ledger_releases_sent() == (5, 3)
-    with open(log.path, "ab") as f:
-        f.write(b"}\n")
-    assert log.ledger_releases_sent() == (9, 4)
-    # replaced by another log (a new file) or rewritten in place: read from the start again
-    other = tmp_path / "other.jsonl"
-    other.write_text(json.dumps({"seq": 1, "ledger_releases": 2}) + "\n")
-    os.replace(other, log.path)
-    assert log.ledger_releases_sent() == (2, 1)
-    lines = [json.dumps({"seq": n, "ledger_releases": 3}) + "\n" for n in (1, 2)]
-    log.path.write_text("".join(lines))  # same file, other content, longer
-    assert log.ledger_releases_sent() == (3, 1)
