@@ -44,7 +44,8 @@ from fedtune.client.daemon_log import StructuredLog
 from fedtune.client.daemon_supernode import SuperNode, new_secret, supernode_command
 from fedtune.client.health import Memory, Watch
 from fedtune.client.health_routes import HealthServer, Link
-from fedtune.client.hospital import HospitalConfig, load_hospital_config, parse_address
+from fedtune.client.hospital import HospitalConfig, load_hospital_config
+from fedtune.config import parse_address
 from fedtune.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -21,7 +21,8 @@ from typing import Any
 
 from fedtune.client.daemon_log import StructuredLog, log_record
 from fedtune.client.health import Watch
-from fedtune.client.hospital import HospitalConfig, parse_address
+from fedtune.client.hospital import HospitalConfig
+from fedtune.config import parse_address
 
 
 def supernode_command(

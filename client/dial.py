@@ -27,7 +27,8 @@ from fedtune.client.causes import (
     tls_mismatch,
 )
 from fedtune.client.health import Memory
-from fedtune.client.hospital import HospitalConfig, parse_address
+from fedtune.client.hospital import HospitalConfig
+from fedtune.config import parse_address
 from fedtune.errors import FedTuneError
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import ModelSettings, _require, _section
+from fedtune.config import ModelSettings, _require, _section, parse_address
 from fedtune.errors import ConfigError, FedTuneError
 
 EXAMPLE = """\
@@ -71,15 +71,6 @@ log_file = "state/client.log.jsonl"    # structured logs, one JSON object per li
 log_max_mb = 50                        # rotate the log past this size (0: never)
 log_backups = 5                        # rotated files kept: client.log.jsonl.1 ... .5
 """
-
-
-def parse_address(value: str, where: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) with a port in 1-65535."""
-    host, sep, port = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    ok = bool(sep and host and port.isdigit() and 0 < int(port) < 65536) and not any(c in host for c in " /@")
-    _require(ok, f"`{where}` must be HOST:PORT (no scheme), got {value!r}")
-    return host, int(port)
 
 
 @dataclass(frozen=True)
@@ -331,3 +322,24 @@ def load_hospital_config(path: str | Path, *, check_files: bool = True, insecure
     if check_files:
         cfg.check_files(insecure=insecure)
     return cfg
+
+
+def kit_toml(name: str, address: str) -> str:
+    """:data:`EXAMPLE` for hospital ``name`` dialling ``address``, with the key paths
+    ``fedtune pki hospital --name NAME --out keys`` writes: the startup kit's ``hospital.toml``."""
+    from fedtune.security import pki
+
+    text = EXAMPLE.replace("st-elsewhere", name).replace("coordinator.example.org:9092", address)
+    data = tomllib.loads(text)
+    want = {
+        ("hospital", "name"): name,
+        ("coordinator", "address"): address,
+        ("coordinator", "ca"): "keys/ca.pem",
+        ("coordinator", "envelope_key"): "keys/coordinator.pub",
+        ("keys", "node_key"): str(pki.NodeKeyFiles.at(Path("keys"), name).key),
+        ("keys", "envelope_key"): f"keys/{name}.key",
+    }
+    for (section, key), value in want.items():
+        if data.get(section, {}).get(key) != value:  # EXAMPLE changed shape: a bug here, not the user's
+            raise FedTuneError(f"the example hospital.toml no longer fills `{section}.{key}`; fix kit_toml")
+    return text

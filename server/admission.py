@@ -9,12 +9,13 @@ hospital begins from (never a private key).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from fedtune.atomic import atomic_write_json
-from fedtune.client.hospital import parse_address
+from fedtune.config import parse_address
 from fedtune.errors import ConfigError, FedTuneError
 from fedtune.security import pki
 from fedtune.security.keys import load_public
@@ -100,38 +101,26 @@ Compare these fingerprints with the coordinator by phone or in person before ste
 """
 
 
-def kit_toml(name: str, address: str) -> str:
-    """``fedtune.client.hospital.EXAMPLE`` for hospital ``name`` dialling ``address``, its key paths
-    those ``fedtune pki hospital --name NAME --out keys`` writes."""
-    import tomllib
+def invite(
+    home: CoordinatorHome,
+    name: str,
+    out: Path,
+    *,
+    hospital_toml: Callable[[str, str], str],
+    address: str | None = None,
+) -> list[Path]:
+    """``fedtune server invite``: a hospital's startup kit in ``out`` (never a private key).
 
-    from fedtune.client.hospital import EXAMPLE
-
-    text = EXAMPLE.replace("st-elsewhere", name).replace("coordinator.example.org:9092", address)
-    data = tomllib.loads(text)
-    want = {
-        ("hospital", "name"): name,
-        ("coordinator", "address"): address,
-        ("coordinator", "ca"): "keys/ca.pem",
-        ("coordinator", "envelope_key"): "keys/coordinator.pub",
-        ("keys", "node_key"): str(pki.NodeKeyFiles.at(Path("keys"), name).key),
-        ("keys", "envelope_key"): f"keys/{name}.key",
-    }
-    for (section, key), value in want.items():
-        if data.get(section, {}).get(key) != value:  # EXAMPLE changed shape: a bug here, not the user's
-            raise FedTuneError(f"the example hospital.toml no longer fills `{section}.{key}`; fix kit_toml")
-    return text
-
-
-def invite(home: CoordinatorHome, name: str, out: Path, *, address: str | None = None) -> list[Path]:
-    """``fedtune server invite``: a hospital's startup kit in ``out`` (never a private key)."""
-    from fedtune.client.hospital import HospitalSection
-    from fedtune.security.keys import load_identity
+    ``hospital_toml(name, address)`` writes the hospital's config: the client's format
+    (:func:`fedtune.client.hospital.kit_toml`), handed in by the CLI, since the coordinator's
+    role does not import the hospital's.
+    """
+    from fedtune.security.keys import check_name, load_identity
 
     try:
-        HospitalSection(name=name)
+        check_name(name)
     except ConfigError as err:
-        raise ConfigError(f"`--name`: {str(err).replace('`hospital.name`', 'the name')}") from None
+        raise ConfigError(f"`--name`: {err}") from None
     if address is None:
         info = home.server()
         if info is None:
@@ -164,7 +153,7 @@ def invite(home: CoordinatorHome, name: str, out: Path, *, address: str | None =
     written = [out / "keys" / "ca.pem", out / "keys" / "coordinator.pub", out / "hospital.toml"]
     written[0].write_bytes(home.ca_cert.read_bytes())
     written[1].write_bytes(coordinator_pub.read_bytes())
-    written[2].write_text(kit_toml(name, address))
+    written[2].write_text(hospital_toml(name, address))
     instructions = KIT_INSTRUCTIONS.format(
         name=name,
         address=address,

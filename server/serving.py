@@ -29,7 +29,7 @@ import tomli_w
 
 from fedtune import process
 from fedtune.atomic import atomic_write_json
-from fedtune.client.hospital import parse_address
+from fedtune.config import parse_address
 from fedtune.errors import ConfigError, FedTuneError
 from fedtune.launcher import console_script, flower_env, stop_process
 from fedtune.logfile import RotatingFile, pump

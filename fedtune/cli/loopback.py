@@ -62,7 +62,7 @@ def until(check: Callable[[], bool], what: str, limit: float = 60.0, step: float
 
 def hospital_toml(name: str, *, address: str, health: str, model: str = "tiny", require_dp: bool = False) -> str:
     """The startup kit's ``hospital.toml`` (``fedtune server invite``) filled in for a loopback hospital."""
-    from fedtune.server.admission import kit_toml
+    from fedtune.client.hospital import kit_toml
 
     text = (
         kit_toml(name, address)

@@ -32,9 +32,10 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _invite(args: argparse.Namespace) -> int:
+    from fedtune.client.hospital import kit_toml
     from fedtune.server.admission import invite
 
-    written = invite(_home(args), args.name, Path(args.out), address=args.address)
+    written = invite(_home(args), args.name, Path(args.out), address=args.address, hospital_toml=kit_toml)
     print(f"wrote the startup kit of hospital `{args.name}` to {args.out}:")
     for path in written:
         print(f"  {path}")

@@ -35,10 +35,12 @@ from fedtune.config.sections import (
     ModelSettings,
     RunSettings,
     TrainSettings,
+    parse_address,
 )
 from fedtune.config.sections import _require as _require  # and checks its fields the same way
 
 __all__ = [
+    "parse_address",
     "ACCOUNTANTS",
     "AGGREGATIONS",
     "GRAD_SAMPLE_MODES",

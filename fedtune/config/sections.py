@@ -160,3 +160,12 @@ class EvalSettings:
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"`eval.batch_size` must be >= 1, got {self.batch_size}")
         _require(self.max_new_tokens >= 1, f"`eval.max_new_tokens` must be >= 1, got {self.max_new_tokens}")
+
+
+def parse_address(value: str, where: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) with a port in 1-65535."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    ok = bool(sep and host and port.isdigit() and 0 < int(port) < 65536) and not any(c in host for c in " /@")
+    _require(ok, f"`{where}` must be HOST:PORT (no scheme), got {value!r}")
+    return host, int(port)

@@ -37,7 +37,8 @@ def _raw_public(key: X25519PublicKey | Ed25519PublicKey) -> bytes:
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+    """A party's name: 1-64 letters, digits, '-', '_' or '.', not starting with '.' (one-line error)."""
     if not (name and len(name) <= 64 and all(c.isalnum() or c in "-_." for c in name)) or name.startswith("."):
         raise ConfigError(f"key name must be 1-64 letters, digits, '-', '_' or '.', got {name!r}")
 
@@ -85,7 +86,7 @@ class KeyPair:
 
     @staticmethod
     def generate(name: str, role: str) -> KeyPair:
-        _check_name(name)
+        check_name(name)
         if role not in ROLES:
             raise ConfigError(f"key role must be one of {', '.join(ROLES)}, got {role!r}")
         return KeyPair(name, role, X25519PrivateKey.generate(), Ed25519PrivateKey.generate())
