@@ -14,11 +14,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from fedtune import process
 from fedtune.client.daemon_log import StructuredLog, log_record
 from fedtune.client.health import Watch
 from fedtune.client.hospital import HospitalConfig
@@ -134,7 +134,7 @@ class SuperNode:
         try:
             code = proc.wait()
         finally:
-            _stop_group(proc.pid)  # what the SuperNode started (SuperExec) must not outlive it
+            process.stop_group(proc.pid)  # what the SuperNode started must not outlive it
             proc.wait()
             reader.join(timeout=10)
             self._proc = None
@@ -154,19 +154,3 @@ class SuperNode:
                 self.log.event(said.level, said.message)
             if "Received successfully" in line:
                 self.wake()  # the SuperNode holds a message for the app: no polling delay
-
-
-def _stop_group(pgid: int, grace: float = 10.0) -> None:
-    """SIGINT the daemon's process group, SIGKILL whatever is left after ``grace`` seconds."""
-    for sig in (signal.SIGINT, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)

@@ -13,19 +13,16 @@ the system temp folder (Ray's socket paths) is removed when the run ends.
 from __future__ import annotations
 
 import contextlib
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import tomli_w
 
 from fedtune import process
-from fedtune.errors import FedTuneError
 from fedtune.flowerhome import cleanup, flower_env, ray_tmpdir, remove_ray_link, run_markers
 from fedtune.runfolder import RunFolder
 from fedtune.security.keys import KeyPair
@@ -113,10 +110,13 @@ def local_superlink(folder: RunFolder, env: dict[str, str], *, simulation: bool 
             cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder.root, preexec_fn=process.dies_with_us()
         )
     try:
-        _await_health(proc, port, folder.logs_dir / "superlink.log", "SuperLink")
+        process.await_ready(
+            proc, lambda: process.answers_http(f"http://127.0.0.1:{port}/health"), what="SuperLink",
+            log=folder.logs_dir / "superlink.log",
+        )
         yield port
     finally:
-        stop_process(proc)
+        process.stop(proc, nudge=2.0)
 
 
 @contextlib.contextmanager
@@ -158,47 +158,12 @@ def local_supernode(
             preexec_fn=process.dies_with_us(),
         )
     try:
-        _await_health(proc, port, log_path, "SuperNode")
+        process.await_ready(
+            proc, lambda: process.answers_http(f"http://127.0.0.1:{port}/health"), what="SuperNode", log=log_path
+        )
         yield proc
     finally:
-        stop_process(proc)
-
-
-def _await_health(proc: subprocess.Popen[bytes], port: int, log: Path, what: str, *, limit: float = 60.0) -> None:
-    """Wait until a Flower process answers on its HTTP health route."""
-    deadline = time.monotonic() + limit
-    while True:
-        if proc.poll() is not None:
-            raise FedTuneError(f"{what} exited with code {proc.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise FedTuneError(f"{what} did not become ready within {limit:.0f} s; see {log}") from None
-            time.sleep(0.3)
-
-
-def stop_process(proc: subprocess.Popen[bytes], *, grace: float = 20.0, nudge: float = 2.0) -> None:
-    """SIGINT; a second SIGINT after ``nudge`` seconds; SIGKILL after ``grace`` more.
-
-    Flower's processes shut down cleanly on SIGINT, but uvicorn then waits for open
-    connections to close, and over TLS each idle one holds it for asyncio's 30-second
-    SSL shutdown timeout; a second SIGINT is uvicorn's "force quit": it stops waiting and
-    still runs the clean shutdown (SuperExec stopped, state closed).
-    """
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGINT, nudge), (signal.SIGINT, grace)):
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-    proc.kill()
-    proc.wait()
+        process.stop(proc, nudge=2.0)
 
 
 def start_run(
@@ -280,7 +245,7 @@ def flwr_run(
                             on_poll()
                         time.sleep(0.5)
                 finally:
-                    stop_process(proc, grace=10)
+                    process.stop(proc, grace=10, nudge=2.0)
         finally:
             # Flower starts some helpers detached; stop them too, the watcher excepted
             process.kill(process.find(run_markers(folder), exclude=[watcher]), graceful=True)

@@ -1,6 +1,17 @@
 """Supervising the processes fedtune starts, so none outlives the command that started it.
 
-Three tools, all Linux (``/proc`` and ``prctl``); elsewhere they do nothing:
+The one place for it, used by the coordinator (SuperLink, front, ServerApps), the
+hospital daemon (its SuperNode), the launcher (simulations, loopback Flower processes)
+and the loopback federation of the tests and benchmarks:
+
+- :func:`await_ready`: wait until a started process answers (or say in one line that it
+  died or hung), and :func:`answers_http` for a health route;
+- :func:`stop` / :func:`stop_group`: SIGINT (twice for Flower's uvicorn servers), then
+  SIGKILL after a grace period, of one process or its whole group;
+- :func:`alive` / :func:`running`: a process's state from ``/proc`` (a zombie is dead);
+
+and three tools for what must not outlive us, all Linux (``/proc`` and ``prctl``);
+elsewhere they do nothing:
 
 - :func:`dies_with_us`: a ``preexec_fn`` after which a child gets SIGTERM when this
   process dies, however it dies (SIGKILL, the OOM killer): ``prctl(PR_SET_PDEATHSIG)``.
@@ -25,6 +36,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -107,6 +119,85 @@ def find(markers: Markers, *, exclude: Iterable[int] = ()) -> list[int]:
         if pid not in skip and markers.matches(pid) and alive(pid):
             found.append(pid)
     return sorted(found)
+
+
+def await_ready(
+    proc: subprocess.Popen[bytes],
+    ready: Callable[[], bool],
+    *,
+    what: str,
+    log: Path,
+    limit: float = 60.0,
+    step: float = 0.3,
+    stop: Callable[[float], bool] | None = None,
+) -> bool:
+    """Wait until ``ready()``; True. False when ``stop(step)`` (e.g. an Event's ``wait``) says
+    to give up first. A one-line error naming ``log`` when the process dies or ``limit`` passes."""
+    from fedtune.errors import FedTuneError
+
+    deadline = time.monotonic() + limit
+    while not ready():
+        if proc.poll() is not None:
+            raise FedTuneError(f"{what} exited with code {proc.returncode}; see {log}")
+        if time.monotonic() > deadline:
+            raise FedTuneError(f"{what} did not become ready within {limit:.0f} s; see {log}")
+        if stop is not None and stop(step):
+            return False
+        if stop is None:
+            time.sleep(step)
+    return True
+
+
+def answers_http(url: str, *, timeout: float = 1.0, context: ssl.SSLContext | None = None) -> bool:
+    """Whether ``url`` answers a GET with a success status (``context``: an SSL context for https)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context):
+            return True
+    except (OSError, ValueError, ssl.SSLError):
+        return False
+
+
+def stop(proc: subprocess.Popen[bytes], *, grace: float = 20.0, nudge: float = 0.0, group: bool = False) -> int:
+    """Stop ``proc``: SIGINT; with ``nudge``, a second SIGINT after that many seconds; SIGKILL
+    (of its whole process group with ``group``) after ``grace`` more. Its exit code.
+
+    Flower's processes shut down cleanly on SIGINT, but uvicorn then waits for open
+    connections to close, and over TLS each idle one holds it for asyncio's 30-second
+    SSL shutdown timeout; a second SIGINT is uvicorn's "force quit": it stops waiting and
+    still runs the clean shutdown (SuperExec stopped, state closed).
+    """
+    if proc.poll() is None:
+        for wait in (nudge, grace) if nudge else (grace,):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
+            proc.wait()
+    return int(proc.returncode)
+
+
+def stop_group(pgid: int, *, grace: float = 10.0) -> None:
+    """SIGINT a process group, SIGKILL whatever of it is left after ``grace`` seconds."""
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
 
 
 def alive(pid: int) -> bool:

@@ -20,12 +20,9 @@ server start``), :mod:`~fedtune.server.admission` (``add-hospital``, ``remove-ho
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import subprocess
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +115,7 @@ class CoordinatorHome:
             info = dict(json.loads(self.server_json.read_text()))
         except (OSError, ValueError):
             return None
-        if _alive(int(info.get("pid", 0))) and _alive(int(info.get("front-pid", 0))):
+        if process.alive(int(info.get("pid", 0))) and process.alive(int(info.get("front-pid", 0))):
             return info
         scheme = "http" if info.get("insecure") else "https"
         address, port = str(info.get("address", "")), int(info.get("port", 0))
@@ -146,31 +143,15 @@ def superlink_answers(home: CoordinatorHome, info: dict[str, Any], *, tries: int
     return False
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
-            return False
-    return True
-
-
 def healthy(url: str, ca: Path | None, *, timeout: float = 2.0) -> bool:
     """Whether ``url`` answers ``GET /health`` (verifying TLS against ``ca`` for https)."""
     import ssl
 
     try:
         context = ssl.create_default_context(cafile=str(ca)) if url.startswith("https") and ca else None
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout, context=context):
-            return True
-    except (OSError, ValueError, ssl.SSLError):
+    except (OSError, ssl.SSLError):  # the CA file is missing or unreadable: nothing can be verified
         return False
+    return process.answers_http(f"{url}/health", timeout=timeout, context=context)
 
 
 def flwr_cli(home: CoordinatorHome, *args: str, timeout: float = 60.0) -> dict[str, Any]:

@@ -95,8 +95,9 @@ def launch(home: CoordinatorHome, folder: RunFolder, *, say: Callable[[str], Non
     (its error), or the coordinator's SuperLink stopped under it. Ctrl-C stops the run at
     the coordinator too, so that ``--resume`` never races a ServerApp still training.
     """
+    from fedtune import process
     from fedtune.experiments.report import round_printer
-    from fedtune.launcher import start_run, stop_process, write_app
+    from fedtune.launcher import start_run, write_app
 
     info = home.server()
     if info is None:
@@ -129,7 +130,7 @@ def launch(home: CoordinatorHome, folder: RunFolder, *, say: Callable[[str], Non
         stop_flower_run(home, folder)
         raise
     finally:
-        stop_process(proc, grace=10)
+        process.stop(proc, grace=10, nudge=2.0)
     show_new_rounds()
     return _run_outcome(home, folder, cfg, info, started=started, say=say)
 

@@ -20,7 +20,6 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -31,7 +30,7 @@ from fedtune import process
 from fedtune.atomic import atomic_write_json
 from fedtune.config import parse_address
 from fedtune.errors import ConfigError, FedTuneError
-from fedtune.launcher import console_script, flower_env, stop_process
+from fedtune.launcher import console_script, flower_env
 from fedtune.logfile import RotatingFile, pump
 from fedtune.security import pki
 from fedtune.security.keys import load_private
@@ -242,15 +241,14 @@ def _await_superlink(
     home: CoordinatorHome, proc: subprocess.Popen[bytes], upstream: Upstream, stop: threading.Event, *, timeout: float
 ) -> bool:
     """Wait until the SuperLink answers on loopback: True; False when stopped first; raise when it dies or hangs."""
-    deadline = time.monotonic() + timeout
-    while not healthy(upstream.url, upstream.ca, timeout=1.0):
-        if proc.poll() is not None:
-            raise _superlink_exited(home, proc)
-        if time.monotonic() > deadline:
-            raise FedTuneError(f"the SuperLink did not answer within {timeout:.0f} s; see logs/superlink.log")
-        if stop.wait(0.3):
-            return False
-    return True
+    return process.await_ready(
+        proc,
+        lambda: healthy(upstream.url, upstream.ca, timeout=1.0),
+        what="the SuperLink",
+        log=home.logs_dir / "superlink.log",
+        limit=timeout,
+        stop=stop.wait,
+    )
 
 
 def _watch(home: CoordinatorHome, proc: subprocess.Popen[bytes], front: Front, stop: threading.Event) -> None:
@@ -272,5 +270,5 @@ def _shutdown(home: CoordinatorHome, proc: subprocess.Popen[bytes], front: Front
     # SIGKILL: neither SIGINT nor SIGTERM ends them within seconds (measured), and a
     # round cut short loses nothing (checkpoints and metrics lines are crash-safe).
     process.kill(process.find(ours, exclude=[proc.pid]), graceful=False, timeout=2.0)
-    stop_process(proc)
+    process.stop(proc, nudge=2.0)
     process.kill(process.find(ours), graceful=False, timeout=2.0)

@@ -11,9 +11,7 @@ process id (SIGINT, then SIGKILL of its process group).
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedtune import process
 from fedtune.errors import FedTuneError
 
 HOSPITALS = ("st-elsewhere", "northgate-general", "riverside-community", "lakeside-university", "harbor-county")
@@ -41,14 +40,7 @@ def fedtune_process(*args: str, log: Path, cwd: Path | None = None) -> subproces
 
 def stop(proc: subprocess.Popen[bytes], *, grace: float = 30.0) -> int:
     """SIGINT, then SIGKILL of the whole process group after ``grace`` seconds; the exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return int(proc.returncode)
+    return process.stop(proc, grace=grace, group=True)
 
 
 def until(check: Callable[[], bool], what: str, limit: float = 60.0, step: float = 0.2) -> None:

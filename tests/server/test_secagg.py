@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtune import flowerhome, launcher
+from fedtune import flowerhome, launcher, process
 from fedtune.checkpoint import load_checkpoint
 from fedtune.config import replace
 from fedtune.experiments.report import round_records
@@ -101,7 +101,7 @@ def test_secagg_completes_when_a_hospital_is_killed_mid_round(tiny_cfg, tmp_path
             victim.wait(timeout=30)
             run.wait(timeout=400)
         finally:
-            launcher.stop_process(run, grace=10)
+            process.stop(run, grace=10, nudge=2.0)
     assert flowerhome.kill_run_processes(folder) == 0
     assert run.returncode == 0, (folder.logs_dir / "flower.log").read_text()[-3000:]
 
