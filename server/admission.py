@@ -101,6 +101,31 @@ Compare these fingerprints with the coordinator by phone or in person before ste
 """
 
 
+def _kit_address(home: CoordinatorHome, address: str | None) -> str:
+    """The HOST:PORT the kit dials: given, or the running coordinator's; checked against the PKI."""
+    if address is None:
+        info = home.server()
+        if info is None:
+            raise ConfigError(
+                f"`--address` is needed: no SuperLink of {home.root} is running to take it from; give the "
+                "HOST:PORT hospitals dial, e.g. `--address coord.example.org:9092`"
+            )
+        address = f"{info['address']}:{info['port']}"
+    host, _ = parse_address(address, "--address")
+    for needed in (home.ca_cert, home.pki_dir / "coordinator.pub"):
+        if not needed.is_file():
+            raise ConfigError(
+                f"{needed} is missing; create the PKI first: `fedtune pki ca --out {home.pki_dir}` and "
+                f"`fedtune pki server --ca {home.pki_dir} --out {home.pki_dir} --address {host}`"
+            )
+    if home.tls.cert.is_file():  # a kit for an address the certificate does not name would fail TLS
+        try:
+            pki.check_server_cert(home.tls, home.ca_cert, address=host)
+        except FedTuneError as err:
+            raise ConfigError(f"`--address` {address!r}: {err}") from None
+    return address
+
+
 def invite(
     home: CoordinatorHome,
     name: str,
@@ -121,27 +146,8 @@ def invite(
         check_name(name)
     except ConfigError as err:
         raise ConfigError(f"`--name`: {err}") from None
-    if address is None:
-        info = home.server()
-        if info is None:
-            raise ConfigError(
-                f"`--address` is needed: no SuperLink of {home.root} is running to take it from; give the "
-                "HOST:PORT hospitals dial, e.g. `--address coord.example.org:9092`"
-            )
-        address = f"{info['address']}:{info['port']}"
-    host, _ = parse_address(address, "--address")
+    address = _kit_address(home, address)
     coordinator_pub = home.pki_dir / "coordinator.pub"
-    for needed in (home.ca_cert, coordinator_pub):
-        if not needed.is_file():
-            raise ConfigError(
-                f"{needed} is missing; create the PKI first: `fedtune pki ca --out {home.pki_dir}` and "
-                f"`fedtune pki server --ca {home.pki_dir} --out {home.pki_dir} --address {host}`"
-            )
-    if home.tls.cert.is_file():  # a kit for an address the certificate does not name would fail TLS
-        try:
-            pki.check_server_cert(home.tls, home.ca_cert, address=host)
-        except FedTuneError as err:
-            raise ConfigError(f"`--address` {address!r}: {err}") from None
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"`--out` {out} already exists and is not empty; give a new folder for the kit")
