@@ -77,7 +77,7 @@ def test_secagg_completes_when_a_hospital_is_killed_mid_round(tiny_cfg, tmp_path
         one_round,
         data={"hospitals": 3},
         security={"secure_aggregation": True},
-        federation={"min_clients": 2, "round_timeout": 45.0, "join_timeout": 120.0},
+        federation={"min_clients": 2, "round_timeout": 30.0, "join_timeout": 120.0},
     )
     folder = prepare_run(cfg, run_dir=tmp_path / "deployed")
     client_app_module("dropout_app")
