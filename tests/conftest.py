@@ -22,6 +22,9 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # the tests that start Flower (the long ones) first, so that neither xdist worker is left
+    # with a long test at the end while the other idles; a stable sort keeps each file's order
+    items.sort(key=lambda item: "flower" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
