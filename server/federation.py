@@ -245,6 +245,7 @@ def _rounds(
     rounds = cfg.federation.rounds
     client_dp = _client_dp(cfg, extra, cfg.sampled_per_round())
     strategy = _strategy(folder, cfg, meta, client_dp, opener=opener)
+    strategy.merge.require_fits(state)  # a dense merge path over its limit: refused before any round
     if done:  # round 0 has no optimizer state yet; a later round's must be there
         strategy.merge.optimizer.load_state_dict(resumed.aux)
     stopped = str(extra.get("stopped", ""))

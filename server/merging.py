@@ -1,16 +1,27 @@
 """How a round's valid updates become the next global adapter, as :class:`Merge`: the
 LoRA merge rule, the norm bounds, the combine (or client-level DP) and the server
-optimizer, built once from the run's config (steps 1-4 of :mod:`fedtune.server.strategy`)."""
+optimizer, built once from the run's config (steps 1-4 of :mod:`fedtune.server.strategy`).
+
+The ``svd`` rule's updates are factored (:mod:`fedtune.lora.factored`); the weighted mean,
+the norm bounds and the plain server step keep them so. What needs each coordinate (the
+robust combines, client-level DP's clip-and-noise, the moments of ``fedavgm``, ``fedadam``
+and ``fedyogi``) gets them as float64 out x in matrices, refused before the first round when
+one such copy of the adapter's update is over ``federation.svd_dense_limit_mb``."""
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
+
+from fedtune.errors import ConfigError
 from fedtune.lora.aggregate import COMBINES
 from fedtune.lora.delta import State
-from fedtune.lora.merge import MergeRule, make_rule
+from fedtune.lora.factored import Factored, Update, dense_bytes, mean
+from fedtune.lora.merge import MergeRule, make_rule, modules
 from fedtune.lora.optimizers import DEFAULT_LR, ServerOptimizer, make_server_optimizer
 from fedtune.server.client_dp import ClientLevelDP
 
@@ -72,6 +83,8 @@ class Merge:
         Client-level DP's noisy clipped mean instead of ``combine``, or None.
     optimizer
         The server optimizer (default: the plain step, server learning rate 1).
+    dense_limit_mb
+        The largest dense copy of a factored update (MiB of float64) a dense path may form.
     """
 
     rule: MergeRule = MergeRule(alpha=1.0, rank=1)
@@ -79,6 +92,7 @@ class Merge:
     combine: Combine = Combine()
     client_dp: ClientLevelDP | None = None
     optimizer: ServerOptimizer = field(default_factory=_plain_step)
+    dense_limit_mb: float = 2048.0
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, *, client_dp: ClientLevelDP | None = None) -> Merge:
@@ -99,14 +113,55 @@ class Merge:
             combine=Combine(fed.aggregation, fed.trim_fraction),
             client_dp=client_dp,
             optimizer=optimizer,
+            dense_limit_mb=fed.svd_dense_limit_mb,
         )
 
-    def combined(self, updates: list[State], weights: list[float]) -> tuple[State, dict[str, float]]:
-        """The updates combined, and client-level DP's account of the release ({} without it)."""
+    def dense_reason(self) -> str:
+        """Which setting makes the rule's factored updates dense ("" when none does)."""
+        if not self.rule.factored:
+            return ""
         if self.client_dp is not None:
-            return self.client_dp.release(updates)
-        return self.combine(updates, weights), {}
+            return "`client_dp`"
+        if self.combine.rule != "mean":
+            return f"`federation.aggregation` = {self.combine.rule!r}"
+        if not self.optimizer.factored:
+            return f"`federation.server_optimizer` = {self.optimizer.name!r}"
+        return ""
 
-    def step(self, current: State, combined: State) -> State:
+    def require_fits(self, global_state: Mapping[str, torch.Tensor]) -> None:
+        """ConfigError, before any round, when a dense path would form the adapter
+        ``global_state``'s update as float64 matrices over ``dense_limit_mb``."""
+        pairs = modules(global_state).values()
+        self._check_dense(dense_bytes((global_state[b].shape[0], global_state[a].shape[1]) for a, b in pairs))
+
+    def _check_dense(self, size: int) -> None:
+        why = self.dense_reason()
+        if why and size > self.dense_limit_mb * 2**20:
+            raise ConfigError(
+                f"`federation.strategy` = 'svd' with {why} needs each update as dense float64 matrices, "
+                f"{size / 2**30:.2f} GiB per copy for this adapter, over `federation.svd_dense_limit_mb` = "
+                f"{self.dense_limit_mb:g}; use aggregation 'mean', server_optimizer 'none' and no client_dp "
+                "(the merge then stays factored) or raise the limit"
+            )
+
+    def _dense(self, update: Update) -> State:
+        if isinstance(update, Factored):
+            self._check_dense(update.dense_bytes())
+            return update.dense()
+        return update
+
+    def combined(self, updates: list[Update], weights: list[float]) -> tuple[Update, dict[str, float]]:
+        """The updates combined, and client-level DP's account of the release ({} without it).
+        Factored updates stay factored under the plain weighted mean; else they are densified."""
+        if self.client_dp is None and self.combine.rule == "mean":
+            return mean(updates, weights), {}
+        dense = [self._dense(u) for u in updates]
+        if self.client_dp is not None:
+            return self.client_dp.release(dense)
+        return self.combine(dense, weights), {}
+
+    def step(self, current: State, combined: Update) -> State:
         """The next global adapter: the server optimizer's step along ``combined``, applied by the rule."""
+        if isinstance(combined, Factored) and not self.optimizer.factored:
+            combined = self._dense(combined)
         return self.rule.apply(current, self.optimizer.step(combined))

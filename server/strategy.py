@@ -40,6 +40,7 @@ from fedtune import wire
 from fedtune.errors import FedTuneError, InvalidEnvelope, UpdateRejected
 from fedtune.evaluate import EvalResult
 from fedtune.lora.delta import State, l2_norm
+from fedtune.lora.factored import Update, update_norm
 from fedtune.security.witness import WitnessLog
 from fedtune.server.client_dp import ClientLevelDP
 from fedtune.server.merging import Merge
@@ -238,7 +239,7 @@ class LoraStrategy(FedAvg):
             )
         return self._close(result.mean_delta)
 
-    def _close(self, combined: State) -> tuple[ArrayRecord, MetricRecord]:
+    def _close(self, combined: Update) -> tuple[ArrayRecord, MetricRecord]:
         """Every round's end, plain or secure: the step along ``combined``, and the round's counts."""
         return wire.to_arrays(self.merge.step(self.current, combined)), self.report.counts()
 
@@ -279,9 +280,9 @@ class LoraStrategy(FedAvg):
             valid.append((msg, reply))
         return valid
 
-    def _within_bounds(self, server_round: int, valid: Opened, updates: dict[str, State]) -> Opened:
+    def _within_bounds(self, server_round: int, valid: Opened, updates: dict[str, Update]) -> Opened:
         """Drop updates whose norm is out of bounds; each is judged against the others' median."""
-        norms = [l2_norm(updates[reply.identity.site]) for _, reply in valid]
+        norms = [update_norm(updates[reply.identity.site]) for _, reply in valid]
         kept = []
         for i, item in enumerate(valid):
             reason = self.merge.bounds.violation(norms[i], norms[:i] + norms[i + 1 :])
@@ -292,11 +293,11 @@ class LoraStrategy(FedAvg):
                 kept.append(item)
         return kept
 
-    def _accept(self, msg: Message, reply: wire.Reply, update: State) -> None:
+    def _accept(self, msg: Message, reply: wire.Reply, update: Update) -> None:
         metrics = {
             **reply.metrics,
             "num-examples": float(reply.num_examples),
-            "delta-norm": l2_norm(update),
+            "delta-norm": update_norm(update),
             "lora-rank": float(self.merge.rule.reply_rank(reply.delta or {})),  # as the reply's shapes show
             "upload-bytes": float(wire.message_bytes(msg.content)),
         }

@@ -18,6 +18,8 @@ class FederationSettings:
     steps the global adapter along the round's merged update with ``server_lr`` (0: the
     optimizer's usual value); ``aggregation`` combines the sites' updates (``mean``:
     weighted by records; ``trimmed_mean`` / ``median``: coordinate-wise, unweighted).
+    ``svd_dense_limit_mb`` bounds one dense float64 copy of an ``svd`` update, which only the
+    robust combines, ``client_dp`` and the momentum/Adam server optimizers need.
     """
 
     rounds: int = 3
@@ -30,6 +32,7 @@ class FederationSettings:
     server_tau: float = 1e-3
     aggregation: str = "mean"
     trim_fraction: float = 0.2
+    svd_dense_limit_mb: float = 2048.0
     fraction_train: float = 1.0
     min_clients: int = 0
     round_timeout: float = 3600.0
@@ -64,6 +67,10 @@ class FederationSettings:
         _require(
             0 <= self.trim_fraction < 0.5,
             f"`federation.trim_fraction` must be in [0, 0.5) (share trimmed at each end), got {self.trim_fraction}",
+        )
+        _require(
+            math.isfinite(self.svd_dense_limit_mb) and self.svd_dense_limit_mb > 0,
+            f"`federation.svd_dense_limit_mb` must be positive (MiB), got {self.svd_dense_limit_mb}",
         )
         _require(
             0 < self.fraction_train <= 1, f"`federation.fraction_train` must be in (0, 1], got {self.fraction_train}"

@@ -16,8 +16,8 @@ fedavg    A and B / their deltas  mean of the deltas of A, B   global + step (A 
 ffa       B (A frozen at the      mean of the deltas of B      global B + step, A as
           shared seed) / delta B                               ever: exact, linear
 svd       A and B at its own      mean of the changes of the   best rank-r factors of the
-          rank / its factors      effective update (dense)     global's effective update
-                                                               + step (exact up to rank)
+          rank / its factors      effective update (held as    global's effective update
+                                  factors, never out x in)     + step (exact up to rank)
 ========  ======================  ===========================  ==========================
 
 ``fedavg`` and ``ffa`` are sums of what the sites send, so they work under secure
@@ -27,6 +27,8 @@ Bai et al. 2024; NVFlare's HLoRA): each re-factorises the global effective updat
 own rank before training. Its factors are B = U·S and A = V^T (A with orthonormal rows,
 like a LoRA A at its initial scale, B carrying the magnitude, like a LoRA B); directions
 the update does not use get B = 0 and a fresh random A row, so they can still learn.
+``svd``'s updates stay factored (:mod:`fedtune.lora.factored`): the truncated SVD comes
+from the stacked factors, never the out x in matrix, unless a dense path asks for it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import torch
 from fedtune.errors import ModelMismatchError, UpdateRejected
 from fedtune.lora.aggregate import validate_update, weighted_mean
 from fedtune.lora.delta import State, apply_delta, compute_delta
+from fedtune.lora.factored import Factored, LowRank, Term, Update, combine, mean, truncate
 
 A_TAG, B_TAG = ".lora_A.", ".lora_B."
 
@@ -77,10 +80,10 @@ def effective_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
     return weighted_mean([effective(s, alpha=alpha) for s in states], weights)
 
 
-def _fill_rows(module: str, rows: int, cols: int, seed: int) -> torch.Tensor:
-    """Fresh A rows for unused directions, drawn like LoRA's A (bound 1/sqrt(in)), reproducibly."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(module.encode())) % 2**63)
-    return (torch.rand(rows, cols, generator=g, dtype=torch.float64) * 2 - 1) / cols**0.5
+def factored_effective(state: Mapping[str, torch.Tensor], *, alpha: float) -> dict[str, LowRank]:
+    """:func:`effective` held as factors: per module the one term ``(alpha / r) · B @ A``."""
+    scale = alpha / rank_of(state)
+    return {m: LowRank((Term(scale, state[b], state[a]),)) for m, (a, b) in modules(state).items()}
 
 
 def _range(product: torch.Tensor, width: int, generator: torch.Generator, power_iterations: int) -> torch.Tensor:
@@ -114,17 +117,11 @@ def factorise(
         u = basis @ u_small
     else:
         u, s, vh = torch.linalg.svd(product, full_matrices=False)
-    tol = float(s.max()) * max(product.shape) * torch.finfo(torch.float64).eps if s.numel() else 0.0
-    used = min(rank, int((s > tol).sum()))
-    b = torch.zeros(product.shape[0], rank, dtype=torch.float64)
-    a = _fill_rows(module, rank, product.shape[1], seed)
-    b[:, :used] = u[:, :used] * s[:used]
-    a[:used] = vh[:used]
-    return b, a
+    return truncate(u, s, vh, (product.shape[0], product.shape[1]), rank, module=module, seed=seed)
 
 
 def to_rank(
-    effective_update: Mapping[str, torch.Tensor],
+    effective_update: Mapping[str, torch.Tensor | LowRank],
     like: Mapping[str, torch.Tensor],
     *,
     rank: int,
@@ -132,10 +129,17 @@ def to_rank(
     seed: int,
 ) -> State:
     """Factors at ``rank`` (key names and dtype of ``like``) whose effective update is the best
-    rank-``rank`` approximation of ``effective_update``."""
+    rank-``rank`` approximation of ``effective_update``, one module at a time: a dense
+    matrix by :func:`factorise`, a :class:`LowRank` by the exact SVD of its stacked factors."""
     out: State = {}
     for module, (a_key, b_key) in modules(like).items():
-        b, a = factorise(effective_update[module] / (alpha / rank), rank, module=module, seed=seed)
+        x = effective_update[module]
+        if isinstance(x, LowRank):
+            x = x.scaled(rank / alpha)
+            u, s, vh = x.svd(keep=rank)
+            b, a = truncate(u, s, vh, x.shape, rank, module=module, seed=seed)
+        else:
+            b, a = factorise(x / (alpha / rank), rank, module=module, seed=seed)
         out[a_key], out[b_key] = a.to(like[a_key].dtype), b.to(like[b_key].dtype)
     return dict(sorted(out.items()))
 
@@ -153,6 +157,7 @@ class MergeRule:
     name = "fedavg"
     freeze_a = False
     linear = True  # the merged update is a weighted sum of what the sites send: secure aggregation can compute it
+    factored = False  # its updates are :class:`~fedtune.lora.factored.Factored` (dense paths must ask to densify)
 
     # -- at the site -----------------------------------------------------------------
     def local_start(self, global_state: Mapping[str, torch.Tensor], *, rank: int) -> State:
@@ -183,13 +188,13 @@ class MergeRule:
 
     def updates(
         self, global_state: Mapping[str, torch.Tensor], replies: Sequence[Mapping[str, torch.Tensor]]
-    ) -> list[State]:
+    ) -> list[Update]:
         """Each site's update in the rule's update space, for the round's checked replies."""
         return [dict(sent) for sent in replies]
 
-    def apply(self, global_state: Mapping[str, torch.Tensor], step: Mapping[str, torch.Tensor]) -> State:
+    def apply(self, global_state: Mapping[str, torch.Tensor], step: Update) -> State:
         """The next global adapter after the server takes ``step`` in update space."""
-        return apply_delta(global_state, step)
+        return apply_delta(global_state, _dense_step(self, step))
 
 
 @dataclass(frozen=True)
@@ -206,18 +211,19 @@ class FFARule(MergeRule):
     def reference(self, global_state: Mapping[str, torch.Tensor]) -> State:
         return {k: v for k, v in global_state.items() if B_TAG in k}
 
-    def apply(self, global_state: Mapping[str, torch.Tensor], step: Mapping[str, torch.Tensor]) -> State:
+    def apply(self, global_state: Mapping[str, torch.Tensor], step: Update) -> State:
         out = dict(global_state)
-        out.update(apply_delta(self.reference(global_state), step))
+        out.update(apply_delta(self.reference(global_state), _dense_step(self, step)))
         return out
 
 
 @dataclass(frozen=True)
 class SVDRule(MergeRule):
-    """Effective updates merged densely, re-factorised at the run's rank; sites at any rank."""
+    """Effective updates merged as factors, re-factorised at the run's rank; sites at any rank."""
 
     name = "svd"
-    linear = False  # each site's update is its dense B·A, a product of what it sends
+    linear = False  # each site's update is its B·A, a product of what it sends
+    factored = True
 
     def local_start(self, global_state: Mapping[str, torch.Tensor], *, rank: int) -> State:
         if rank == self.rank:
@@ -225,7 +231,8 @@ class SVDRule(MergeRule):
         like = {
             k: v.new_empty((rank, v.shape[1]) if A_TAG in k else (v.shape[0], rank)) for k, v in global_state.items()
         }
-        return to_rank(effective(global_state, alpha=self.alpha), like, rank=rank, alpha=self.alpha, seed=self.seed)
+        now = factored_effective(global_state, alpha=self.alpha)
+        return to_rank(dict(now), like, rank=rank, alpha=self.alpha, seed=self.seed)
 
     def reply(self, trained: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor]) -> State:
         return {k: v.detach().float().cpu().clone() for k, v in sorted(trained.items())}
@@ -249,19 +256,38 @@ class SVDRule(MergeRule):
 
     def updates(
         self, global_state: Mapping[str, torch.Tensor], replies: Sequence[Mapping[str, torch.Tensor]]
-    ) -> list[State]:
-        now = effective(global_state, alpha=self.alpha)  # once a round: dense, out x in per module
-        return [{m: v - now[m] for m, v in effective(sent, alpha=self.alpha).items()} for sent in replies]
+    ) -> list[Update]:
+        """Per site and module ``(alpha/r_i)·B_i·A_i - (alpha/r)·B_g·A_g``, as its two terms."""
+        now = factored_effective(global_state, alpha=self.alpha)
+        return [
+            Factored(
+                {m: combine([(1.0, x), (-1.0, now[m])]) for m, x in factored_effective(sent, alpha=self.alpha).items()}
+            )
+            for sent in replies
+        ]
 
-    def apply(self, global_state: Mapping[str, torch.Tensor], step: Mapping[str, torch.Tensor]) -> State:
-        now = effective(global_state, alpha=self.alpha)
-        target = {m: now[m] + step[m].double() for m in now}
+    def apply(self, global_state: Mapping[str, torch.Tensor], step: Update) -> State:
+        """The best rank-r factors of the global's effective update plus ``step``: from the
+        stacked factors when ``step`` is factored, densely when a dense path made it dense."""
+        target: dict[str, torch.Tensor | LowRank]
+        if isinstance(step, Factored):
+            now = factored_effective(global_state, alpha=self.alpha)
+            target = {m: combine([(1.0, now[m]), (1.0, step.parts[m])]) for m in now}
+        else:
+            dense_now = effective(global_state, alpha=self.alpha)
+            target = {m: dense_now[m] + step[m].double() for m in dense_now}
         return to_rank(target, global_state, rank=self.rank, alpha=self.alpha, seed=self.seed)
 
 
 # The registry of merge rules (``federation.strategy``): config.STRATEGIES and
 # config.LINEAR_STRATEGIES are tested equal to its names and to its linear rules' names.
 RULES: dict[str, type[MergeRule]] = {rule.name: rule for rule in (MergeRule, FFARule, SVDRule)}
+
+
+def _dense_step(rule: MergeRule, step: Update) -> Mapping[str, torch.Tensor]:
+    if isinstance(step, Factored):
+        raise TypeError(f"the {rule.name!r} rule takes plain deltas, not factored updates")
+    return step
 
 
 def make_rule(name: str, *, alpha: float, rank: int, seed: int = 0) -> MergeRule:
@@ -279,4 +305,4 @@ def merge(
     coordinator merges their replies by the weighted mean and applies it."""
     starts = [rule.local_start(global_state, rank=rank_of(t)) for t in trained]
     replies = [rule.reply(t, s) for t, s in zip(trained, starts, strict=True)]
-    return rule.apply(global_state, weighted_mean(rule.updates(global_state, replies), weights))
+    return rule.apply(global_state, mean(rule.updates(global_state, replies), weights))

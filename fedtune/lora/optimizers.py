@@ -12,6 +12,15 @@ Following Reddi et al., "Adaptive Federated Optimization" (ICLR 2021) and FedAvg
 
 where m̂ = m / (1-β1^t) and v̂ = v / (1-β2^t). Moments start at zero, are created on the
 first step with the update's keys and shapes, and are kept in float64.
+
+Which stay factored under the ``svd`` rule (whose updates are
+:class:`~fedtune.lora.factored.Factored`, never an out x in matrix): only ``none``, whose
+step lr·u scales each term's coefficient. ``fedavgm``'s momentum is a running sum over all
+rounds, whose factors would grow by every round's stacked ranks (and would keep every past
+round's adapters), so it is dense: one float64 out x in matrix per module, kept across
+rounds; ``fedadam`` and ``fedyogi`` square the update coordinate-wise, so their moments are
+dense too (two such matrices). The coordinator densifies the update for them, within
+``federation.svd_dense_limit_mb`` (:mod:`fedtune.server.merging`).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import torch
 from fedtune.config import FederationSettings
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.lora.delta import State
+from fedtune.lora.factored import Factored, Update
 
 
 class ServerOptimizer:
@@ -36,6 +46,7 @@ class ServerOptimizer:
 
     name: str = "none"
     default_lr: float = 1.0  # ``federation.server_lr`` = 0 means this (lr 1 is plain FedAvg)
+    factored: bool = True  # steps a factored update as factors (the plain step: lr·u)
     _slots: tuple[str, ...] = ()  # names of the per-tensor moments, e.g. ("m", "v")
     _counts_steps: bool = False  # whether the step count ``t`` is part of the state
 
@@ -49,8 +60,14 @@ class ServerOptimizer:
         """This optimizer from all of the config's hyperparameters (each class takes its own)."""
         return cls(lr)
 
-    def step(self, update: Mapping[str, torch.Tensor]) -> State:
-        """Advance one round and return the change to add to the global (same keys and dtypes as ``update``)."""
+    def step(self, update: Update) -> Update:
+        """Advance one round and return the change to add to the global (same keys and dtypes as
+        ``update``; a factored update only where :attr:`factored`, and then factored)."""
+        if isinstance(update, Factored):
+            if not self.factored:
+                raise TypeError(f"the {self.name} server optimizer's moments are dense: densify the update first")
+            self._t += 1
+            return update.scaled(self.lr)
         u = {key: update[key].detach().to(torch.float64) for key in sorted(update)}
         self._init_or_check(u)
         self._t += 1
@@ -124,6 +141,7 @@ class FedAvgM(ServerOptimizer):
     """Server momentum (Hsu et al., 2019): v = momentum·v + u, step = lr·v."""
 
     name = "fedavgm"
+    factored = False  # v sums every round's update: dense (see the module's docstring)
     _slots = ("v",)
 
     def __init__(self, lr: float, momentum: float) -> None:
@@ -150,6 +168,7 @@ class FedAdam(ServerOptimizer):
 
     name = "fedadam"
     default_lr = 0.01
+    factored = False  # u² is coordinate-wise: dense moments
     _slots = ("m", "v")
     _counts_steps = True
 
