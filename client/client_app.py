@@ -96,6 +96,7 @@ def reply(
         sealer=site.sealer,
         instruction=instruction,
         audit=site.audit.head(),  # the trail's head now: the `prev` of the record `audited` appends for this reply
+        wire_dtype=site.cfg.federation.wire_dtype,
     )
     return Message(content, reply_to=msg)
 

@@ -108,7 +108,9 @@ def open_reply(
             witness.append(witness_entry(msg, header))
         return wire.check_opened(header, payload, expected=expected)
     refusal = wire.unpack_refusal(msg.content)
-    return refusal if refusal is not None else wire.unpack_reply(msg.content, expect_delta=kind == "train")
+    if refusal is not None:
+        return refusal
+    return wire.unpack_reply(msg.content, expect_delta=kind == "train", dtype=expected.dtype if expected else "float32")
 
 
 def witness_entry(msg: Message, header: EnvelopeHeader) -> WitnessEntry:

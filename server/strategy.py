@@ -79,6 +79,8 @@ class LoraStrategy(FedAvg):
         (the run's ``witness.jsonl``); None records nothing.
     node_names
         Deployment: Flower node id -> the hospital admitted with it, for the logs.
+    wire_dtype
+        The dtype every delta must travel in (``federation.wire_dtype``); decoded to float32.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class LoraStrategy(FedAvg):
         opener: wire.Opener | None = None,
         witness: WitnessLog | None = None,
         node_names: Mapping[int, str] | None = None,
+        wire_dtype: str = "float32",
     ) -> None:
         super().__init__(
             fraction_train=sampling.fraction,
@@ -110,6 +113,7 @@ class LoraStrategy(FedAvg):
         self.opener = opener
         self.witness = witness
         self.node_names = dict(node_names or {})
+        self.wire_dtype = wire_dtype
         self.current: State = {}
         self.report = TrainReport()
         self._expected: dict[str, wire.Expected] = {}
@@ -141,6 +145,7 @@ class LoraStrategy(FedAvg):
             opener=opener,
             witness=witness,
             node_names=node_names,
+            wire_dtype=cfg.federation.wire_dtype,
         )
 
     @property
@@ -152,7 +157,7 @@ class LoraStrategy(FedAvg):
         challenge = wire.new_challenge()
         config["challenge"] = challenge
         config["run-id"] = self.run_id
-        self._expected[kind] = wire.Expected(self.run_id, server_round, kind, challenge)
+        self._expected[kind] = wire.Expected(self.run_id, server_round, kind, challenge, self.wire_dtype)
 
     def _messages(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str

@@ -27,6 +27,7 @@ from fedtune.config.names import (
     PRECISIONS,
     SERVER_OPTIMIZERS,
     STRATEGIES,
+    WIRE_DTYPES,
 )
 from fedtune.config.sections import (
     DataSettings,
@@ -51,6 +52,7 @@ __all__ = [
     "PRECISIONS",
     "SERVER_OPTIMIZERS",
     "STRATEGIES",
+    "WIRE_DTYPES",
     "ClientDPSettings",
     "DPSettings",
     "DataSettings",

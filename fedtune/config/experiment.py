@@ -61,6 +61,11 @@ class ExperimentConfig:
                 f"`federation.aggregation` = {fed.aggregation!r} needs each hospital's update, which "
                 "`security.secure_aggregation` hides; use 'mean' or turn secure aggregation off",
             )
+            _require(
+                fed.wire_dtype == "float32",
+                f"`federation.wire_dtype` = {fed.wire_dtype!r} does not apply to `security.secure_aggregation`, "
+                "which quantizes each delta itself (`security.secagg_quantization_bits`); set it to 'float32'",
+            )
         _require(
             not (self.client_dp.enabled and fed.aggregation != "mean"),
             f"`federation.aggregation` = {fed.aggregation!r} does not fit `client_dp` (its noise is calibrated "

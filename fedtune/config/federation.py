@@ -6,7 +6,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fedtune.config.names import ACCOUNTANTS, AGGREGATIONS, GRAD_SAMPLE_MODES, SERVER_OPTIMIZERS, STRATEGIES
+from fedtune.config.names import (
+    ACCOUNTANTS,
+    AGGREGATIONS,
+    GRAD_SAMPLE_MODES,
+    SERVER_OPTIMIZERS,
+    STRATEGIES,
+    WIRE_DTYPES,
+)
 from fedtune.config.sections import _require
 
 
@@ -20,6 +27,8 @@ class FederationSettings:
     weighted by records; ``trimmed_mean`` / ``median``: coordinate-wise, unweighted).
     ``svd_dense_limit_mb`` bounds one dense float64 copy of an ``svd`` update, which only the
     robust combines, ``client_dp`` and the momentum/Adam server optimizers need.
+    ``wire_dtype``: what a hospital's delta travels in (``bfloat16`` / ``float16``: half the
+    bytes of ``float32``, rounded to 8 / 11 bits); the coordinator decodes it to float32.
     """
 
     rounds: int = 3
@@ -37,6 +46,7 @@ class FederationSettings:
     min_clients: int = 0
     round_timeout: float = 3600.0
     join_timeout: float = 600.0
+    wire_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, f"`federation.rounds` must be >= 1, got {self.rounds}")
@@ -81,6 +91,15 @@ class FederationSettings:
         )
         _require(self.round_timeout > 0, f"`federation.round_timeout` must be positive, got {self.round_timeout}")
         _require(self.join_timeout > 0, f"`federation.join_timeout` must be positive, got {self.join_timeout}")
+        _require(
+            self.wire_dtype in WIRE_DTYPES,
+            f"`federation.wire_dtype` must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}",
+        )
+        _require(
+            self.wire_dtype == "float32" or self.strategy != "svd",
+            f"`federation.wire_dtype` = {self.wire_dtype!r} rounds what a hospital sends, and with "
+            "`federation.strategy` = 'svd' that is its whole adapter, not a delta: use 'float32' with svd",
+        )
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ fact and the tuple here is tested equal to them in ``tests/test_registries.py``:
 - ``SERVER_OPTIMIZERS``: :data:`fedtune.lora.optimizers.SERVER_OPTIMIZERS`
 - ``AGGREGATIONS``: :data:`fedtune.lora.aggregate.COMBINES`
 - ``PARTITIONS``: :data:`fedtune.data.partition.PARTITIONS`
+- ``WIRE_DTYPES``: :data:`fedtune.wire.arrays.WIRE_DTYPES`
 
 The others name choices that torch or Opacus implement (one branch each, no registry).
 """
@@ -25,3 +26,4 @@ SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")
 AGGREGATIONS = ("mean", "trimmed_mean", "median")
 ACCOUNTANTS = ("rdp", "prv")  # Opacus's accountants
 GRAD_SAMPLE_MODES = ("hooks", "functorch")  # Opacus's per-sample gradients
+WIRE_DTYPES = ("float32", "bfloat16", "float16")  # what a delta travels in (`federation.wire_dtype`)

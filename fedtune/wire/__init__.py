@@ -3,7 +3,7 @@
 Both roles import the record keys from here (``from fedtune import wire``), so the protocol
 is written down once. The package's modules: ``messages`` (record keys, identity, round
 instruction, unpacked replies, message bytes), ``arrays`` (the adapter as one packed
-Array), ``sealed`` (envelopes: payload, seal, open, check), ``replies`` (packing replies
+Array; the dtype a delta travels in), ``sealed`` (envelopes: payload, seal, open, check), ``replies`` (packing replies
 and refusals, sealed or plain; unpacking plain ones), ``secagg`` (SecAgg+'s legacy records).
 
 Server -> client (train and evaluate): ``global`` (ArrayRecord, the adapter) and
@@ -17,14 +17,17 @@ Client -> server, sealed (the default): one ConfigRecord ``envelope`` holding th
 a :mod:`fedtune.security.envelope`, whose header names the sender, run, round, kind, challenge, the
 adapter and base hashes and the head of the hospital's audit trail when the reply was
 built (:class:`~fedtune.security.witness.ChainHead`), and whose encrypted payload is a safetensors
-blob: the delta's tensors (train only) with ``num-examples``, ``metrics`` and ``refusal``
-in its metadata. The coordinator records each opened envelope's audit head with the
-SHA-256 of the content as received (:func:`wire_bytes`, the serialization the hospital's
-audit trail hashes) in the run's ``witness.jsonl`` (:mod:`fedtune.security.witness`).
+blob: the delta's tensors (train only, in the run's ``federation.wire_dtype``) with
+``num-examples``, ``metrics`` and ``refusal`` in its metadata. The coordinator records each
+opened envelope's audit head with the SHA-256 of the content as received (:func:`wire_bytes`,
+the serialization the hospital's audit trail hashes) in the run's ``witness.jsonl`` (:mod:`fedtune.security.witness`).
 
-Client -> server, plain (``security.seal = false``, research only): ``delta`` (ArrayRecord,
-train only), ``metrics`` (MetricRecord with ``num-examples`` and numbers only) and
-``identity`` (ConfigRecord: ``site``, ``base-sha256``, ``spec-sha256``).
+Client -> server, plain (``security.seal = false``, research only): ``delta`` (ArrayRecord
+packed in the run's ``federation.wire_dtype``, train only), ``metrics`` (MetricRecord with
+``num-examples`` and numbers only) and ``identity`` (ConfigRecord: ``site``, ``base-sha256``, ``spec-sha256``).
+
+A delta in ``bfloat16`` or ``float16`` is decoded to float32 on receipt; one in any other dtype
+than the run's is rejected. The global adapter always goes out as float32.
 
 A hospital that will not train (its privacy budget is spent) sends a refusal (``kind``,
 ``reason``): no delta and no number computed from its data.
@@ -32,7 +35,7 @@ A hospital that will not train (its privacy budget is spent) sends a refusal (``
 
 from __future__ import annotations
 
-from fedtune.wire.arrays import INDEX, PACKED, from_arrays, to_arrays
+from fedtune.wire.arrays import INDEX, PACKED, WIRE_DTYPES, from_arrays, from_wire, to_arrays, to_wire
 from fedtune.wire.messages import (
     CONFIG,
     DELTA,
@@ -116,4 +119,7 @@ __all__ = [
     "unpack_reply",
     "unpack_secagg_instruction",
     "wire_bytes",
+    "WIRE_DTYPES",
+    "from_wire",
+    "to_wire",
 ]

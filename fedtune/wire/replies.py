@@ -35,13 +35,14 @@ def pack_reply(
     sealer: Sealer | None = None,
     instruction: RoundInstruction | None = None,
     audit: ChainHead | None = None,
+    wire_dtype: str = "float32",
 ) -> RecordDict:
-    """A train reply (with ``delta``) or an evaluate reply (without); sealed when ``sealer`` is given,
-    naming ``audit``, the head of the hospital's audit trail before this message."""
+    """A train reply (with ``delta``, in ``wire_dtype``) or an evaluate reply (without); sealed when
+    ``sealer`` is given, naming ``audit``, the head of the hospital's audit trail before this message."""
     if sealer is not None:
         if instruction is None or audit is None:
             raise ValueError("a sealed reply needs the instruction it answers and the hospital's audit head")
-        payload = encode_payload(metrics=metrics, num_examples=num_examples, delta=delta)
+        payload = encode_payload(metrics=metrics, num_examples=num_examples, delta=delta, dtype=wire_dtype)
         kind = "train" if delta is not None else "evaluate"
         return seal_content(payload, identity, sealer=sealer, instruction=instruction, kind=kind, audit=audit)
     record = RecordDict(
@@ -51,7 +52,7 @@ def pack_reply(
         }
     )
     if delta is not None:
-        record[DELTA] = to_arrays(delta)
+        record[DELTA] = to_arrays(delta, wire_dtype)
     return record
 
 
@@ -86,8 +87,9 @@ def unpack_refusal(content: RecordDict) -> Refusal | None:
     return Refusal(identity, str(record.get("kind", "")), str(record.get("reason", ""))[:2000])
 
 
-def unpack_reply(content: RecordDict, *, expect_delta: bool) -> Reply:
-    """Unpack a plain reply; anything malformed raises :class:`UpdateRejected` with the reason."""
+def unpack_reply(content: RecordDict, *, expect_delta: bool, dtype: str = "float32") -> Reply:
+    """Unpack a plain reply, its delta packed in ``dtype`` (decoded to float32); anything malformed
+    raises :class:`UpdateRejected` with the reason."""
     try:
         identity = Identity.from_record(content.config_records[IDENTITY])
         metrics_record = content.metric_records[METRICS]
@@ -100,7 +102,7 @@ def unpack_reply(content: RecordDict, *, expect_delta: bool) -> Reply:
         if DELTA not in content.array_records:
             raise UpdateRejected("train reply carries no delta")
         try:
-            delta = from_arrays(content.array_records[DELTA])
+            delta = from_arrays(content.array_records[DELTA], dtype)
         except (ValueError, TypeError, OSError) as err:
             raise UpdateRejected(f"delta arrays cannot be decoded ({err})") from err
     return checked_reply(identity, num, metrics, delta, "train" if expect_delta else "evaluate")

@@ -19,6 +19,7 @@ from fedtune.lora.delta import State
 from fedtune.security.envelope import EnvelopeHeader, now_ms, open_envelope, seal
 from fedtune.security.keys import AllowList, KeyPair, PublicIdentity
 from fedtune.security.witness import ChainHead
+from fedtune.wire.arrays import from_wire, to_wire
 from fedtune.wire.messages import (
     ENVELOPE,
     METRICS,
@@ -50,12 +51,13 @@ class Opener:
 
 @dataclass(frozen=True)
 class Expected:
-    """What a reply's header must say to belong to this request."""
+    """What a reply's header must say to belong to this request, and the dtype its delta must travel in."""
 
     run: str
     round: int
     kind: str
     challenge: str
+    dtype: str = "float32"  # the run's `federation.wire_dtype`
 
 
 def encode_payload(
@@ -64,15 +66,17 @@ def encode_payload(
     num_examples: int,
     delta: Mapping[str, torch.Tensor] | None = None,
     refusal: Mapping[str, str] | None = None,
+    dtype: str = "float32",
 ) -> bytes:
-    """The plaintext inside an envelope: safetensors (no pickle), numbers in its metadata."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in (delta or {}).items()}
+    """The plaintext inside an envelope: safetensors (no pickle) of the delta in the wire ``dtype``,
+    numbers in its metadata."""
+    tensors = to_wire(delta or {}, dtype)
     metadata = {
         NUM_EXAMPLES: str(int(num_examples)),
         METRICS: json.dumps({k: float(v) for k, v in metrics.items()}),
         REFUSAL: json.dumps(dict(refusal or {})),
     }
-    return bytes(save_safetensors(tensors, metadata=metadata))
+    return save_safetensors(tensors, metadata=metadata)
 
 
 def decode_payload(data: bytes) -> tuple[State, int, dict[str, float], dict[str, str]]:
@@ -133,7 +137,8 @@ def check_opened(header: EnvelopeHeader, payload: bytes, *, expected: Expected) 
     tensors, num, metrics, refusal = decode_payload(payload)
     if refusal:
         return Refusal(identity, refusal.get("kind", ""), refusal.get("reason", "")[:2000])
-    return checked_reply(identity, num, metrics, tensors if expected.kind == "train" else None, expected.kind)
+    delta = from_wire(tensors, expected.dtype) if expected.kind == "train" else None
+    return checked_reply(identity, num, metrics, delta, expected.kind)
 
 
 def open_content(content: RecordDict, *, opener: Opener, expected: Expected) -> Reply | Refusal:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedtune import wire
@@ -23,6 +24,7 @@ from fedtune.client.site import Site, Sites
 from fedtune.config import DPSettings, ExperimentConfig, LoraSettings, ModelSettings, load_config
 from fedtune.data.clinical import generate_site
 from fedtune.data.records import write_records
+from fedtune.errors import UpdateRejected
 from fedtune.security import pki
 from fedtune.security.keys import AllowList, KeyPair, load_private, load_public, save_keys
 
@@ -69,7 +71,7 @@ def _run(**dp: Any) -> ExperimentConfig:
     )
 
 
-def _train(config: Path, cfg: ExperimentConfig, rnd: int) -> wire.Reply | wire.Refusal:
+def _train(config: Path, cfg: ExperimentConfig, rnd: int, dtype: str = "float32") -> wire.Reply | wire.Refusal:
     """One train message through the hospital's ClientApp (its mods included), opened as the coordinator would."""
     run_dir = config.parent / "runs" / "run-a"
     context = Context(
@@ -97,7 +99,7 @@ def _train(config: Path, cfg: ExperimentConfig, rnd: int) -> wire.Reply | wire.R
         load_private(config.parent / "coordinator" / "coordinator.key"),
         AllowList([load_public(keys / "st-elsewhere.pub")]),
     )
-    expected = wire.Expected(run=run_dir.name, round=rnd, kind="train", challenge=challenge)
+    expected = wire.Expected(run=run_dir.name, round=rnd, kind="train", challenge=challenge, dtype=dtype)
     return wire.open_content(reply.content, opener=opener, expected=expected)
 
 
@@ -218,3 +220,15 @@ def test_a_ledger_restored_from_an_older_copy_is_refused_at_start_and_before_a_r
     assert "privacy ledger current (2 releases)" in capsys.readouterr().out
     assert isinstance(_train(hospital, cfg, 3), wire.Reply)
     assert _releases(hospital) == 3
+
+
+def test_a_bfloat16_run_sends_its_delta_in_bfloat16_and_the_coordinator_reads_float32(hospital: Path) -> None:
+    cfg = _run(noise_multiplier=2.0)
+    bf16 = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, wire_dtype="bfloat16"))
+    reply = _train(hospital, bf16, 1, dtype="bfloat16")  # through the ClientApp, sealed, opened
+    assert isinstance(reply, wire.Reply) and reply.delta is not None
+    assert all(v.dtype == torch.float32 for v in reply.delta.values())
+    assert any(bool(v.abs().sum() > 0) for v in reply.delta.values())  # it trained
+    assert all(torch.equal(v, v.bfloat16().float()) for v in reply.delta.values())  # bfloat16 values
+    with pytest.raises(UpdateRejected, match=r"is bfloat16 on the wire, the run's `federation.wire_dtype` is float32"):
+        _train(hospital, bf16, 2)  # a coordinator that expects float32 refuses it

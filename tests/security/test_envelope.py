@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -63,16 +64,26 @@ def test_round_trip_and_fresh_randomness() -> None:
 def test_known_answer() -> None:
     # Pinned so the format cannot drift without a new version byte: same keys, ephemeral
     # key, nonce and header must give exactly these bytes (Ed25519 is deterministic).
-    # Version 2 (the audit head in the header) replaced version 1's pinned answer
-    # 9390c2bb...49e529; test_the_format_is_what_the_module_documents rebuilds these bytes independently.
+    # Version 3 (the signature over a SHA-256 digest naming the recipient) replaced version 2's
+    # pinned answer 05f5afbc...fb3fc3 (and that version 1's 9390c2bb...49e529);
+    # test_the_format_is_what_the_module_documents rebuilds these bytes independently.
     env = _kat_envelope()
-    assert env[:4] == b"FTE\x02"
-    assert hashlib.sha256(env).hexdigest() == "05f5afbc8bcefff9a86cc85137c83b22de2eec8cc6f84006f8f26fef62fb3fc3"
+    assert env[:4] == b"FTE\x03"
+    assert hashlib.sha256(env).hexdigest() == "e55bd7670d5465a3e5e080209fe57808403808eb005aee28fc1fbcbab8571548"
     assert open_envelope(env, recipient=COORD, senders=ALLOWED) == (HEADER, PAYLOAD)
 
 
-def test_the_format_is_what_the_module_documents() -> None:
-    # Built here from the primitives and the documented layout, not with fedtune's code.
+_HEADER_BYTES = (
+    b'{"audit_head":"' + b"ef" * 32 + b'","audit_seq":41,'
+    b'"base":"' + b"cd" * 32 + b'","challenge":"00112233445566778899aabbccddeeff","kind":"train",'
+    b'"round":3,"run":"run-1","sender":"st-elsewhere","spec":"' + b"ab" * 32 + b'","time_ms":1700000000000}'
+)
+
+
+def _documented(version: int, signer: KeyPair = ALICE, recipient_pub: bytes | None = None) -> bytes:
+    """The KAT envelope built here from the primitives and the documented layout of ``version``
+    (2: Ed25519 over the whole body; 3: over a label, the recipient's key and the body's
+    SHA-256), not with fedtune's code."""
     import struct
 
     from cryptography.hazmat.primitives import hashes
@@ -83,17 +94,30 @@ def test_the_format_is_what_the_module_documents() -> None:
     eph = X25519PrivateKey.from_private_bytes(hashlib.sha256(b"ephemeral").digest())
     eph_pub = eph.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     coord_pub = COORD.encryption.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    header = (
-        b'{"audit_head":"' + b"ef" * 32 + b'","audit_seq":41,'
-        b'"base":"' + b"cd" * 32 + b'","challenge":"00112233445566778899aabbccddeeff","kind":"train",'
-        b'"round":3,"run":"run-1","sender":"st-elsewhere","spec":"' + b"ab" * 32 + b'","time_ms":1700000000000}'
-    )
-    key = HKDF(hashes.SHA256(), 32, None, b"fedtune envelope v2" + eph_pub + coord_pub).derive(
-        eph.exchange(COORD.encryption.public_key())
-    )
-    aad = b"FTE" + bytes([2]) + struct.pack(">H", len(header)) + header + eph_pub + b"\x07" * 12
+    info = f"fedtune envelope v{version}".encode()
+    shared = eph.exchange(COORD.encryption.public_key())
+    key = HKDF(hashes.SHA256(), 32, None, info + eph_pub + coord_pub).derive(shared)
+    aad = b"FTE" + bytes([version]) + struct.pack(">H", len(_HEADER_BYTES)) + _HEADER_BYTES + eph_pub + b"\x07" * 12
     body = aad + AESGCM(key).encrypt(b"\x07" * 12, PAYLOAD, aad)
-    assert _kat_envelope() == body + ALICE.signing.sign(body)
+    if version == 2:
+        return body + signer.signing.sign(body)
+    label = b"fedtune envelope v3 signature\x00"
+    return body + signer.signing.sign(label + (recipient_pub or coord_pub) + hashlib.sha256(body).digest())
+
+
+def test_the_format_is_what_the_module_documents() -> None:
+    assert _kat_envelope() == _documented(3)
+
+
+def test_a_version_2_envelope_is_refused_naming_both_versions() -> None:
+    # A real version-2 envelope (the whole body signed), as a hospital on the previous
+    # release sends it: one line that names its version and the one this release reads.
+    old = _documented(2)
+    with pytest.raises(EnvelopeVersionError) as info:
+        open_envelope(old, recipient=COORD, senders=ALLOWED)
+    message = str(info.value)
+    assert "envelope format version 2 is not accepted" in message and "reads version 3 only" in message
+    assert "\n" not in message and (info.value.got, info.value.want) == (2, 3)
 
 
 def _regions(env: bytes) -> dict[str, int]:
@@ -120,16 +144,17 @@ def test_a_flipped_bit_anywhere_is_the_one_opaque_error(region: str) -> None:
     assert str(info.value) == "invalid envelope"  # says nothing of where
 
 
-@pytest.mark.parametrize("version", [1, 3, 0, 255])
+@pytest.mark.parametrize("version", [1, 2, 4, 0, 255])
 def test_another_format_version_is_refused_saying_so(version: int) -> None:
-    # A version-1 envelope (before the audit head) or any other version is refused before
-    # anything is checked, with a message that names the version: the version byte is
-    # public, so saying it tells an attacker nothing. It is still an InvalidEnvelope.
+    # A version-1 or -2 envelope (before the audit head; before the digest signature) or any
+    # other version is refused before anything is checked, with a message that names the
+    # version: the version byte is public, so saying it tells an attacker nothing. It is
+    # still an InvalidEnvelope.
     env = bytearray(_kat_envelope())
     env[3] = version
     with pytest.raises(EnvelopeVersionError, match=f"envelope format version {version} is not accepted") as info:
         open_envelope(bytes(env), recipient=COORD, senders=ALLOWED)
-    assert isinstance(info.value, InvalidEnvelope) and "reads version 2 only" in str(info.value)
+    assert isinstance(info.value, InvalidEnvelope) and "reads version 3 only" in str(info.value)
     assert "upgrade" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(EnvelopeVersionError):
         peek_header(bytes(env))
@@ -152,9 +177,15 @@ def test_wrong_recipient_unknown_sender_and_another_hospitals_signature() -> Non
     with pytest.raises(InvalidEnvelope):
         open_envelope(env, recipient=COORD, senders=AllowList([BOB.public]))  # Alice not allowed
     # Bob re-signs Alice's envelope (header still names Alice): verified against Alice's key, refused
-    forged = env[:-64] + BOB.signing.sign(env[:-64])
+    forged = _documented(3, signer=BOB)
+    assert forged[:-64] == env[:-64] and forged != env
     with pytest.raises(InvalidEnvelope):
         open_envelope(forged, recipient=COORD, senders=ALLOWED)
+    # Alice's own signature over the same bytes, but naming another coordinator: refused (the
+    # signature binds the recipient, not only the key the AES key was derived with)
+    elsewhere = other_coordinator.encryption.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    with pytest.raises(InvalidEnvelope):
+        open_envelope(_documented(3, recipient_pub=elsewhere), recipient=COORD, senders=ALLOWED)
     # Bob cannot claim to be Alice with his own key either
     with pytest.raises(ValueError, match="not the signing key"):
         seal(PAYLOAD, HEADER, sender=BOB, recipient=COORD.public)
