@@ -25,6 +25,7 @@ from fedtune.config.names import (
     OPTIMIZERS,
     PARTITIONS,
     PRECISIONS,
+    QUANTIZATIONS,
     SERVER_OPTIMIZERS,
     STRATEGIES,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "OPTIMIZERS",
     "PARTITIONS",
     "PRECISIONS",
+    "QUANTIZATIONS",
     "SERVER_OPTIMIZERS",
     "STRATEGIES",
     "ClientDPSettings",
