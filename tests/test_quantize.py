@@ -136,3 +136,15 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(quantization: 
     assert set(grads) == set(grads_ck) == set(start)
     for k in grads:
         torch.testing.assert_close(grads_ck[k], grads[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_a_quantized_base_trains_on_cuda(user_tiny: Path, quantization: str) -> None:
+    rt = SiteRuntime(_settings(source=str(user_tiny), quantization=quantization, device="cuda", precision="bf16"), LORA)
+    assert rt.base.sha256 == source_sha256(user_tiny) and next(rt.model.parameters()).is_cuda
+    train, held = clinical.generate(1, n_train=8, n_eval=1, seed=0)["st-elsewhere"]
+    start = rt.state()
+    result = rt.train_steps(start, site_data(rt, "a", train, held, 256), TrainSettings(batch_size=4), steps=2, seed=0)
+    assert torch.isfinite(torch.tensor(result.mean_loss))
+    assert any(not torch.equal(rt.state()[k], start[k]) for k in start)
