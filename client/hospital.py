@@ -46,6 +46,8 @@ path = "models/SmolLM2-135M-Instruct"  # a local model folder ("smollm2": the pa
 device = "auto"                        # auto (CUDA when present) | cpu | cuda
 precision = "auto"                     # auto | fp32 | bf16 | fp16
 threads = 0                            # CPU threads (0: all cores)
+quantization = ""                      # "" (the run's) | none | 8bit (CUDA) | 4bit (NF4): how the base is held
+gradient_checkpointing = false         # true: less activation memory, more time (on if the run asks)
 lora_rank = 0                          # train at this LoRA rank (0: the run's); another rank than
                                        # the run's takes part only in `svd` runs (smaller GPU, smaller rank)
 
@@ -113,18 +115,37 @@ class HospitalData:
 
 @dataclass(frozen=True)
 class HospitalModel:
+    """The hospital's model folder and how it loads it: device, precision, threads; a quantized
+    base ("": the run's `model.quantization`) and gradient checkpointing (on when the run or the
+    hospital turns it on): memory is the hospital's to plan, and neither changes the base hash."""
+
     path: str = "smollm2"
     device: str = "auto"
     precision: str = "auto"
     threads: int = 0
     lora_rank: int = 0
+    quantization: str = ""
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        ModelSettings(source=self.path, precision=self.precision, threads=self.threads, device=self.device)
+        ModelSettings(
+            source=self.path,
+            precision=self.precision,
+            threads=self.threads,
+            device=self.device,
+            quantization=self.quantization or "none",
+        )
         _require(self.lora_rank >= 0, f"`model.lora_rank` must be >= 0 (0: the run's rank), got {self.lora_rank}")
 
     def settings(self) -> ModelSettings:
-        return ModelSettings(source=self.path, precision=self.precision, threads=self.threads, device=self.device)
+        return ModelSettings(
+            source=self.path,
+            precision=self.precision,
+            threads=self.threads,
+            device=self.device,
+            quantization=self.quantization or "none",
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """A real hospital's own settings over the run's, and whether its policy lets it train in the run.
 
 The coordinator's run settings say what to train; the hospital's ``hospital.toml`` says
-with which model folder, device and precision, under which privacy budget and delta, and
+with which model folder, device, precision and quantization, under which privacy budget and delta, and
 what it refuses: another rank than the run's (unless the run merges mixed ranks), rounds
 without DP-SGD (``privacy.require_dp``), less noise than its floor
 (``privacy.min_noise_multiplier``).
@@ -18,20 +18,31 @@ from fedtune.errors import ConfigError, PrivacyError
 def hospital_run(hospital: HospitalConfig, experiment: str) -> tuple[ExperimentConfig, str]:
     """The run whose settings are ``experiment`` as ``hospital`` applies it, and why it does not fit ("": it does).
 
-    The hospital's model folder, device and precision replace the run's; its privacy
-    budget and delta replace the run's (the ledger is the hospital's, across all runs).
+    The hospital's model folder, device and precision replace the run's, and so does its
+    quantization when it sets one (how it holds its base in memory is its own choice; the run's
+    is a request); gradient checkpointing is on when either asks (it changes memory, not
+    results); its privacy budget and delta replace the run's (the ledger is the hospital's,
+    across all runs).
     """
     run_cfg = parse_config(experiment, source="the coordinator's run settings")
     model = hospital.model
     source = model.path if model.path in ("smollm2", "tiny") else str(hospital.path(model.path))
+    loading = {
+        "source": source,
+        "device": model.device,
+        "precision": model.precision,
+        "threads": model.threads,
+        "quantization": model.quantization or run_cfg.model.quantization,
+        "gradient_checkpointing": model.gradient_checkpointing or run_cfg.model.gradient_checkpointing,
+    }
     try:
         cfg = replace(
             run_cfg,
-            model={"source": source, "device": model.device, "precision": model.precision, "threads": model.threads},
+            model=loading,
             dp={"budget_epsilon": hospital.privacy.budget_epsilon, "delta": hospital.privacy.delta, "ledger_dir": ""},
         )
     except ConfigError as err:
-        cfg = replace(run_cfg, model={"source": source, "device": model.device, "precision": model.precision})
+        cfg = replace(run_cfg, model=loading)
         return cfg, f"the run's DP settings do not fit this hospital's policy: {err}"
     return cfg, ""
 

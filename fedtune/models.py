@@ -145,9 +145,49 @@ def state_sha256(model: torch.nn.Module) -> str:
     """Content hash of a model's weights: names, dtypes, shapes and bytes, in name order."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        _hash_tensor(digest, name, tensor.detach().to("cpu").contiguous())
+    return digest.hexdigest()
+
+
+def _hash_tensor(digest: Any, name: str, t: torch.Tensor) -> None:
+    digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def source_sha256(path: Path) -> str:
+    """:func:`state_sha256` of the float32 model in folder ``path``, read tensor by tensor
+    from its safetensors files, never holding the whole model: the hash of a base that is
+    loaded quantized. Names come from the architecture built on the meta device (a tied
+    weight is read under the name it is stored as); a folder whose files do not map onto
+    them (renamed keys, ``.bin`` weights) is hashed from a float32 load instead.
+    """
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in [*skeleton.named_parameters(remove_duplicate=False), *skeleton.named_buffers()]:
+        aliases.setdefault(id(tensor), []).append(name)
+    stored = {name: group for group in aliases.values() for name in group}
+    where: dict[str, Path] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            where.update({key: file for key in f.keys()})  # noqa: SIM118 - safe_open is no mapping
+    names = sorted(skeleton.state_dict())
+    sources = {n: next((a for a in stored.get(n, [n]) if a in where), None) for n in names}
+    if any(s is None for s in sources.values()):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return state_sha256(model)
+    digest = hashlib.sha256()
+    shapes = skeleton.state_dict()
+    for name in names:
+        key = cast(str, sources[name])
+        with safe_open(str(where[key]), framework="pt") as f:
+            t = f.get_tensor(key)
+        t = (t.to(torch.float32) if t.is_floating_point() else t).contiguous()
+        if tuple(t.shape) != tuple(shapes[name].shape):
+            raise ModelError(f"`model.source` {path}: {key} has shape {tuple(t.shape)}, its config says otherwise")
+        _hash_tensor(digest, name, t)
     return digest.hexdigest()
 
 
@@ -175,12 +215,24 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def load_base_model(source: str, *, device: torch.device | None = None) -> BaseModel:
-    """Load tokenizer and float32 weights (compute precision is chosen at train time)."""
+def load_base_model(
+    source: str, *, device: torch.device | None = None, quantization: str = "none", precision: str = "auto"
+) -> BaseModel:
+    """Load tokenizer and weights: float32 (compute precision is chosen at train time), or the
+    linear layers quantized (``quantization``, computing in ``precision``'s dtype). The hash is
+    the source weights' either way."""
     path = resolve_model_dir(source)
+    target = device or torch.device("cpu")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model: PreTrainedModel
+        if quantization == "none":
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        else:
+            from fedtune import quantize
+
+            dtype = quantize.compute_dtype(precision, target)
+            model = quantize.load_quantized(path, quantization, device=target, dtype=dtype)
     except (OSError, ValueError) as err:
         raise ModelError(f"`model.source` {path}: cannot load model ({err})") from err
     if tokenizer.pad_token_id is None:
@@ -188,11 +240,15 @@ def load_base_model(source: str, *, device: torch.device | None = None) -> BaseM
     if getattr(tokenizer, "chat_template", None) is None:
         raise ModelError(f"`model.source` {path}: tokenizer has no chat template; use an instruct model")
     # Trust a stored hash only in fedtune's own cache, which it wrote itself; a user's
-    # folder is hashed on every load (about a second per GB).
+    # folder is hashed on every load (about a second per GB): from the loaded float32
+    # weights, or, when the load is quantized, from the files (the same value).
     hash_file = path / _HASH_FILE
     ours = hash_file.is_file() and cache_root().resolve() in path.resolve().parents
-    sha = json.loads(hash_file.read_text())["sha256"] if ours else state_sha256(model)
+    if ours:
+        sha = json.loads(hash_file.read_text())["sha256"]
+    else:
+        sha = state_sha256(model) if quantization == "none" else source_sha256(path)
     model.eval()
-    if device is not None:
+    if device is not None and quantization == "none":
         cast(Any, model).to(device)  # in place for modules; typed oddly by transformers
     return BaseModel(model=model, tokenizer=tokenizer, path=path, sha256=sha)

@@ -23,6 +23,7 @@ from fedtune.lora.merge import MergeRule
 from fedtune.models import BaseModel, load_base_model, pick_device
 from fedtune.privacy.accounting import Mechanism
 from fedtune.privacy.dpsgd import train_local_dp
+from fedtune.quantize import prepare_for_training
 from fedtune.train import TrainResult, steps_per_round, train_local
 from fedtune.wire import Identity, RoundInstruction
 
@@ -45,7 +46,12 @@ class SiteRuntime:
     def __init__(self, model: ModelSettings, lora: LoraSettings) -> None:
         torch.set_num_threads(model.threads or os.cpu_count() or 1)
         self.settings = model
-        self.base: BaseModel = load_base_model(model.source, device=pick_device(model.device))
+        self.base: BaseModel = load_base_model(
+            model.source, device=pick_device(model.device), quantization=model.quantization, precision=model.precision
+        )
+        prepare_for_training(
+            self.base.model, kbit_prepare=model.kbit_prepare, gradient_checkpointing=model.gradient_checkpointing
+        )
         self.model: PeftModel = adapter.attach_lora(self.base.model, lora)
         self.lora = lora
         self.spec_sha256 = adapter.spec_sha256(lora, adapter.get_state(self.model))

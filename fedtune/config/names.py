@@ -20,6 +20,7 @@ PARTITIONS = ("natural", "iid", "dirichlet")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
+QUANTIZATIONS = ("none", "8bit", "4bit")  # bitsandbytes: LLM.int8, NF4 with double quantization
 STRATEGIES = ("fedavg", "ffa", "svd")
 LINEAR_STRATEGIES = ("fedavg", "ffa")  # merges that are sums of the sites' updates (secure aggregation needs one)
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedtune.config.names import LR_SCHEDULES, OPTIMIZERS, PARTITIONS, PRECISIONS
+from fedtune.config.names import LR_SCHEDULES, OPTIMIZERS, PARTITIONS, PRECISIONS, QUANTIZATIONS
 from fedtune.errors import ConfigError
 
 
@@ -31,12 +31,22 @@ class RunSettings:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """Which base model, at which precision, on how many threads."""
+    """Which base model, at which precision, on how many threads, and how it is held in memory.
+
+    ``quantization`` loads the frozen base through bitsandbytes (``4bit``: NF4 with double
+    quantization, computing in ``precision``'s dtype; ``8bit``: LLM.int8); ``kbit_prepare``
+    applies peft's ``prepare_model_for_kbit_training`` to a quantized base (norms and
+    embeddings in float32); ``gradient_checkpointing`` recomputes activations in the
+    backward pass (less memory, more time, the same gradients).
+    """
 
     source: str = "smollm2"
     precision: str = "auto"
     threads: int = 0
     device: str = "auto"
+    quantization: str = "none"
+    kbit_prepare: bool = True
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _require(bool(self.source), "`model.source` must name a model: 'smollm2', 'tiny' or a path")
@@ -48,6 +58,10 @@ class ModelSettings:
         _require(
             self.device in ("auto", "cpu", "cuda"),
             f"`model.device` must be auto, cpu or cuda, got {self.device!r}",
+        )
+        _require(
+            self.quantization in QUANTIZATIONS,
+            f"`model.quantization` must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}",
         )
 
 

@@ -239,3 +239,34 @@ def test_a_backup_is_consistent_private_and_restores_to_a_working_hospital(hospi
     capsys.readouterr()
     assert main(["client", "backup", "--config", str(hospital_dir / "hospital.toml"), "--out", str(out)]) == 2
     assert "exists; a backup is never overwritten" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("hospital_line", "run", "want"),
+    [
+        ('quantization = ""', {"model.quantization": "4bit"}, ("4bit", False)),  # "": the run's request
+        ('quantization = "none"', {"model.quantization": "4bit"}, ("none", False)),  # the hospital decides
+        ('quantization = "4bit"', {}, ("4bit", False)),
+        ("gradient_checkpointing = true", {}, ("none", True)),  # on when either asks
+        ("gradient_checkpointing = false", {"model.gradient_checkpointing": True}, ("none", True)),
+    ],
+)
+def test_the_hospital_decides_how_it_holds_its_base(
+    hospital_dir: Path, hospital_line: str, run: dict[str, object], want: tuple[str, bool]
+) -> None:
+    from fedtune.client.policy import hospital_run
+    from fedtune.config import load_config
+
+    path = hospital_dir / "hospital.toml"
+    text = path.read_text()
+    key = hospital_line.split(" =")[0]
+    old = next(line for line in text.splitlines() if line.startswith(f"{key} ="))
+    path.write_text(text.replace(old, hospital_line, 1))
+    cfg, why = hospital_run(load_hospital_config(path), load_config(None, run).to_toml())
+    assert why == "" and (cfg.model.quantization, cfg.model.gradient_checkpointing) == want
+
+
+def test_a_bad_quantization_in_hospital_toml_is_one_line(hospital_dir: Path) -> None:
+    path = hospital_dir / "hospital.toml"
+    path.write_text(path.read_text().replace('quantization = ""', 'quantization = "2bit"', 1))
+    assert "`model.quantization` must be one of none, 8bit, 4bit, got '2bit'" in _error(path)
