@@ -25,3 +25,4 @@ SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")
 AGGREGATIONS = ("mean", "trimmed_mean", "median")
 ACCOUNTANTS = ("rdp", "prv")  # Opacus's accountants
 GRAD_SAMPLE_MODES = ("hooks", "functorch")  # Opacus's per-sample gradients
+MAX_CLINICAL_HOSPITALS = 1000  # distinct hospital profiles of the embedded task (fedtune.data.clinical.MAX_HOSPITALS)
