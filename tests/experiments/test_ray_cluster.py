@@ -36,8 +36,9 @@ def _ports() -> list[str]:
 
 
 @pytest.fixture()
-def ray_cluster(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """(HOST:PORT, session logs) of a head and a worker node, 1 CPU each, state under tmp_path."""
+def ray_cluster(tmp_path: Path) -> Iterator[tuple[str, Path, process.Markers]]:
+    """(HOST:PORT, session logs, what its processes carry) of a head and a worker node, 1 CPU
+    each, state under tmp_path."""
     state = tmp_path / "ray"
     state.mkdir()
     # Ray's socket paths must stay under ~107 bytes: a short link in the temp folder to tmp_path
@@ -54,7 +55,7 @@ def ray_cluster(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         for cmd in (head, [ray, "start", "--address", f"127.0.0.1:{port}"]):
             done = subprocess.run([*cmd, *node, *_ports()], env=env, capture_output=True, text=True, timeout=180)
             assert done.returncode == 0, f"{cmd[1:3]} failed: {done.stdout[-800:]} {done.stderr[-800:]}"
-        yield f"127.0.0.1:{port}", link / "session_latest" / "logs"
+        yield f"127.0.0.1:{port}", link / "session_latest" / "logs", markers
     finally:
         left = process.kill(process.find(markers), graceful=True, timeout=10, first=signal.SIGTERM)
         link.unlink()
@@ -78,8 +79,10 @@ def _nodes_of_client_workers(logs: Path) -> set[str]:
 
 
 @pytest.mark.flower
-def test_a_simulation_runs_on_a_two_node_ray_cluster(ray_cluster: tuple[str, Path], tmp_path: Path) -> None:
-    address, logs = ray_cluster
+def test_a_simulation_runs_on_a_two_node_ray_cluster(
+    ray_cluster: tuple[str, Path, process.Markers], tmp_path: Path
+) -> None:
+    address, logs, markers = ray_cluster
     run = tmp_path / "run"
     settings = {
         "model.threads": 1,
@@ -102,3 +105,6 @@ def test_a_simulation_runs_on_a_two_node_ray_cluster(ray_cluster: tuple[str, Pat
     assert not (run / "ray").exists() or not any((run / "ray").iterdir())  # no private Ray was started
     # both hospitals' actors ran on the cluster, one on each node (1 CPU per node, 1 per hospital)
     assert len(_nodes_of_client_workers(logs)) == 2
+    # and the run left the cluster running: both nodes' raylets are alive
+    raylets = [p for p in process.find(markers) if b"raylet/raylet" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(raylets) == 2
