@@ -57,7 +57,8 @@ def ray_cluster(tmp_path: Path) -> Iterator[tuple[str, Path, process.Markers]]:
             assert done.returncode == 0, f"{cmd[1:3]} failed: {done.stdout[-800:]} {done.stderr[-800:]}"
         yield f"127.0.0.1:{port}", link / "session_latest" / "logs", markers
     finally:
-        left = process.kill(process.find(markers), graceful=True, timeout=10, first=signal.SIGTERM)
+        # SIGTERM, as `ray stop` sends; the GCS and raylets drain for seconds, so SIGKILL after 3
+        left = process.kill(process.find(markers), graceful=True, timeout=3, first=signal.SIGTERM)
         link.unlink()
         assert left == 0 and process.find(markers) == []
 
