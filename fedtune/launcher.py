@@ -23,6 +23,8 @@ from pathlib import Path
 import tomli_w
 
 from fedtune import process
+from fedtune.config import SimulationSettings
+from fedtune.errors import ConfigError
 from fedtune.flowerhome import cleanup, flower_env, ray_tmpdir, remove_ray_link, run_markers
 from fedtune.runfolder import RunFolder
 from fedtune.security.keys import KeyPair
@@ -111,7 +113,9 @@ def local_superlink(folder: RunFolder, env: dict[str, str], *, simulation: bool 
         )
     try:
         process.await_ready(
-            proc, lambda: process.answers_http(f"http://127.0.0.1:{port}/health"), what="SuperLink",
+            proc,
+            lambda: process.answers_http(f"http://127.0.0.1:{port}/health"),
+            what="SuperLink",
             log=folder.logs_dir / "superlink.log",
         )
         yield port
@@ -214,12 +218,42 @@ def _last_box(lines: list[str]) -> str:
     return " ".join(reversed(body)).strip()
 
 
+def client_resources(settings: SimulationSettings, *, cuda: bool, cpu_count: int) -> tuple[int, float]:
+    """(CPUs, GPU share) of each simulated hospital; one-line errors for what cannot be scheduled
+    here (on a Ray cluster its nodes decide, so only the local checks are skipped)."""
+    cluster = bool(settings.ray_address)
+    cpus = settings.client_cpus or (1 if cluster else cpu_count)
+    if not cluster and cpus > cpu_count:
+        raise ConfigError(
+            f"`simulation.client_cpus` = {cpus} is more than this machine's {cpu_count} CPUs, so no hospital "
+            "could be scheduled; lower it (0: all CPUs)"
+        )
+    if settings.client_gpus == 0:
+        return cpus, 1.0 if cuda and not cluster else 0.0
+    if not cuda and not cluster:
+        raise ConfigError(
+            f"`simulation.client_gpus` = {settings.client_gpus} shares a GPU, but torch sees no CUDA device here; "
+            "set it to 0 (CPU) or run where CUDA is present"
+        )
+    return cpus, settings.client_gpus
+
+
+def federation_config(*, num_supernodes: int, cpus_per_client: int, gpus_per_client: float) -> str:
+    """``flwr run --federation-config``: Flower's simulation backend gets each ClientApp's
+    resources from it (Ray runs as many hospitals at once as the CPUs and GPU shares allow)."""
+    return (
+        f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client} "
+        f"client-resources-num-gpus={gpus_per_client}"
+    )
+
+
 def flwr_run(
     folder: RunFolder,
     *,
     num_supernodes: int,
     cpus_per_client: int,
     gpus_per_client: float,
+    ray_address: str = "",
     on_poll: Callable[[], None] | None = None,
 ) -> None:
     """Launch the run with ``flwr run`` against a fresh local SuperLink and wait for it.
@@ -227,13 +261,18 @@ def flwr_run(
     Every process of the run (the SuperLink, ``flwr run``, the ServerApp and Ray, which
     Flower starts detached) is stopped when this returns or raises, and killed within
     seconds by a watcher (:func:`fedtune.process.guarded`) if this process dies.
+    ``ray_address``: the hospitals run on that Ray cluster (Ray's ``RAY_ADDRESS``, which
+    Flower's ``ray.init`` reads); the cluster itself is never stopped here. Without it a
+    ``RAY_ADDRESS`` in the caller's environment is dropped: the run starts its own Ray.
     """
     cleanup(folder)  # orphans of a crashed attempt would race this one
     env = flower_env(folder)  # after the cleanup, which removes the temp link this makes
+    env.pop("RAY_ADDRESS", None)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     write_app(folder)
-    federation = (
-        f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client} "
-        f"client-resources-num-gpus={gpus_per_client}"
+    federation = federation_config(
+        num_supernodes=num_supernodes, cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client
     )
     with process.guarded(run_markers(folder), unlink=[ray_tmpdir(folder)]) as watcher:
         try:

@@ -25,6 +25,7 @@ _FLAGS = {
     "lr": "train.lr",
     "seed": "run.seed",
     "name": "run.name",
+    "ray_address": "simulation.ray_address",
 }
 
 
@@ -133,6 +134,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sim.add_argument("--seed", type=int)
     sim.add_argument("--name", help="run name (prefix of the run folder)")
     sim.add_argument("--out", help="run folder to create (default: <run.output_dir>/<name>-<time>)")
+    sim.add_argument("--ray-address", metavar="HOST:PORT", help="run the hospitals on this running Ray cluster")
     sim.add_argument("--no-baselines", action="store_true", help="skip base / local-only / centralized")
     sim.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="any other config field")
     sim.add_argument(

@@ -6,8 +6,8 @@ apps reads raw TOML: they receive an :class:`ExperimentConfig`.
 
 ``fedtune.config`` is the import path of everything here: ``names`` (the torch-free
 name lists), ``sections`` (a site's work), ``federation`` (rounds, DP, security),
-``experiment`` (the whole config and its cross-section checks), ``loading`` (TOML,
-overrides, copies).
+``simulation`` (a simulated hospital's CPUs and GPU share, a Ray cluster), ``experiment``
+(the whole config and its cross-section checks), ``loading`` (TOML, overrides, copies).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from fedtune.config.sections import (
     parse_address,
 )
 from fedtune.config.sections import _require as _require  # and checks its fields the same way
+from fedtune.config.simulation import SimulationSettings
 
 __all__ = [
     "parse_address",
@@ -65,6 +66,7 @@ __all__ = [
     "ModelSettings",
     "RunSettings",
     "SecuritySettings",
+    "SimulationSettings",
     "TrainSettings",
     "config_from_dict",
     "load_config",

@@ -19,6 +19,7 @@ from fedtune.config.sections import (
     TrainSettings,
     _require,
 )
+from fedtune.config.simulation import SimulationSettings
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class ExperimentConfig:
     dp: DPSettings = field(default_factory=DPSettings)
     client_dp: ClientDPSettings = field(default_factory=ClientDPSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    simulation: SimulationSettings = field(default_factory=SimulationSettings)
 
     def __post_init__(self) -> None:
         if self.data.source == "files" and self.data.partition == "natural":

@@ -28,3 +28,4 @@ AGGREGATIONS = ("mean", "trimmed_mean", "median")
 ACCOUNTANTS = ("rdp", "prv")  # Opacus's accountants
 GRAD_SAMPLE_MODES = ("hooks", "functorch")  # Opacus's per-sample gradients
 WIRE_DTYPES = ("float32", "bfloat16", "float16")  # what a delta travels in (`federation.wire_dtype`)
+MAX_CLINICAL_HOSPITALS = 1000  # distinct hospital profiles of the embedded task (fedtune.data.clinical.MAX_HOSPITALS)

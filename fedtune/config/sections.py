@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedtune.config.names import LR_SCHEDULES, OPTIMIZERS, PARTITIONS, PRECISIONS, QUANTIZATIONS
+from fedtune.config.names import (
+    LR_SCHEDULES,
+    MAX_CLINICAL_HOSPITALS,
+    OPTIMIZERS,
+    PARTITIONS,
+    PRECISIONS,
+    QUANTIZATIONS,
+)
 from fedtune.errors import ConfigError
 
 
@@ -154,6 +161,11 @@ class DataSettings:
             "`data.files` must list one file per hospital when `data.source` is 'files'",
         )
         _require(self.hospitals >= 1, f"`data.hospitals` must be >= 1, got {self.hospitals}")
+        _require(
+            self.source != "clinical" or self.hospitals <= MAX_CLINICAL_HOSPITALS,
+            f"`data.hospitals` must be at most {MAX_CLINICAL_HOSPITALS} with the embedded clinical task "
+            f"(that many distinct hospital profiles), got {self.hospitals}",
+        )
         _require(
             self.partition in PARTITIONS,
             f"`data.partition` must be one of {', '.join(PARTITIONS)}, got {self.partition!r}",

@@ -6,13 +6,22 @@ discharge summary, triage) with its own synonyms and its own diagnosis mix, so t
 per-hospital split is non-IID in both text and labels. Notes carry distractor numbers
 (temperature, SpO2, respiratory rate, days of symptoms) so copying the right one is a task.
 Target: ``{"age": 67, "sex": "F", "bp": "142/88", "hr": 96, "dx": "pneumonia"}``.
+
+Any number of hospitals up to :data:`MAX_HOSPITALS`: the first 40 are the five named styles,
+each with its diagnosis mix rotated by one label per cycle (``st-elsewhere-2`` ...), exactly as
+before; past them, each hospital combines one style's note templates with another's diagnosis
+vocabulary and a third's rotated mix, in a fixed seeded order, so no two hospitals share a
+profile (:func:`site_profile`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import random
+from dataclasses import dataclass
 
 from fedtune.data.records import Example
 from fedtune.errors import ConfigError, DataError
@@ -162,8 +171,63 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big")
 
 
+# The first 40 sites: one style each for templates, vocabulary and mix, the mix rotated by cycle.
+_PLAIN_SITES = len(HOSPITALS) * len(DX_LABELS)
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    """What makes a hospital's notes its own: whose templates, whose diagnosis words, which mix."""
+
+    templates: int  # style index into HOSPITALS: the note templates (and long or terse complaints)
+    vocabulary: int  # style index: the words for each diagnosis
+    weights: tuple[int, ...]  # diagnosis mix, in DX_LABELS order
+
+
+def _rotated(mix: int, by: int) -> tuple[int, ...]:
+    k = -by % len(DX_LABELS)
+    return _MIX[mix][k:] + _MIX[mix][:k]
+
+
+@functools.cache
+def _combined() -> tuple[tuple[int, int, int, int], ...]:
+    """(templates, vocabulary, mix, rotation) of the sites past the first 40, in a fixed seeded order."""
+    styles = range(len(HOSPITALS))
+    combos = [
+        (t, v, m, r)
+        for t, v, m in itertools.product(styles, styles, styles)
+        if not t == v == m
+        for r in range(len(DX_LABELS))
+    ]
+    random.Random(_seed("fedtune.data.clinical.combined")).shuffle(combos)
+    return tuple(combos)
+
+
+# 40 plain + 960 combined: 1000 distinct profiles
+MAX_HOSPITALS = _PLAIN_SITES + len(HOSPITALS) ** 3 * len(DX_LABELS) - len(HOSPITALS) * len(DX_LABELS)
+
+
+def _check_index(site_index: int) -> None:
+    if not 0 <= site_index < MAX_HOSPITALS:
+        raise ConfigError(f"`site_index` must be in 0..{MAX_HOSPITALS - 1} (embedded task sites), got {site_index}")
+
+
+def site_profile(site_index: int) -> SiteProfile:
+    """The profile of site ``site_index``; no two sites below :data:`MAX_HOSPITALS` share one."""
+    _check_index(site_index)
+    if site_index < _PLAIN_SITES:
+        cycle, style = divmod(site_index, len(HOSPITALS))
+        return SiteProfile(style, style, _rotated(style, cycle))
+    t, v, m, r = _combined()[site_index - _PLAIN_SITES]
+    return SiteProfile(t, v, _rotated(m, r))
+
+
 def site_id(site_index: int) -> str:
-    """The id of site ``site_index``: the style's name, with ``-2``, ``-3`` ... past the fifth."""
+    """The id of site ``site_index``: the style's name, with ``-2`` ... ``-8`` for the first 40,
+    then its template style's name and its number (``mercy-valley-41``)."""
+    _check_index(site_index)
+    if site_index >= _PLAIN_SITES:
+        return f"{HOSPITALS[site_profile(site_index).templates]}-{site_index + 1}"
     cycle, style = divmod(site_index, len(HOSPITALS))
     return HOSPITALS[style] + (f"-{cycle + 1}" if cycle else "")
 
@@ -172,9 +236,9 @@ def _pick(rng: random.Random, options: str) -> str:
     return rng.choice(options.split("|"))
 
 
-def _record(rng: random.Random, style: int, weights: tuple[int, ...]) -> tuple[str, str]:
-    """One (note, target JSON) pair in the given style."""
-    label = rng.choices(range(len(DX_LABELS)), weights=weights)[0]
+def _record(rng: random.Random, profile: SiteProfile) -> tuple[str, str]:
+    """One (note, target JSON) pair in the given profile."""
+    label = rng.choices(range(len(DX_LABELS)), weights=profile.weights)[0]
     sex = rng.choice("FM")
     systolic = rng.randint(88, 196)
     v = {
@@ -188,7 +252,7 @@ def _record(rng: random.Random, style: int, weights: tuple[int, ...]) -> tuple[s
         "days": rng.randint(1, 10),
         "stay": rng.randint(2, 9),
         "category": rng.randint(1, 5),
-        "dx": _pick(rng, _DX_WORDS[style][label]),
+        "dx": _pick(rng, _DX_WORDS[profile.vocabulary][label]),
         "complaint": _pick(rng, _COMPLAINT[label]),
         "complaint_short": _pick(rng, _COMPLAINT_SHORT[label]),
         "sex_word": _pick(rng, _SEX_WORDS[sex]),
@@ -202,7 +266,7 @@ def _record(rng: random.Random, style: int, weights: tuple[int, ...]) -> tuple[s
     v["an"] = "an" if str(v["age"]).startswith("8") or v["age"] in (11, 18) else "a"  # an 80-, an 18-
     v["An"] = str(v["an"]).capitalize()
     v["days_text"] = f"{v['days']} day" + ("s" if v["days"] != 1 else "")
-    note = rng.choice(_TEMPLATES[style]).format(**v)
+    note = rng.choice(_TEMPLATES[profile.templates]).format(**v)
     target = {"age": v["age"], "sex": sex, "bp": f"{v['sys']}/{v['dia']}", "hr": v["hr"], "dx": DX_LABELS[label]}
     return note, json.dumps(target, separators=(", ", ": "))
 
@@ -213,12 +277,9 @@ def generate_site(site_index: int, n: int, *, seed: int) -> list[Example]:
     A longer run extends a shorter one: ``generate_site(i, 10, ...)`` is a prefix of
     ``generate_site(i, 20, ...)``.
     """
-    if site_index < 0:
-        raise ConfigError(f"`site_index` must be >= 0, got {site_index}")
     if n < 0:
         raise ConfigError(f"`n` (records per site) must be >= 0, got {n}")
-    cycle, style = divmod(site_index, len(HOSPITALS))
-    weights = _MIX[style][-cycle % len(DX_LABELS) :] + _MIX[style][: -cycle % len(DX_LABELS)]
+    profile = site_profile(site_index)
     # the salt is the module's name before fedtune.data existed: changing it changes every
     # generated record, and with them every published result (tests/data/test_clinical.py pins it)
     rng = random.Random(_seed("fedtune.clinical", seed, site_index))
@@ -228,7 +289,7 @@ def generate_site(site_index: int, n: int, *, seed: int) -> list[Example]:
     for _ in range(50 * n + 100):  # duplicates are rare; the bound only stops a runaway loop
         if len(out) == n:
             break
-        note, target = _record(rng, style, weights)
+        note, target = _record(rng, profile)
         if note not in seen:
             seen.add(note)
             # The instruction leads the user turn: as a system turn it would save ~18 tokens
@@ -244,8 +305,11 @@ def generate(
     num_hospitals: int, *, n_train: int, n_eval: int, seed: int
 ) -> dict[str, tuple[list[Example], list[Example]]]:
     """Site id -> (train, eval) for ``num_hospitals`` hospitals; eval notes never repeat train notes."""
-    if num_hospitals < 1:
-        raise ConfigError(f"`data.hospitals` must be >= 1, got {num_hospitals}")
+    if not 1 <= num_hospitals <= MAX_HOSPITALS:
+        raise ConfigError(
+            f"`data.hospitals` must be in 1..{MAX_HOSPITALS} for the embedded task (that many distinct "
+            f"hospital profiles), got {num_hospitals}"
+        )
     if n_train < 1 or n_eval < 1:
         raise ConfigError(
             f"`data.train_per_hospital` and `data.eval_per_hospital` must be >= 1, got {n_train} and {n_eval}"

@@ -26,7 +26,7 @@ from fedtune.data.records import Example, load_records
 from fedtune.errors import CheckpointError, ConfigError, FedTuneError, StoppedEarly
 from fedtune.experiments.report import round_printer, write_summary
 from fedtune.flowerhome import cleanup
-from fedtune.launcher import flwr_run, last_error
+from fedtune.launcher import client_resources, flwr_run, last_error
 from fedtune.models import resolve_model_dir
 from fedtune.runfolder import RunFolder, new_folder
 
@@ -143,13 +143,16 @@ def run_simulation(folder: RunFolder, *, say: Say = print) -> str:
             f"(logs: {folder.logs_dir / 'flower.log'})"
         )
 
-        cpus = os.cpu_count() or 1
-        gpus = 1.0 if torch.cuda.is_available() else 0.0
+        sim = cfg.simulation
+        cpus, gpus = client_resources(sim, cuda=torch.cuda.is_available(), cpu_count=os.cpu_count() or 1)
+        if sim.ray_address:
+            say(f"on the Ray cluster at {sim.ray_address}")
         flwr_run(
             folder,
             num_supernodes=len(folder.sites()),
             cpus_per_client=cpus,
             gpus_per_client=gpus,
+            ray_address=sim.ray_address,
             on_poll=show_new_rounds,
         )
         if not federation_done(folder, cfg):

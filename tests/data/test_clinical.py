@@ -11,10 +11,23 @@ import sys
 
 import pytest
 
+from fedtune.config import DataSettings
+from fedtune.config.names import MAX_CLINICAL_HOSPITALS
 from fedtune.data import clinical
-from fedtune.data.clinical import DX_LABELS, HOSPITALS, INSTRUCTION, generate, generate_site, label_of
+from fedtune.data.clinical import (
+    DX_LABELS,
+    HOSPITALS,
+    INSTRUCTION,
+    MAX_HOSPITALS,
+    generate,
+    generate_site,
+    label_of,
+    site_id,
+    site_profile,
+)
 from fedtune.data.records import Example, dataset_hash
 from fedtune.errors import ConfigError, DataError
+from fedtune.security.keys import check_name
 
 KEYS = ["age", "sex", "bp", "hr", "dx"]
 SEX_WORDS = {
@@ -82,7 +95,8 @@ def test_sites_are_independent_and_extend() -> None:
 
 
 def test_targets_are_exact_json_consistent_with_the_note(sites) -> None:
-    for site, (train, held) in sites.items():
+    combined = {site_id(i): (generate_site(i, 12, seed=1), []) for i in range(40, MAX_HOSPITALS, 9)}
+    for site, (train, held) in {**sites, **combined}.items():
         for ex in train + held:
             assert ex.site == site
             note, target = _note(ex), json.loads(ex.target)
@@ -137,11 +151,76 @@ def test_label_mix_differs_between_hospitals(sites) -> None:
 
 
 def test_errors() -> None:
-    with pytest.raises(ConfigError, match=r"`data.hospitals` must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"`data.hospitals` must be in 1\.\.1000 .*, got 0$"):
         generate(0, n_train=1, n_eval=1, seed=0)
+    with pytest.raises(ConfigError, match=r"`data.hospitals` must be in 1\.\.1000 .*, got 1001$"):
+        generate(MAX_HOSPITALS + 1, n_train=1, n_eval=1, seed=0)
     with pytest.raises(ConfigError, match=r"`data.train_per_hospital` and `data.eval_per_hospital`"):
         generate(1, n_train=1, n_eval=0, seed=0)
-    with pytest.raises(ConfigError, match=r"`site_index` must be >= 0"):
+    with pytest.raises(ConfigError, match=r"`site_index` must be in 0\.\.999"):
         generate_site(-1, 3, seed=0)
+    with pytest.raises(ConfigError, match=r"`site_index` must be in 0\.\.999"):
+        clinical.site_id(MAX_HOSPITALS)
     with pytest.raises(DataError, match=r"site h: target is not clinical JSON with a `dx` field"):
         label_of(Example.from_instruction("q", "", "not json", site="h"))
+
+
+# Each note template style's hallmark (the first 40 sites are also checked by name above).
+TEMPLATE_HALLMARKS = (
+    r"-year-old| years old",
+    r"^\d+(yo)?[FM][ ,]",
+    r"^PATIENT: .* \| VITALS: ",
+    r"Discharge summary|was discharged",
+    r"^Triage",
+)
+
+
+def test_the_first_forty_hospitals_are_unchanged() -> None:
+    """Existing results stay reproducible: the sites that existed before combined profiles
+    generate the very same records (hash from the code that made the published results, b69c83d)."""
+    sites = generate(40, n_train=8, n_eval=2, seed=0)
+    assert list(sites)[-1] == "lakeshore-medical-8" and list(sites)[5] == "st-elsewhere-2"
+    digest = hashlib.sha256("".join(k + dataset_hash(t + e) for k, (t, e) in sites.items()).encode()).hexdigest()
+    assert digest == "9831e08d00da802f91f57ab858c9b82204dce7ff406369f29121a28620dbce42"
+
+
+def test_every_hospital_up_to_the_maximum_has_its_own_profile_and_name() -> None:
+    assert MAX_HOSPITALS == MAX_CLINICAL_HOSPITALS == 1000
+    profiles = [site_profile(i) for i in range(MAX_HOSPITALS)]
+    names = [site_id(i) for i in range(MAX_HOSPITALS)]
+    assert len(set(profiles)) == len(set(names)) == MAX_HOSPITALS
+    # no two hospitals share the diagnosis mix and the words it is written in
+    assert len({(p.templates, p.vocabulary, p.weights) for p in profiles}) == MAX_HOSPITALS
+    for i, (name, p) in enumerate(zip(names, profiles, strict=True)):
+        check_name(name)  # usable as a party's key name
+        assert name.startswith(HOSPITALS[p.templates] + ("-" if i >= len(HOSPITALS) else ""))
+    combined = profiles[40:]
+    assert sum(p.templates != p.vocabulary for p in combined) > len(combined) // 2
+    assert site_id(40) == f"{HOSPITALS[profiles[40].templates]}-41"
+
+
+def test_combined_hospitals_write_their_templates_with_their_vocabulary() -> None:
+    """Measured on the generated notes: a combined site's notes all match its template style's
+    hallmark and no other, and every diagnosis is worded in its vocabulary style's words."""
+    for i in range(40, 70):
+        p = site_profile(i)
+        records = generate_site(i, 40, seed=3)
+        assert {e.site for e in records} == {site_id(i)}
+        for e in records:
+            note = _note(e)
+            matched = [k for k, pattern in enumerate(TEMPLATE_HALLMARKS) if re.search(pattern, note)]
+            assert matched == [p.templates], (i, note)
+            label = DX_LABELS.index(label_of(e))
+            assert any(word in note for word in clinical._DX_WORDS[p.vocabulary][label].split("|")), (i, note)
+    # and their record sets differ from each other and from the first forty
+    notes = {i: frozenset(_note(e) for e in generate_site(i, 20, seed=0)) for i in range(0, 200, 7)}
+    assert len(set(notes.values())) == len(notes)
+
+
+def test_config_accepts_up_to_the_maximum_with_one_line_above() -> None:
+    assert DataSettings(hospitals=MAX_HOSPITALS).hospitals == MAX_HOSPITALS
+    with pytest.raises(ConfigError, match=r"^`data.hospitals` must be at most 1000 with the embedded clinical task"):
+        DataSettings(hospitals=MAX_HOSPITALS + 1)
+    assert DataSettings(source="files", files=("a.jsonl",), hospitals=2000, partition="iid").hospitals == 2000
+    big = generate(64, n_train=4, n_eval=1, seed=0)
+    assert len(big) == 64 and all(len(t) == 4 and len(e) == 1 for t, e in big.values())
