@@ -137,7 +137,7 @@ def invite(
     """``fedtune server invite``: a hospital's startup kit in ``out`` (never a private key).
 
     ``hospital_toml(name, address)`` writes the hospital's config: the client's format
-    (:func:`fedtune.client.hospital.kit_toml`), handed in by the CLI, since the coordinator's
+    (:func:`fedtune.client.hospital_example.kit_toml`), handed in by the CLI, since the coordinator's
     role does not import the hospital's.
     """
     from fedtune.security.keys import check_name, load_identity

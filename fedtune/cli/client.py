@@ -27,7 +27,7 @@ def _privacy(args: argparse.Namespace) -> int:
 
 
 def _example_config(args: argparse.Namespace) -> int:
-    from fedtune.client.hospital import EXAMPLE
+    from fedtune.client.hospital_example import EXAMPLE
 
     print(EXAMPLE, end="")
     return 0

@@ -54,7 +54,7 @@ def until(check: Callable[[], bool], what: str, limit: float = 60.0, step: float
 
 def hospital_toml(name: str, *, address: str, health: str, model: str = "tiny", require_dp: bool = False) -> str:
     """The startup kit's ``hospital.toml`` (``fedtune server invite``) filled in for a loopback hospital."""
-    from fedtune.client.hospital import kit_toml
+    from fedtune.client.hospital_example import kit_toml
 
     text = (
         kit_toml(name, address)
@@ -65,7 +65,7 @@ def hospital_toml(name: str, *, address: str, health: str, model: str = "tiny", 
     # several hospitals share this machine's cores: one thread each, as if each had its own
     text, count = re.subn(r"(?m)^threads = \d+.*$", "threads = 1", text)
     if count != 1 or address not in text or f'"{model}"' not in text:
-        raise FedTuneError("fedtune.client.hospital.EXAMPLE changed: update fedtune.cli.loopback.hospital_toml")
+        raise FedTuneError("fedtune.client.hospital_example.EXAMPLE changed: update fedtune.cli.loopback.hospital_toml")
     return text
 
 

@@ -32,7 +32,7 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _invite(args: argparse.Namespace) -> int:
-    from fedtune.client.hospital import kit_toml
+    from fedtune.client.hospital_example import kit_toml
     from fedtune.server.admission import invite
 
     written = invite(_home(args), args.name, Path(args.out), address=args.address, hospital_toml=kit_toml)

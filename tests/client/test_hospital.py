@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.client.hospital import EXAMPLE, load_hospital_config
+from fedtune.client.hospital import load_hospital_config
+from fedtune.client.hospital_example import EXAMPLE
 from fedtune.data.clinical import generate_site
 from fedtune.data.records import write_records
 from fedtune.errors import ConfigError

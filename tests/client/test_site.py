@@ -17,7 +17,8 @@ from fedtune import wire
 from fedtune.client import client_app
 from fedtune.client.audit import AuditLog
 from fedtune.client.dp_round import plan_mechanism
-from fedtune.client.hospital import EXAMPLE, load_hospital_config
+from fedtune.client.hospital import load_hospital_config
+from fedtune.client.hospital_example import EXAMPLE
 from fedtune.client.ledger import PrivacyLedger
 from fedtune.client.ledger_rollback import LedgerRolledBack, check_ledger_current
 from fedtune.client.site import Site, Sites
