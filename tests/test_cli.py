@@ -199,3 +199,14 @@ def test_parser_knows_every_command_the_docs_name() -> None:
                 found += 1
     assert found > 50  # the scan sees the docs' commands
     assert unknown == STALE, f"not commands of `fedtune`: {sorted(unknown - STALE)}; fixed: {sorted(STALE - unknown)}"
+
+
+def test_the_cli_keeps_bitsandbytes_hub_notice_out_of_the_terminal() -> None:
+    """peft imports bitsandbytes whenever it is installed, and bitsandbytes then logs that it
+    could not fetch a CPU kernel from the Hugging Face hub: noise in every simulation's output."""
+    code = "from fedtune.cli import _quiet_libraries; _quiet_libraries(models=False); import bitsandbytes"
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "kernels-community" not in quiet.stderr
+    loud = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True, check=True)
+    if "kernels-community" not in loud.stderr:
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes has no hub kernel to ask for")

@@ -13,6 +13,7 @@ quiet its logging first) and ``again`` (the command that continues it after Ctrl
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -45,6 +46,9 @@ def _quiet_libraries(*, models: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # bitsandbytes, once imported (peft imports it whenever it is installed), says it could not
+    # fetch a faster CPU kernel from the Hugging Face hub: fedtune never downloads at run time
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if not models:
         return
     from transformers.utils import logging as hf_logging
