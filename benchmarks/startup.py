@@ -1,8 +1,9 @@
 """How fast do the commands that do no model work start? Each against ``python -c pass``.
 
 ``fedtune --help``, ``client example-config``, ``client check`` (without ``--dial``),
-``status`` (no coordinator running) and ``pki show`` read a file or two and print; a
-hospital's IT and the coordinator's operator run them by hand and in scripts. This
+``status`` (no coordinator running), ``pki show`` and ``plan`` of a scale architecture read a
+file or two (or nothing) and print; a hospital's IT and the coordinator's operator run them
+by hand and in scripts. This
 times each as a fresh process (the ``fedtune`` console script, else ``python -m
 fedtune``), in a temporary folder whose files fedtune itself made (a CA, the
 coordinator's certificate and keys, a hospital's keys, data and ``hospital.toml``), and
@@ -59,6 +60,7 @@ def make_files(root: Path) -> dict[str, list[str]]:
         "fedtune client check": ["client", "check", "--config", str(config)],
         "fedtune status": ["status", "--home", str(fed.home.root)],
         "fedtune pki show": ["pki", "show", str(fed.home.ca_cert), str(fed.folder(HOSPITAL) / "keys" / "ca.pem")],
+        "fedtune plan llama-8b": ["plan", "llama-8b", "--quantization", "4bit", "--gpu-gb", "24"],
     }
 
 

@@ -154,6 +154,7 @@ def light_commands(tmp_path_factory: pytest.TempPathFactory) -> list[list[str]]:
         ["status", "--home", str(fed.home.root)],
         ["pki", "show", str(fed.home.ca_cert), str(fed.home.pki_dir / "coordinator.pub")],
         ["keys", "show", str(fed.home.pki_dir / "coordinator.pub")],
+        ["plan", "llama-8b", "--quantization", "4bit", "--gpu-gb", "24"],
     ]
 
 

@@ -2,7 +2,7 @@
 a run that stopped early with some rounds trained (its last round exported) exits 3.
 
 One module per command group registers its subcommands: ``simulate`` (simulate, compare,
-data), ``server`` (server, run, status), ``client`` (client), ``pki`` (keys, pki). They
+data), ``server`` (server, run, status), ``client`` (client), ``pki`` (keys, pki), ``plan`` (plan). They
 import the work they do (torch, Flower, transformers, cryptography) inside their handlers,
 so a command starts in the time its own imports take: ``fedtune --help`` and
 ``client example-config`` load no model library (``benchmarks/startup.py`` measures it).
@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Sequence
 
 from fedtune import __version__
-from fedtune.cli import client, pki, server, simulate
+from fedtune.cli import client, pki, plan, server, simulate
 from fedtune.errors import FedTuneError
 
 
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     pki.register(sub)  # keys, pki
     server.register(sub)  # server, run, status
     client.register(sub)  # client
+    plan.register(sub)  # plan
     return parser
 
 
