@@ -17,8 +17,8 @@ and returns it when freed: resident memory then follows live tensors, as a GPU's
 allocated memory does. Every position of every sequence is an answer token (the loss, and so
 the logits, cover the whole batch: the plan's worst case).
 
-Usage: python benchmarks/plan.py [--models smollm2,llama-1b] [--only fp32,4bit+ckpt+dp]
-Writes benchmarks/results/plan.json.
+Usage: python benchmarks/plan.py [--models smollm2,llama-1b] [--only fp32,4bit+ckpt+dp] [--reuse]
+Writes benchmarks/results/plan.json (``--reuse``: the measurements in it, predicted again).
 """
 
 from __future__ import annotations
@@ -165,6 +165,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(SIZES))
     parser.add_argument("--only", default="", help="comma-separated configurations (default: all 12)")
+    parser.add_argument("--reuse", action="store_true", help="predict again for the measurements in plan.json")
     parser.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -175,13 +176,20 @@ def main() -> int:
         return 0
     sys.path.insert(0, str(ROOT))
     configs = [c for c in args.only.split(",") if c] or CONFIGS
+    saved: dict[tuple[str, str], dict[str, float]] = {}
+    if args.reuse:  # the measurements of the last run, predicted again with today's formula
+        old = json.loads((RESULTS / "plan.json").read_text())
+        saved = {
+            (r["model"], r["config"]): {k: r[k] for k in ("measured_mb", "loaded_mb", "step_s")} for r in old["rows"]
+        }
+        print(f"measured values reused from {RESULTS / 'plan.json'} (a run of {old['wall_s']:.0f} s); predictions new")
     started = time.perf_counter()
     rows: list[dict[str, object]] = []
     print(f"{'model':9} {'config':14} {'batch x seq':>11} {'predicted MB':>13} {'measured MB':>12} {'error':>7}")
     for model in args.models.split(","):
         batch, seq = SIZES[model]
         for name in configs:
-            got = run_one(model, name, batch, seq)
+            got = saved[(model, name)] if saved else run_one(model, name, batch, seq)
             want = predict(model, name, batch, seq)
             error = want["total_mb"] / got["measured_mb"] - 1
             rows.append(
@@ -193,7 +201,7 @@ def main() -> int:
                 f"{error:+7.1%}{flag}",
                 flush=True,
             )
-    wall = time.perf_counter() - started
+    wall = float(old["wall_s"]) if saved else time.perf_counter() - started
     worst = max(abs(float(r["error"])) for r in rows)  # type: ignore[arg-type]
     within = sum(abs(float(r["error"])) <= TOLERANCE for r in rows)  # type: ignore[arg-type]
     print(f"\n{within} of {len(rows)} within {TOLERANCE:.0%}; worst {worst:.1%}; wall time {wall:.0f} s")

@@ -17,8 +17,8 @@ prediction against it):
 - **LoRA**: float32 weights, their gradients and AdamW's two moments (16 bytes a
   parameter), plus autocast's cached bf16 copy;
 - **activations**: what autograd keeps per token and layer (bytes per hidden, key/value and
-  MLP unit: :data:`ACTIVATION`), for every layer, or with gradient checkpointing only each
-  layer's float32 input plus one layer recomputed;
+  MLP unit: :data:`ACTIVATION`, plus each LoRA target's input), for every layer, or with
+  gradient checkpointing only each layer's float32 input plus one layer recomputed;
 - **logits**: the vocabulary projection for every position of the batch, its float32 copy,
   the log-softmax kept for the loss and their gradients (:data:`LOGIT_COPIES` float32
   copies at the peak);
@@ -48,12 +48,15 @@ from fedtune.shapes import SHAPES
 
 MB = 2**20
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed weight, 8-bit absmax per 64, float32 absmax per 256 blocks
-# bytes a token keeps per layer for backward, per hidden unit, key/value unit and MLP unit
+# Bytes a token keeps per layer for backward without LoRA, per hidden unit, key/value unit and MLP
+# unit: the layer's float32 input and the residual after attention, SDPA's query, key, value and
+# output, and the MLP's gate, SiLU and up (bf16 under autocast; float32 where bitsandbytes casts
+# its outputs back to the input's dtype). Each LoRA target adds the input its A factor keeps.
 ACTIVATION = {
-    "fp32": (24.0, 0.0, 12.0),
-    "bf16": (20.0, 4.0, 6.0),
-    "4bit": (20.0, 4.0, 12.0),  # bitsandbytes casts its outputs back to float32: the MLP's are kept so
-    "8bit": (20.0, 4.0, 12.0),
+    "fp32": (16.0, 8.0, 12.0),
+    "bf16": (12.0, 4.0, 6.0),
+    "4bit": (12.0, 4.0, 12.0),
+    "8bit": (12.0, 4.0, 12.0),
 }
 LOGIT_COPIES = 2.9  # float32 vocabulary-sized tensors per position at the peak (the loss's forward and backward)
 LORA_BYTES = {"adamw": 16, "sgd": 8}  # weight + gradient (+ AdamW's two moments), float32
@@ -194,6 +197,28 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def layer_activations(p: PlanInput) -> float:
+    """Bytes one token keeps for backward in one decoder layer: :data:`ACTIVATION`, plus the
+    input each LoRA A keeps: a bf16 cast per target under autocast (the attention and MLP
+    inputs are float32), the float32 input once per shared input in fp32."""
+    s, t = p.shape, set(p.target_modules)
+    per_h, per_kv, per_i = ACTIVATION[p.mode]
+    base = per_h * s.hidden + per_kv * s.kv_heads * s.head_dim + per_i * s.intermediate
+    shared = 4.0 * s.hidden * (bool(t & {"q_proj", "k_proj", "v_proj"}) + bool(t & {"gate_proj", "up_proj"}))
+    if p.mode == "fp32":
+        return base + shared + 4.0 * s.hidden * ("o_proj" in t) + 4.0 * s.intermediate * ("down_proj" in t)
+    casts = len(t & {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"})
+    return base + 2.0 * s.hidden * casts + 2.0 * s.intermediate * ("down_proj" in t)
+
+
+def _dp_inputs(p: PlanInput) -> float:
+    """Bytes per token and layer of the float32 inputs Opacus's hooks hold under autocast,
+    where autograd keeps only bf16 casts of them."""
+    s, t = p.shape, set(p.target_modules)
+    shared = 4.0 * s.hidden * (bool(t & {"q_proj", "k_proj", "v_proj"}) + bool(t & {"gate_proj", "up_proj"}))
+    return shared + 4.0 * s.intermediate * ("down_proj" in t and p.quantization != "none")
+
+
 def hospital_peak(p: PlanInput) -> dict[str, float]:
     """A hospital's peak training memory by component (MiB), and ``total_mb``."""
     s = p.shape
@@ -213,8 +238,7 @@ def hospital_peak(p: PlanInput) -> dict[str, float]:
         # checkpointed layers run their first forward without autograd: one layer's copies at a time
         held = 0 if p.quantization != "none" else (linear // s.layers if p.checkpointing else linear)
         copies = 2.0 * (held + head) + 2.0 * lora
-    per_h, per_kv, per_i = ACTIVATION[p.mode]
-    per_layer = per_h * s.hidden + per_kv * s.kv_heads * s.head_dim + per_i * s.intermediate
+    per_layer = layer_activations(p)
     if p.checkpointing:
         activations = tokens * (4.0 * s.hidden * s.layers + per_layer)
     else:
@@ -222,7 +246,7 @@ def hospital_peak(p: PlanInput) -> dict[str, float]:
     logits = tokens * s.vocab * 4.0 * LOGIT_COPIES
     dp = 0.0
     if p.dp:
-        inputs = 4.0 * s.hidden * (1 if p.checkpointing else s.layers) if autocast else 0.0
+        inputs = _dp_inputs(p) * (1 if p.checkpointing else s.layers) if autocast else 0.0
         dp = lora * 4.0 * (p.batch + 1) + tokens * inputs
     runtime = CUDA_RUNTIME_MB * MB + CUDA_SLACK * (activations + logits) if p.device == "cuda" else 0.0
     parts = {
