@@ -18,6 +18,7 @@ allocated memory does. Every position of every sequence is an answer token (the 
 the logits, cover the whole batch: the plan's worst case).
 
 Usage: python benchmarks/plan.py [--models smollm2,llama-1b] [--only fp32,4bit+ckpt+dp] [--reuse]
+       [--size llama-1b=4x256 --out plan-1b-large.json]
 Writes benchmarks/results/plan.json (``--reuse``: the measurements in it, predicted again).
 """
 
@@ -165,7 +166,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(SIZES))
     parser.add_argument("--only", default="", help="comma-separated configurations (default: all 12)")
-    parser.add_argument("--reuse", action="store_true", help="predict again for the measurements in plan.json")
+    parser.add_argument("--reuse", action="store_true", help="predict again for the measurements in --out")
+    parser.add_argument("--size", action="append", default=[], metavar="MODEL=BxS", help="e.g. llama-1b=4x256")
+    parser.add_argument("--out", default="plan.json", help="file in benchmarks/results/ (default plan.json)")
     parser.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -176,18 +179,19 @@ def main() -> int:
         return 0
     sys.path.insert(0, str(ROOT))
     configs = [c for c in args.only.split(",") if c] or CONFIGS
+    sizes = {**SIZES, **{m: tuple(int(x) for x in bs.split("x")) for m, bs in (v.split("=") for v in args.size)}}
     saved: dict[tuple[str, str], dict[str, float]] = {}
     if args.reuse:  # the measurements of the last run, predicted again with today's formula
-        old = json.loads((RESULTS / "plan.json").read_text())
+        old = json.loads((RESULTS / args.out).read_text())
         saved = {
             (r["model"], r["config"]): {k: r[k] for k in ("measured_mb", "loaded_mb", "step_s")} for r in old["rows"]
         }
-        print(f"measured values reused from {RESULTS / 'plan.json'} (a run of {old['wall_s']:.0f} s); predictions new")
+        print(f"measured values reused from {RESULTS / args.out} (a run of {old['wall_s']:.0f} s); predictions new")
     started = time.perf_counter()
     rows: list[dict[str, object]] = []
     print(f"{'model':9} {'config':14} {'batch x seq':>11} {'predicted MB':>13} {'measured MB':>12} {'error':>7}")
     for model in args.models.split(","):
-        batch, seq = SIZES[model]
+        batch, seq = sizes[model]
         for name in configs:
             got = saved[(model, name)] if saved else run_one(model, name, batch, seq)
             want = predict(model, name, batch, seq)
@@ -206,10 +210,10 @@ def main() -> int:
     within = sum(abs(float(r["error"])) <= TOLERANCE for r in rows)  # type: ignore[arg-type]
     print(f"\n{within} of {len(rows)} within {TOLERANCE:.0%}; worst {worst:.1%}; wall time {wall:.0f} s")
     RESULTS.mkdir(exist_ok=True)
-    meta = {"cpus": os.cpu_count(), "sizes": SIZES, "lora": {**LORA, "target_modules": list(LORA["target_modules"])}}
+    meta = {"cpus": os.cpu_count(), "sizes": sizes, "lora": {**LORA, "target_modules": list(LORA["target_modules"])}}
     payload = {"meta": meta, "wall_s": wall, "tolerance": TOLERANCE, "rows": rows}
-    (RESULTS / "plan.json").write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {RESULTS / 'plan.json'}")
+    (RESULTS / args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {RESULTS / args.out}")
     return 0 if within == len(rows) else 1
 
 
