@@ -143,7 +143,7 @@ class Sealed(NamedTuple):
 Envelope = bytes | bytearray | Sequence[object]  # whole, or its three parts (checked when opened)
 
 
-def seal_parts(
+def seal(
     payload: bytes,
     header: EnvelopeHeader,
     *,
@@ -152,7 +152,8 @@ def seal_parts(
     ephemeral: X25519PrivateKey | None = None,
     nonce: bytes | None = None,
 ) -> Sealed:
-    """Encrypt ``payload`` for ``recipient`` and sign it as ``sender``: the envelope in parts.
+    """Encrypt ``payload`` for ``recipient`` and sign it as ``sender``: the envelope in its
+    three parts (``.joined()`` for the one byte string, a copy of the ciphertext).
 
     ``ephemeral`` and ``nonce`` are for known-answer tests only; by default both are
     fresh from the OS's CSPRNG.
@@ -174,19 +175,6 @@ def seal_parts(
     prefix = _PREFIX.pack(MAGIC, VERSION, len(encoded)) + encoded + eph_pub + nonce
     body = AESGCM(key).encrypt(nonce, payload, prefix)  # the one buffer the size of the payload
     return Sealed(prefix, body, sender.signing.sign(_signed(_digest(prefix, body), recipient_pub)))
-
-
-def seal(
-    payload: bytes,
-    header: EnvelopeHeader,
-    *,
-    sender: KeyPair,
-    recipient: PublicIdentity,
-    ephemeral: X25519PrivateKey | None = None,
-    nonce: bytes | None = None,
-) -> bytes:
-    """:func:`seal_parts`, joined into the envelope's one byte string (a copy of the ciphertext)."""
-    return seal_parts(payload, header, sender=sender, recipient=recipient, ephemeral=ephemeral, nonce=nonce).joined()
 
 
 def _digest(prefix: bytes, body: bytes | memoryview) -> bytes:

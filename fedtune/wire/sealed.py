@@ -16,7 +16,7 @@ from safetensors.torch import save as save_safetensors
 
 from fedtune.errors import InvalidEnvelope, UpdateRejected
 from fedtune.lora.delta import State
-from fedtune.security.envelope import EnvelopeHeader, now_ms, open_envelope, seal_parts
+from fedtune.security.envelope import EnvelopeHeader, now_ms, open_envelope, seal
 from fedtune.security.keys import AllowList, KeyPair, PublicIdentity
 from fedtune.security.witness import ChainHead
 from fedtune.wire.arrays import from_wire, to_wire
@@ -112,7 +112,7 @@ def seal_content(
         audit_seq=audit.seq,
         audit_head=audit.hash,
     )
-    sealed = seal_parts(payload, header, sender=sealer.keys, recipient=sealer.coordinator)
+    sealed = seal(payload, header, sender=sealer.keys, recipient=sealer.coordinator)
     return RecordDict({ENVELOPE: ConfigRecord({"data": list(sealed)})})  # in parts: no copy of the ciphertext
 
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedtune.errors import ConfigError, EnvelopeVersionError, InvalidEnvelope, KeyFileError
-from fedtune.security.envelope import EnvelopeHeader, open_envelope, peek_header, seal, seal_parts
+from fedtune.security.envelope import EnvelopeHeader, open_envelope, peek_header, seal
 from fedtune.security.keys import AllowList, KeyPair, load_private, load_public, save_keys
 
 
@@ -49,12 +49,12 @@ PAYLOAD = b"adapter delta bytes " * 50
 
 def _kat_envelope() -> bytes:
     eph = X25519PrivateKey.from_private_bytes(hashlib.sha256(b"ephemeral").digest())
-    return seal(PAYLOAD, HEADER, sender=ALICE, recipient=COORD.public, ephemeral=eph, nonce=b"\x07" * 12)
+    return seal(PAYLOAD, HEADER, sender=ALICE, recipient=COORD.public, ephemeral=eph, nonce=b"\x07" * 12).joined()
 
 
 def test_round_trip_and_fresh_randomness() -> None:
-    a = seal(PAYLOAD, HEADER, sender=ALICE, recipient=COORD.public)
-    b = seal(PAYLOAD, HEADER, sender=ALICE, recipient=COORD.public)
+    a = seal(PAYLOAD, HEADER, sender=ALICE, recipient=COORD.public).joined()
+    b = seal(PAYLOAD, HEADER, sender=ALICE, recipient=COORD.public).joined()
     assert a != b  # fresh ephemeral key and nonce every time
     for env in (a, b):
         header, payload = open_envelope(env, recipient=COORD, senders=ALLOWED)
@@ -129,7 +129,7 @@ def test_in_parts_as_it_travels_and_every_other_shape_refused() -> None:
     # place, equal to the whole; a part moved across the boundaries, or a part
     # missing or added, is the one opaque error.
     whole = _kat_envelope()
-    sealed = seal_parts(PAYLOAD, HEADER, sender=ALICE, recipient=COORD.public)
+    sealed = seal(PAYLOAD, HEADER, sender=ALICE, recipient=COORD.public)
     assert open_envelope(list(sealed), recipient=COORD, senders=ALLOWED) == (HEADER, PAYLOAD)
     cut = len(whole) - len(PAYLOAD) - 16 - 64
     parts = [whole[:cut], whole[cut:-64], whole[-64:]]
