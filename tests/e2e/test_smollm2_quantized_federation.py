@@ -47,6 +47,8 @@ def test_a_smollm2_4bit_federation_exports_an_adapter_for_the_float_base(tmp_pat
 
     (record,) = round_records(folder)
     assert len(record["train"]) == 2 and record["rejected"] == []
+    # one NF4 load in the one worker process serves both hospitals
+    assert [site["base-model-loads"] for site in record["train"].values()] == [1.0, 1.0]
     first, last = load_checkpoint(folder.root, 0).state, load_checkpoint(folder.root, 1).state
     assert any(not torch.equal(first[k], last[k]) for k in first)
     path = resolve_model_dir(SMOLLM2)
