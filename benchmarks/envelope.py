@@ -6,8 +6,9 @@ interleaved, the median of ``--repeats``:
 
 - AES-256-GCM alone: encrypt and decrypt of the payload's bytes (a fresh key and nonce
   each time): the least any sealing of those bytes costs;
-- the envelope: seal and open of the same payload (X25519, HKDF, AES-256-GCM, SHA-256
-  and Ed25519 over the digest; :mod:`fedtune.security.envelope`);
+- the envelope: seal and open of the same payload (X25519, HKDF, AES-256-GCM, BLAKE3
+  and Ed25519 over the digest; :mod:`fedtune.security.envelope`), in its three parts as a
+  Flower message carries it (``seal``; ``.joined()`` would make the one byte string, one more copy);
 - the whole path of a sealed update, tensors to tensors: payload encoding (safetensors),
   seal, open and decoding, with the delta on the wire in float32 and in bfloat16
   (``federation.wire_dtype``; decoded back to float32).
@@ -82,7 +83,7 @@ def _aes(payload: bytes) -> tuple[float, float]:
 
 def _envelope(payload: bytes) -> tuple[float, float]:
     start = time.perf_counter()
-    envelope = seal(payload, HEADER, sender=HOSPITAL, recipient=COORDINATOR.public)
+    envelope = list(seal(payload, HEADER, sender=HOSPITAL, recipient=COORDINATOR.public))
     mid = time.perf_counter()
     _, opened = open_envelope(envelope, recipient=COORDINATOR, senders=ALLOW)
     end = time.perf_counter()
@@ -94,7 +95,7 @@ def _path(delta: dict[str, torch.Tensor], dtype: str) -> tuple[float, float]:
     """Tensors to tensors: encode in ``dtype``, seal | open, decode to float32 (checked)."""
     start = time.perf_counter()
     payload = wire.encode_payload(metrics={"train-loss": 0.5}, num_examples=160, delta=delta, dtype=dtype)
-    envelope = seal(payload, HEADER, sender=HOSPITAL, recipient=COORDINATOR.public)
+    envelope = list(seal(payload, HEADER, sender=HOSPITAL, recipient=COORDINATOR.public))
     mid = time.perf_counter()
     _, opened = open_envelope(envelope, recipient=COORDINATOR, senders=ALLOW)
     tensors, *_ = wire.decode_payload(opened)
@@ -126,7 +127,7 @@ def measure(delta: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
         out[f"{name}_first_s"], out[f"{name}_second_s"] = first, second
         out[f"{name}_mb_s"] = plain / 1e6 / (first + second)
     out["envelope_over_aes"] = out["envelope_mb_s"] / out["aes_mb_s"]
-    envelope = seal(payload, HEADER, sender=HOSPITAL, recipient=COORDINATOR.public)
+    envelope = seal(payload, HEADER, sender=HOSPITAL, recipient=COORDINATOR.public).joined()
     out["envelope_overhead_bytes"] = float(len(envelope) - len(payload))
     bf16 = wire.encode_payload(metrics={"train-loss": 0.5}, num_examples=160, delta=delta, dtype="bfloat16")
     out["bfloat16_envelope_bytes"] = float(len(bf16) + out["envelope_overhead_bytes"])

@@ -7,12 +7,15 @@ Nothing here downloads anything: hub ids are refused.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -98,19 +101,41 @@ def _cached_build(target: Path, build: Any) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """transformers reads a GGUF file's header three times for one conversion (tokenizer,
+    config, weights; each parse of SmolLM2's 49k-token vocabulary about 6 s here) and builds
+    gguf's tensor-name table once per module (about 400 times): both memoized while converting.
+    transformers imports both names from ``gguf`` when it calls them, so they are swapped there."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=4)(reader)  # type: ignore[misc,assignment]
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=64)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map  # type: ignore[misc]
+
+
 def _converted_gguf(gguf: Path, *, name: str) -> Path:
     def build(out: Path) -> None:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # GGUF weights are dequantized on load; drop the quantization config so the
-        # cache is a plain float model that any HF/peft code can load.
-        quantizer = getattr(model, "hf_quantizer", None)
-        if quantizer is not None:
-            quantizer.remove_quantization_config(model)
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        with _gguf_parsed_once():
+            _convert_gguf(gguf, out)
 
     return _cached_build(cache_root() / "models" / name, build)
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # GGUF weights are dequantized on load; drop the quantization config so the
+    # cache is a plain float model that any HF/peft code can load.
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def build_tiny_model(out: Path) -> None:

@@ -145,7 +145,7 @@ def site_hint(msg: Message, names: Mapping[int, str]) -> str:
     if envelope is not None:
         data = envelope.get("data")
         try:
-            claimed = peek_header(data).sender if isinstance(data, bytes) else ""
+            claimed = peek_header(data).sender if isinstance(data, bytes | list) else ""
         except InvalidEnvelope:
             claimed = ""
         return f"{node} (claims {claimed})" if claimed and claimed != node else node

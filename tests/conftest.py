@@ -69,8 +69,12 @@ def _flower_needs_the_mark(request: pytest.FixtureRequest, monkeypatch: pytest.M
 
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every model a test needs is built or converted into a private cache (SmolLM2: ~20 s)."""
-    cache = tmp_path_factory.mktemp("fedtune-cache")
+    """Every model a test needs is built or converted into a private cache (SmolLM2: ~10 s),
+    one for the whole run: xdist's workers share it (their base folders sit side by side),
+    so SmolLM2 is converted once, not once per worker; concurrent builds race and one rename wins."""
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "fedtune-cache"
+    cache.mkdir(exist_ok=True)
     os.environ["FEDTUNE_CACHE"] = str(cache)
     return cache
 

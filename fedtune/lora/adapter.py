@@ -31,7 +31,6 @@ META_BASE = "fedtune.base_sha256"
 META_SPEC = "fedtune.spec_sha256"
 
 
-
 def peft_config(lora: LoraSettings, *, base_model_path: str = "") -> LoraConfig:
     """The PEFT ``LoraConfig`` for our settings."""
     return LoraConfig(

@@ -112,15 +112,15 @@ def seal_content(
         audit_seq=audit.seq,
         audit_head=audit.hash,
     )
-    envelope = seal(payload, header, sender=sealer.keys, recipient=sealer.coordinator)
-    return RecordDict({ENVELOPE: ConfigRecord({"data": envelope})})
+    sealed = seal(payload, header, sender=sealer.keys, recipient=sealer.coordinator)
+    return RecordDict({ENVELOPE: ConfigRecord({"data": list(sealed)})})  # in parts: no copy of the ciphertext
 
 
 def open_sealed(content: RecordDict, *, opener: Opener) -> tuple[EnvelopeHeader, bytes]:
     """Verify and decrypt a sealed reply: (authenticated header, payload); InvalidEnvelope otherwise."""
     record = content.config_records.get(ENVELOPE)
     data = record.get("data") if record is not None else None
-    if not isinstance(data, bytes):
+    if not isinstance(data, bytes | list):  # the envelope in its three parts (or whole)
         raise InvalidEnvelope()
     return open_envelope(data, recipient=opener.keys, senders=opener.senders)
 

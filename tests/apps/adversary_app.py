@@ -46,9 +46,9 @@ def train(msg: Message, context: Context) -> Message:
     instruction = wire.unpack_instruction(msg.content)
     stash = Path(str(context.run_config["run-dir"])) / "adversary"
     stash.mkdir(exist_ok=True)
-    envelope = reply.content.config_records[wire.ENVELOPE]["data"]
-    assert isinstance(envelope, bytes)
-    (stash / f"round-{instruction.server_round}.bin").write_bytes(envelope)
+    envelope = reply.content.config_records[wire.ENVELOPE]["data"]  # its three parts
+    assert isinstance(envelope, list) and all(isinstance(part, bytes) for part in envelope)
+    (stash / f"round-{instruction.server_round}.bin").write_bytes(b"".join(envelope))  # type: ignore[arg-type]
     delta = compute_delta(site.runtime.state(), instruction.state)  # what honest.train just computed
     own = site.sealer.keys
     if instruction.server_round == 1:

@@ -101,8 +101,10 @@ class Machines:
         self.health: dict[str, int] = {}
 
     def substitute(self, command: str, name: str) -> str:
-        return command.replace("coord.example.org", "127.0.0.1").replace("9092", str(self.port)).replace(
-            EXAMPLE_NAME, name
+        return (
+            command.replace("coord.example.org", "127.0.0.1")
+            .replace("9092", str(self.port))
+            .replace(EXAMPLE_NAME, name)
         )
 
     def run(self, command: str, cwd: Path, log: Path) -> None:

@@ -59,8 +59,8 @@ def test_only_sealed_envelopes_and_no_patient_text_leave(tiny_cfg, tmp_path: Pat
         raw = path.read_bytes()
         content = recorddict_from_proto(ProtoRecordDict.FromString(raw))
         assert list(content.keys()) == [wire.ENVELOPE]  # nothing else travels
-        envelope = content.config_records[wire.ENVELOPE]["data"]
-        assert isinstance(envelope, bytes)
+        envelope = content.config_records[wire.ENVELOPE]["data"]  # its three parts
+        assert isinstance(envelope, list) and len(envelope) == 3
         header, payload = open_envelope(envelope, recipient=opener.keys, senders=opener.senders)
         tensors, num, metrics, refusal = wire.decode_payload(payload)
         assert header.kind == kind and not refusal and num > 0

@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from blake3 import blake3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -48,12 +49,12 @@ PAYLOAD = b"adapter delta bytes " * 50
 
 def _kat_envelope() -> bytes:
     eph = X25519PrivateKey.from_private_bytes(hashlib.sha256(b"ephemeral").digest())
-    return seal(PAYLOAD, HEADER, sender=ALICE, recipient=COORD.public, ephemeral=eph, nonce=b"\x07" * 12)
+    return seal(PAYLOAD, HEADER, sender=ALICE, recipient=COORD.public, ephemeral=eph, nonce=b"\x07" * 12).joined()
 
 
 def test_round_trip_and_fresh_randomness() -> None:
-    a = seal(PAYLOAD, HEADER, sender=ALICE, recipient=COORD.public)
-    b = seal(PAYLOAD, HEADER, sender=ALICE, recipient=COORD.public)
+    a = seal(PAYLOAD, HEADER, sender=ALICE, recipient=COORD.public).joined()
+    b = seal(PAYLOAD, HEADER, sender=ALICE, recipient=COORD.public).joined()
     assert a != b  # fresh ephemeral key and nonce every time
     for env in (a, b):
         header, payload = open_envelope(env, recipient=COORD, senders=ALLOWED)
@@ -64,12 +65,12 @@ def test_round_trip_and_fresh_randomness() -> None:
 def test_known_answer() -> None:
     # Pinned so the format cannot drift without a new version byte: same keys, ephemeral
     # key, nonce and header must give exactly these bytes (Ed25519 is deterministic).
-    # Version 3 (the signature over a SHA-256 digest naming the recipient) replaced version 2's
-    # pinned answer 05f5afbc...fb3fc3 (and that version 1's 9390c2bb...49e529);
+    # Version 4 (the signature over a BLAKE3 digest) replaced version 3's pinned answer
+    # e55bd767...571548 (version 2's 05f5afbc...fb3fc3, version 1's 9390c2bb...49e529);
     # test_the_format_is_what_the_module_documents rebuilds these bytes independently.
     env = _kat_envelope()
-    assert env[:4] == b"FTE\x03"
-    assert hashlib.sha256(env).hexdigest() == "e55bd7670d5465a3e5e080209fe57808403808eb005aee28fc1fbcbab8571548"
+    assert env[:4] == b"FTE\x04"
+    assert hashlib.sha256(env).hexdigest() == "73abc59c423c8d6c744ac48b525b5f58b73ada380334d6f0cf150c5a7484c0f3"
     assert open_envelope(env, recipient=COORD, senders=ALLOWED) == (HEADER, PAYLOAD)
 
 
@@ -83,7 +84,7 @@ _HEADER_BYTES = (
 def _documented(version: int, signer: KeyPair = ALICE, recipient_pub: bytes | None = None) -> bytes:
     """The KAT envelope built here from the primitives and the documented layout of ``version``
     (2: Ed25519 over the whole body; 3: over a label, the recipient's key and the body's
-    SHA-256), not with fedtune's code."""
+    SHA-256; 4: the same with the body's BLAKE3), not with fedtune's code."""
     import struct
 
     from cryptography.hazmat.primitives import hashes
@@ -101,23 +102,54 @@ def _documented(version: int, signer: KeyPair = ALICE, recipient_pub: bytes | No
     body = aad + AESGCM(key).encrypt(b"\x07" * 12, PAYLOAD, aad)
     if version == 2:
         return body + signer.signing.sign(body)
-    label = b"fedtune envelope v3 signature\x00"
-    return body + signer.signing.sign(label + (recipient_pub or coord_pub) + hashlib.sha256(body).digest())
+    label = f"fedtune envelope v{version} signature".encode() + b"\x00"
+    digest = hashlib.sha256(body).digest() if version == 3 else blake3(body).digest()
+    return body + signer.signing.sign(label + (recipient_pub or coord_pub) + digest)
 
 
 def test_the_format_is_what_the_module_documents() -> None:
-    assert _kat_envelope() == _documented(3)
+    assert _kat_envelope() == _documented(4)
 
 
-def test_a_version_2_envelope_is_refused_naming_both_versions() -> None:
-    # A real version-2 envelope (the whole body signed), as a hospital on the previous
-    # release sends it: one line that names its version and the one this release reads.
-    old = _documented(2)
+@pytest.mark.parametrize("version", [2, 3])
+def test_an_envelope_of_an_earlier_release_is_refused_naming_both_versions(version: int) -> None:
+    # A real version-2 (the whole body signed) or version-3 (a SHA-256 digest signed)
+    # envelope, as a hospital on an earlier release sends it: one line that names its
+    # version and the one this release reads.
+    old = _documented(version)
     with pytest.raises(EnvelopeVersionError) as info:
         open_envelope(old, recipient=COORD, senders=ALLOWED)
     message = str(info.value)
-    assert "envelope format version 2 is not accepted" in message and "reads version 3 only" in message
-    assert "\n" not in message and (info.value.got, info.value.want) == (2, 3)
+    assert f"envelope format version {version} is not accepted" in message and "reads version 4 only" in message
+    assert "\n" not in message and (info.value.got, info.value.want) == (version, 4)
+
+
+def test_in_parts_as_it_travels_and_every_other_shape_refused() -> None:
+    # A Flower message carries the envelope as [prefix, ciphertext, signature]: opened in
+    # place, equal to the whole; a part moved across the boundaries, or a part
+    # missing or added, is the one opaque error.
+    whole = _kat_envelope()
+    sealed = seal(PAYLOAD, HEADER, sender=ALICE, recipient=COORD.public)
+    assert open_envelope(list(sealed), recipient=COORD, senders=ALLOWED) == (HEADER, PAYLOAD)
+    cut = len(whole) - len(PAYLOAD) - 16 - 64
+    parts = [whole[:cut], whole[cut:-64], whole[-64:]]
+    assert open_envelope(parts, recipient=COORD, senders=ALLOWED) == (HEADER, PAYLOAD)
+    assert peek_header(parts) == HEADER
+    for bad in (
+        [whole[: cut + 1], whole[cut + 1 : -64], whole[-64:]],
+        [whole[:cut], whole[cut:-63], whole[-63:]],
+        [whole[:cut], whole[cut:-64]],
+        [*parts, b""],
+        [whole[:cut], bytearray(whole[cut:-64]), whole[-64:]],
+        "not bytes",
+        None,
+    ):
+        with pytest.raises(InvalidEnvelope):
+            open_envelope(bad, recipient=COORD, senders=ALLOWED)  # type: ignore[arg-type]
+    flipped = bytearray(parts[1])
+    flipped[len(flipped) // 2] ^= 1
+    with pytest.raises(InvalidEnvelope, match="^invalid envelope$"):
+        open_envelope([parts[0], bytes(flipped), parts[2]], recipient=COORD, senders=ALLOWED)
 
 
 def _regions(env: bytes) -> dict[str, int]:
@@ -144,17 +176,17 @@ def test_a_flipped_bit_anywhere_is_the_one_opaque_error(region: str) -> None:
     assert str(info.value) == "invalid envelope"  # says nothing of where
 
 
-@pytest.mark.parametrize("version", [1, 2, 4, 0, 255])
+@pytest.mark.parametrize("version", [1, 2, 3, 5, 0, 255])
 def test_another_format_version_is_refused_saying_so(version: int) -> None:
-    # A version-1 or -2 envelope (before the audit head; before the digest signature) or any
-    # other version is refused before anything is checked, with a message that names the
+    # A version-1, -2 or -3 envelope (before the audit head; before the digest signature;
+    # the SHA-256 digest) or any other version is refused before anything is checked, with a message that names the
     # version: the version byte is public, so saying it tells an attacker nothing. It is
     # still an InvalidEnvelope.
     env = bytearray(_kat_envelope())
     env[3] = version
     with pytest.raises(EnvelopeVersionError, match=f"envelope format version {version} is not accepted") as info:
         open_envelope(bytes(env), recipient=COORD, senders=ALLOWED)
-    assert isinstance(info.value, InvalidEnvelope) and "reads version 3 only" in str(info.value)
+    assert isinstance(info.value, InvalidEnvelope) and "reads version 4 only" in str(info.value)
     assert "upgrade" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(EnvelopeVersionError):
         peek_header(bytes(env))
@@ -177,7 +209,7 @@ def test_wrong_recipient_unknown_sender_and_another_hospitals_signature() -> Non
     with pytest.raises(InvalidEnvelope):
         open_envelope(env, recipient=COORD, senders=AllowList([BOB.public]))  # Alice not allowed
     # Bob re-signs Alice's envelope (header still names Alice): verified against Alice's key, refused
-    forged = _documented(3, signer=BOB)
+    forged = _documented(4, signer=BOB)
     assert forged[:-64] == env[:-64] and forged != env
     with pytest.raises(InvalidEnvelope):
         open_envelope(forged, recipient=COORD, senders=ALLOWED)
@@ -185,7 +217,7 @@ def test_wrong_recipient_unknown_sender_and_another_hospitals_signature() -> Non
     # signature binds the recipient, not only the key the AES key was derived with)
     elsewhere = other_coordinator.encryption.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     with pytest.raises(InvalidEnvelope):
-        open_envelope(_documented(3, recipient_pub=elsewhere), recipient=COORD, senders=ALLOWED)
+        open_envelope(_documented(4, recipient_pub=elsewhere), recipient=COORD, senders=ALLOWED)
     # Bob cannot claim to be Alice with his own key either
     with pytest.raises(ValueError, match="not the signing key"):
         seal(PAYLOAD, HEADER, sender=BOB, recipient=COORD.public)

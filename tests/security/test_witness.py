@@ -106,9 +106,10 @@ def test_only_authentic_envelopes_are_witnessed_as_their_headers_say(tmp_path: P
     s.aggregate_train(1, [first])
     two = _request(s, 2)
     tampered = _reply("b", two, ChainHead(3, "c" * 64))
-    data = bytearray(tampered.content.config_records[wire.ENVELOPE]["data"])  # type: ignore[arg-type]
-    data[len(data) // 2] ^= 1
-    tampered.content.config_records[wire.ENVELOPE] = ConfigRecord({"data": bytes(data)})
+    prefix, body, signature = tampered.content.config_records[wire.ENVELOPE]["data"]  # type: ignore[misc]
+    flipped = bytearray(body)  # type: ignore[arg-type]
+    flipped[len(flipped) // 2] ^= 1  # one bit of the ciphertext
+    tampered.content.config_records[wire.ENVELOPE] = ConfigRecord({"data": [prefix, bytes(flipped), signature]})
     mallory = KeyPair.generate("a", "hospital")
     replies = [
         _reply("b", two, ChainHead(3, "c" * 64)),

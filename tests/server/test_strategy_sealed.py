@@ -95,9 +95,10 @@ def test_every_kind_of_bad_envelope_is_rejected_and_has_no_effect() -> None:
     s.aggregate_train(1, [_sealed("a", old, _delta(1.0))])
     ins = _request(s, 2)
     tampered = _sealed("b", ins, _delta(100.0))
-    data = bytearray(tampered.content.config_records[wire.ENVELOPE]["data"])  # type: ignore[arg-type]
-    data[len(data) // 2] ^= 1
-    tampered.content.config_records[wire.ENVELOPE] = ConfigRecord({"data": bytes(data)})
+    prefix, body, signature = tampered.content.config_records[wire.ENVELOPE]["data"]  # type: ignore[misc]
+    flipped = bytearray(body)  # type: ignore[arg-type]
+    flipped[len(flipped) // 2] ^= 1  # one bit of the ciphertext
+    tampered.content.config_records[wire.ENVELOPE] = ConfigRecord({"data": [prefix, bytes(flipped), signature]})
     other_run = wire.RoundInstruction(ins.state, 2, 5, run_id="run-0", challenge=ins.challenge)
     outsider = KeyPair.generate("zed", "hospital")
     replies = [

@@ -25,9 +25,7 @@ def main(grid: Grid, context: Context) -> None:
     nodes = list(grid.get_node_ids())
     asks = [grid.create_message(RecordDict({"config": ConfigRecord({"x": 1})}), "train", n, "1") for n in nodes]
     replies = grid.send_and_receive(asks, timeout=90)
-    seen = [
-        {"node": r.metadata.src_node_id, "error": r.error.reason if r.has_error() else None} for r in replies
-    ]
+    seen = [{"node": r.metadata.src_node_id, "error": r.error.reason if r.has_error() else None} for r in replies]
     Path(str(context.run_config["out"])).write_text(json.dumps({"nodes": nodes, "replies": seen}))
 
 
