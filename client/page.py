@@ -105,7 +105,7 @@ def hospital_state(cfg: HospitalConfig, link: Link) -> dict[str, Any]:
     audit = audit_view(cfg.audit_path)
     return {
         "hospital": cfg.name,
-        "link": link.snapshot(),
+        "link": {k: str(v) if k == "node_id" else v for k, v in link.snapshot().items()},  # 64-bit ids: text
         "runs": audit.pop("runs"),
         "audit": audit,
         "privacy": privacy_view(cfg.ledger_path),

@@ -2,7 +2,7 @@
 rounds, hospitals and curves (:mod:`fedtune.pages`), served by ``fedtune server start``.
 
 ``--page HOST:PORT`` (default ``127.0.0.1:9095``; ``off`` serves none). On loopback it
-needs nothing more; reach it from elsewhere through an SSH tunnel. Any other address
+is plain HTTP and needs nothing more; reach it from elsewhere through an SSH tunnel. Any other address
 needs TLS (the coordinator's own certificate, ``pki/server.pem``, so not with
 ``--insecure``) and a token (``--page-token-file``): refused otherwise, in one line.
 The state is what ``fedtune status --json`` reads (the SuperLink's node list, each run's
@@ -68,11 +68,11 @@ class CoordinatorState:
         names = {int(entry["node-id"]): name for name, entry in self.home.registry().items()}
         run = self.current_run(data, query.get("run", ""))
         registry = [
-            {**{k: h[k] for k in ("hospital", "node id", "status", "online since")}, "last seen": _last_seen(h)}
+            {**{k: str(h[k]) for k in ("hospital", "node id", "status", "online since")}, "last seen": _last_seen(h)}
             for h in data["hospitals"]
         ]
         return {
-            "title": f"fedtune coordinator {self.home.root.name}",
+            "title": "fedtune coordinator",
             "kind": "coordinator",
             "superlink": data["superlink"],
             "registry": registry,
@@ -90,7 +90,7 @@ def _last_seen(hospital: dict[str, Any]) -> str:
 
 def coordinator_page(home: CoordinatorHome, page: str, *, token_file: str | None, insecure: bool) -> PageServer | None:
     """The page's server, bound (not started): refused in one line before anything else starts."""
-    from fedtune.pages.serve import PageServer, page_address
+    from fedtune.pages.serve import PageServer, is_loopback, page_address
 
     if page == "off":
         return None
@@ -101,7 +101,8 @@ def coordinator_page(home: CoordinatorHome, page: str, *, token_file: str | None
         if insecure
         else "give `--page-token-file FILE` (a secret of 16 or more characters)"
     )
-    tls = not insecure and home.tls.cert.exists() and home.tls.key.exists()
+    # on loopback plain HTTP (the certificate names the public address, not 127.0.0.1)
+    tls = not is_loopback(host) and not insecure and home.tls.cert.exists() and home.tls.key.exists()
     return PageServer(
         host,
         port,

@@ -38,7 +38,7 @@ def ensure_chromium() -> str:
 class Browser:
     """One headless Chromium session (its own chromedriver process on a free loopback port)."""
 
-    def __init__(self, *, width: int = 1400, height: int = 2200) -> None:
+    def __init__(self, *, width: int = 1400, height: int = 1300) -> None:
         from fedtune.launcher import free_port
 
         port = free_port()

@@ -62,7 +62,7 @@ def test_the_hospital_page_shows_only_its_trail_ledger_and_log(tmp_path: Path) -
         health.stop()
 
     assert set(doc) == {"hospital", "link", "runs", "audit", "privacy", "errors"}
-    assert doc["hospital"] == cfg.name and doc["link"] == {**link.snapshot(), "since": doc["link"]["since"]}
+    assert doc["hospital"] == cfg.name and doc["link"] == {**link.snapshot(), "node_id": "42"}
     records = trail.records()
     fields = ("seq", "time", "run", "round", "kind", "bytes", "sha256", "epsilon")
     assert doc["audit"]["messages"] == [{k: r[k] for k in fields} for r in reversed(records)]  # newest first

@@ -14,7 +14,11 @@ function node(tag, attrs, text) {
 
 function fmt(v) {
   if (v === null || v === undefined) return "-";
-  if (typeof v === "number") return Number.isInteger(v) ? String(v) : v.toFixed(Math.abs(v) >= 100 ? 0 : 3);
+  if (typeof v === "number") {
+    if (Number.isInteger(v)) return String(v);
+    if (v !== 0 && Math.abs(v) < 0.001) return v.toExponential(1);
+    return v.toFixed(Math.abs(v) >= 100 ? 0 : 3);
+  }
   if (Array.isArray(v)) return v.length ? v.join(", ") : "-";
   if (typeof v === "object") return JSON.stringify(v);
   return String(v);
@@ -46,7 +50,7 @@ function table(target, rows, columns, link) {
 }
 
 // series: [{name, points: [[x, y]], color, dash, width}]; lines: [{name, y, color}] drawn across
-function lineChart(figure, title, series, lines, ylabel) {
+function lineChart(figure, title, series, lines, empty) {
   figure.replaceChildren(node("figcaption", {}, title));
   series = series.filter((s) => s.points.some((p) => p[1] !== null && p[1] !== undefined));
   lines = (lines || []).filter((l) => l.y !== null && l.y !== undefined);
@@ -54,7 +58,7 @@ function lineChart(figure, title, series, lines, ylabel) {
   const svg = node("svg:svg", { viewBox: `0 0 ${W} ${H}`, width: W, height: H, "data-series": series.length });
   const pts = series.flatMap((s) => s.points.filter((p) => p[1] !== null && p[1] !== undefined));
   if (!pts.length && !lines.length) {
-    figure.append(node("p", { class: "muted" }, "(no rounds yet)"));
+    figure.append(node("p", { class: "muted" }, empty || "(no rounds yet)"));
     return;
   }
   const xs = pts.map((p) => p[0]), ys = pts.map((p) => p[1]).concat(lines.map((l) => l.y));
@@ -72,7 +76,6 @@ function lineChart(figure, title, series, lines, ylabel) {
   for (let x = Math.ceil(x0); x <= x1; x += step)
     svg.append(node("svg:text", { x: X(x), y: H - B + 14, "text-anchor": "middle", "font-size": 10 }, x));
   svg.append(node("svg:text", { x: (L + W) / 2, y: H - 3, "text-anchor": "middle", "font-size": 10 }, "round"));
-  if (ylabel) svg.append(node("svg:text", { x: 10, y: T + 8, "font-size": 10 }, ylabel));
   const legend = node("div", { class: "legend" });
   for (const l of lines) {
     svg.append(node("svg:line", { x1: L, x2: W - R, y1: Y(l.y), y2: Y(l.y), stroke: l.color, "stroke-dasharray": "6 4",

@@ -30,7 +30,7 @@ function renderView(view) {
   const epsSites = [...new Set(pts.flatMap((p) => Object.keys(p.epsilon)))].sort();
   const eps = epsSites.map((s, i) => ({ name: s, color: COLORS[i % COLORS.length], points: pts.map((p) => [p.round, p.epsilon[s]]) }));
   eps.push({ name: "client-level", color: "#000", points: pts.map((p) => [p.round, p["client-epsilon"]]) });
-  lineChart($("chart-epsilon"), "epsilon spent per hospital (cumulative)", eps);
+  lineChart($("chart-epsilon"), "epsilon spent per hospital (cumulative)", eps, [], "(no DP in this run, or no round yet)");
   lineChart($("chart-bytes"), "bytes per round", [
     { name: "to the coordinator", color: COLORS[0], points: pts.map((p) => [p.round, p["upload-bytes"]]) },
     { name: "to the hospitals", color: COLORS[1], points: pts.map((p) => [p.round, p["download-bytes"]]) },

@@ -18,12 +18,12 @@ function render(doc) {
   table($("messages"), audit.messages, ["seq", "time", "run", "round", "kind", "bytes", "sha256", "epsilon"]);
   const priv = doc.privacy;
   $("privacy-policy").textContent = priv.policy || "";
-  table($("privacy"), priv.datasets);
+  table($("privacy"), (priv.datasets || []).map((d) => ({ ...d, dataset: d.dataset.slice(0, 12) })));
   const runs = [...new Set(audit.messages.filter((m) => m.epsilon !== null).map((m) => m.run))];
-  lineChart($("chart-epsilon"), "epsilon spent, by audit record", runs.map((r, i) => ({
+  lineChart($("chart-epsilon"), "epsilon spent after each training reply (audit trail)", runs.map((r, i) => ({
     name: r, color: COLORS[i % COLORS.length],
-    points: audit.messages.filter((m) => m.run === r && m.epsilon !== null).map((m) => [m.round, m.epsilon]),
-  })));
+    points: audit.messages.filter((m) => m.run === r && m.kind === "train" && m.epsilon !== null).reverse().map((m) => [m.round, m.epsilon]),
+  })), [], "(no message under DP yet)");
   table($("errors"), doc.errors, ["time", "level", "message"]);
 }
 
