@@ -23,25 +23,31 @@ def _hospital(tmp_path: Path):  # type: ignore[no-untyped-def]
     return load_hospital_config(fed.add_hospital("st-elsewhere", 0))
 
 
-def test_the_hospital_page_shows_only_its_trail_ledger_and_log(tmp_path: Path) -> None:
+def _fill(cfg):  # type: ignore[no-untyped-def]
+    """Three audit records, one DP release in the ledger, an INFO and an ERROR line in the daemon's log."""
     from fedtune.client.audit import AuditLog, Outgoing
-    from fedtune.client.daemon import _health_server, hospital_identity
-    from fedtune.client.health_routes import Link
     from fedtune.client.ledger import Policy, PrivacyLedger
 
-    cfg = _hospital(tmp_path)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     trail = AuditLog(cfg.audit_path)
     for rnd, kind in ((1, "train"), (1, "evaluate"), (2, "train")):
-        trail.append(
-            Outgoing(run="run-7", round=rnd, kind=kind, payload=f"{rnd}{kind}".encode() * 50, epsilon=0.5 * rnd)
-        )
+        payload = f"{rnd}{kind}".encode() * 50
+        trail.append(Outgoing(run="run-7", round=rnd, kind=kind, payload=payload, epsilon=0.5 * rnd))
     ledger = PrivacyLedger(cfg.ledger_path, Policy(8.0, 1e-5, "rdp"))
     dataset = ledger.register([hashlib.sha256(b"r%d" % i).digest() for i in range(20)], label="st-elsewhere")
     ledger.record(dataset, Mechanism(1.1, 0.05, 10), release_id="x1", run_id="run-7", server_round=1)
     lines = [{"time": "t1", "level": "INFO", "message": "fine"}, {"time": "t2", "level": "ERROR", "message": "boom"}]
     cfg.log_path.write_text("".join(json.dumps({**r, "source": "fedtune"}) + "\n" for r in lines))
+    return trail
 
+
+def test_the_hospital_page_shows_only_its_trail_ledger_and_log(tmp_path: Path) -> None:
+    from fedtune.client.daemon import _health_server, hospital_identity
+    from fedtune.client.health_routes import Link
+    from fedtune.client.ledger import PrivacyLedger
+
+    cfg = _hospital(tmp_path)
+    trail = _fill(cfg)
     link = Link(hospital_identity(cfg, insecure=False))
     link.set("connected", node_id=42)
     health = _health_server(cfg, link)  # the daemon's own wiring: health routes and the page
