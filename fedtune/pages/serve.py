@@ -9,7 +9,8 @@ must have TLS (a certificate and key) and a token; :func:`check_bind` refuses it
 otherwise, in one line naming the setting. With a token every request needs it: as
 ``Authorization: Bearer TOKEN``, or once as ``?token=TOKEN``, which sets an HttpOnly,
 Secure, SameSite=Strict cookie so the page's own requests carry it. The comparison is
-constant-time. A page on loopback may have a token too.
+constant-time. A page on loopback may have a token too; without one it answers only
+requests whose ``Host`` is a loopback name or address (no DNS rebinding).
 """
 
 from __future__ import annotations
@@ -166,6 +167,10 @@ class PageRoutes:
         url = urlsplit(path)
         query = dict(parse_qsl(url.query))
         given = query.pop("token", "")
+        if not self.token and not is_loopback(urlsplit(f"//{headers.get('Host', '')}").hostname or ""):
+            # a page without a token answers only to loopback names: a web page elsewhere that
+            # re-points its own domain name at 127.0.0.1 (DNS rebinding) gets nothing
+            return self._answer(403, b"this page answers to 127.0.0.1 or localhost only\n", "text/plain")
         if self.token and not self._authorized(given, headers):
             return self._answer(401, b"a token is needed: open the page as /?token=TOKEN\n", "text/plain")
         cookie = given if self.token and given else ""

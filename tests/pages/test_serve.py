@@ -45,6 +45,10 @@ def test_a_loopback_page_serves_its_files_and_state(tmp_path: Path) -> None:
         for name in ("charts.js", "coordinator.js", "hospital.js", "page.css", "hospital.html"):
             with urllib.request.urlopen(page.url + "static/" + name, timeout=5) as answer:
                 assert b"http://" not in answer.read().replace(b"http://www.w3.org/2000/svg", b"")  # no CDN
+        rebound = urllib.request.Request(page.url + "api/state", headers={"Host": f"evil.example:{page.port}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(rebound, timeout=5)
+        assert refused.value.code == 403  # a name re-pointed at 127.0.0.1 gets nothing
         for bad in ("static/../serve.py", "static/.hidden", "nothing"):
             with pytest.raises(urllib.error.HTTPError) as err:
                 urllib.request.urlopen(page.url + bad, timeout=5)
