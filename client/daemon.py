@@ -90,7 +90,8 @@ def run_daemon(config: Path, *, insecure: bool = False, max_retries: int = 0, ec
             "INFO",
             f"hospital `{cfg.name}` dialling {cfg.coordinator.address} "
             f"{'WITHOUT TLS' if insecure else 'with TLS and node authentication'}; "
-            f"health on http://{cfg.daemon.health}/health (/health/live, /health/ready)",
+            f"health on http://{cfg.daemon.health}/health (/health/live, /health/ready); "
+            f"this hospital's page: http://{cfg.daemon.health}/",
         )
         _clear_stale(cfg, log)
         watch = Watch(who, link, Memory(cfg.state_dir / "connection.json"), max_retries=max_retries)
@@ -183,9 +184,14 @@ def hospital_identity(cfg: HospitalConfig, *, insecure: bool) -> Identity:
 
 
 def _health_server(cfg: HospitalConfig, link: Link) -> HealthServer:
+    """The health routes and the hospital's own page (``/``), on ``daemon.health`` (loopback only)."""
+    from fedtune.client.page import hospital_state
+    from fedtune.pages.serve import PageRoutes
+
     host, port = parse_address(cfg.daemon.health, "daemon.health")
+    page = PageRoutes(lambda _query: hospital_state(cfg, link), page="hospital.html")
     try:
-        return HealthServer(host, port, link)
+        return HealthServer(host, port, link, page)
     except OSError as err:
         raise ConfigError(
             f"{cfg.source}: `daemon.health` {cfg.daemon.health} cannot be served ({err.strerror}): is this "

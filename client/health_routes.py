@@ -2,7 +2,8 @@
 
 ``daemon.health`` (loopback only): ``GET /health/live`` answers 200 while the daemon runs;
 ``GET /health/ready`` answers 200 only while ``connected``, else 503; ``GET /health``
-answers 200 with the state as JSON. Both others carry the JSON too. The state is a
+answers 200 with the state as JSON. Both others carry the JSON too. Every other path is
+the hospital's own page (``/``, :mod:`fedtune.client.page`), read-only. The state is a
 :class:`Link`, which :class:`fedtune.client.health.Watch` keeps from what the SuperNode prints.
 """
 
@@ -16,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from fedtune.client.causes import Identity
+from fedtune.pages.serve import PageRoutes, send
 
 
 def utc_now() -> str:
@@ -57,13 +59,15 @@ class Link:
 class HealthServer:
     """``daemon.health``: ``/health``, ``/health/live``, ``/health/ready``, on loopback, in a thread."""
 
-    def __init__(self, host: str, port: int, link: Link) -> None:
+    def __init__(self, host: str, port: int, link: Link, page: PageRoutes | None = None) -> None:
         import socket
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                doc = link.snapshot()
                 route = self.path.split("?", 1)[0].rstrip("/")
+                if page is not None and not route.startswith("/health"):
+                    return send(self, page.answer(self.path, self.headers))  # the hospital's page
+                doc = link.snapshot()
                 if route in ("/health", "/health/live"):
                     code = 200
                 elif route == "/health/ready":

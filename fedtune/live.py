@@ -3,8 +3,9 @@
 The round loop (:func:`fedtune.server.federation.run_federation`) rewrites it atomically
 at every step: which round, which phase (``waiting`` for hospitals, ``train``,
 ``evaluate``; at the end ``finished``, ``stopped`` or ``failed`` with the reason), and per
-hospital in the round (by Flower node id) what became of its message: ``sampled``,
-``answered``, then ``accepted``, ``refused`` or ``rejected`` with why, or ``no reply``.
+hospital in the round (by Flower node id) what became of its message (and ``seen``, when
+its last reply arrived): ``sampled``, ``answered``, then ``accepted``, ``refused`` or
+``rejected`` with why, or ``no reply``.
 It also names the Flower run (the id ``flwr ls`` and ``flwr log`` take) and the process
 running the loop, so a reader can tell a live run from one whose coordinator died
 mid-round. ``fedtune status`` reads it; nothing reads it to decide what to train.
@@ -70,6 +71,7 @@ class LiveStatus:
 
     def answered(self, kind: str, node: int) -> None:
         entry = self._node(node)
+        entry["seen"] = self._clock()  # when its last reply arrived: the live page's "last seen"
         if entry.get(kind) == "sampled":
             entry[kind] = "answered"
             self._write()
@@ -100,8 +102,8 @@ class LiveStatus:
         self.data.update(phase=phase, reason=reason[:500], since=self._clock())
         self._write()
 
-    def _node(self, node: int) -> dict[str, str]:
-        entry: dict[str, str] = self.data["hospitals"].setdefault(str(node), {})
+    def _node(self, node: int) -> dict[str, Any]:
+        entry: dict[str, Any] = self.data["hospitals"].setdefault(str(node), {})
         return entry
 
     def _write(self) -> None:

@@ -129,15 +129,19 @@ def serve(
     control_port: int = 0,
     say: Callable[[str], None] = print,
     ready_timeout: float = 60.0,
+    page: str = "127.0.0.1:9095",
+    page_token_file: str | None = None,
 ) -> int:
-    """Run the SuperLink (loopback) and its public front until SIGINT/SIGTERM; return the exit code."""
+    """Run the SuperLink (loopback), its public front and its live page until SIGINT/SIGTERM; the exit code."""
     from fedtune.launcher import free_port
+    from fedtune.server.page import coordinator_page
 
     parse_address(f"{address}:{port}", "--address/--port")
     running = home.server()
     if running is not None:
         raise ConfigError(f"a SuperLink of {home.root} is already running (pid {running['pid']})")
     _preflight(home, address, insecure)
+    live_page = coordinator_page(home, page, token_file=page_token_file, insecure=insecure)  # refused: nothing started
     if insecure:
         say(INSECURE_WARNING)
     home.root.mkdir(parents=True, exist_ok=True)
@@ -146,8 +150,13 @@ def serve(
     if not insecure:
         internal_tls(home)
     write_connection(home, control_port, insecure=insecure)
+    if live_page is not None:
+        live_page.start()
+        say(f"live page: {live_page.url}{' (token needed)' if page_token_file else ''}")
     # if this process dies, so do its SuperLink and the runs' ServerApps
-    with process.guarded(superlink_markers(home, os.getpid())):
+    with process.guarded(superlink_markers(home, os.getpid())), contextlib.ExitStack() as stack:
+        if live_page is not None:
+            stack.callback(live_page.stop)
         return _serve(
             home,
             address=address,

@@ -75,6 +75,7 @@ class Loopback:
 
     root: Path
     port: int = 0
+    page_port: int = 0  # the coordinator's live page, on loopback
     server: subprocess.Popen[bytes] | None = None
     daemons: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -84,6 +85,7 @@ class Loopback:
 
         self.root = Path(self.root).resolve()
         self.port = self.port or free_port()
+        self.page_port = self.page_port or free_port()
         self.home = CoordinatorHome(self.root / "coordinator")
 
     @property
@@ -101,6 +103,8 @@ class Loopback:
 
     def start_server(self, *extra: str) -> subprocess.Popen[bytes]:
         args = ["--home", str(self.home.root), "--address", "127.0.0.1", "--host", "127.0.0.1"]
+        if "--page" not in extra:
+            args += ["--page", f"127.0.0.1:{self.page_port}"]
         self.server = fedtune_process(
             "server", "start", *args, "--port", str(self.port), *extra, log=self.root / "server.out"
         )

@@ -28,7 +28,15 @@ def _home(args: argparse.Namespace) -> CoordinatorHome:
 def _start(args: argparse.Namespace) -> int:
     from fedtune.server.serving import serve
 
-    return serve(_home(args), address=args.address, host=args.host, port=args.port, insecure=args.insecure)
+    return serve(
+        _home(args),
+        address=args.address,
+        host=args.host,
+        port=args.port,
+        insecure=args.insecure,
+        page=args.page,
+        page_token_file=args.page_token_file,
+    )
 
 
 def _invite(args: argparse.Namespace) -> int:
@@ -142,6 +150,13 @@ def _register_server(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     start.add_argument(
         "--insecure", action="store_true", help="NO TLS and NO node authentication (closed test networks only)"
     )
+    start.add_argument(
+        "--page",
+        default="127.0.0.1:9095",
+        metavar="HOST:PORT",
+        help="the live page (default 127.0.0.1:9095; `off`: none); not loopback: TLS and --page-token-file",
+    )
+    start.add_argument("--page-token-file", metavar="FILE", help="a secret the page asks for (its own line)")
     add = server_sub.add_parser("add-hospital", help="admit a hospital: its SuperNode key and envelope key")
     add.add_argument("--name", required=True)
     add.add_argument("--node-key", required=True, help="the hospital's NAME.node.pub")

@@ -8,9 +8,12 @@ from __future__ import annotations
 import argparse
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedtune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedtune.runfolder import RunFolder
 
 _FLAGS = {
     "hospitals": "data.hospitals",
@@ -57,15 +60,67 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+def _watched(folder: RunFolder, args: argparse.Namespace) -> int:
+    """The run, with its live page on loopback while it goes (``--watch``) and after, until Ctrl-C."""
+    from fedtune.experiments.simulate import ended_early, run_simulation
+    from fedtune.pages.runview import simulation_state
+    from fedtune.pages.serve import PageServer, page_address
+
+    page = None
+    if args.watch:
+        host, port = page_address(args.watch_address, "--watch-address")
+        state = lambda _query: simulation_state(folder.root)  # noqa: E731
+        page = PageServer(host, port, state, page="coordinator.html", setting="--watch-address", how=WATCH_HOW).start()
+        print(f"live page: {page.url} (rounds and baselines as they arrive)", flush=True)
+    try:
+        print("\n" + run_simulation(folder, say=_say), flush=True)
+        early = ended_early(folder, folder.load_config())
+        if page is not None:
+            print(f"run done; the live page stays at {page.url} until Ctrl-C", flush=True)
+            _until_interrupted()
+        if early is not None:
+            raise early
+        return 0
+    finally:
+        if page is not None:
+            page.stop()
+
+
+def _check_watch(args: argparse.Namespace) -> None:
+    """``--watch`` refused before anything is prepared: a sweep, or a page off loopback."""
+    from fedtune.pages.serve import check_bind, page_address
+
+    if args.epsilons:
+        raise ConfigError("`--watch` shows one run; drop it for a sweep (`--epsilons`)")
+    host, port = page_address(args.watch_address, "--watch-address")
+    check_bind(host, port, setting="--watch-address", tls=False, token="", how=WATCH_HOW)
+
+
+WATCH_HOW = "a simulation's page serves this machine only"
+
+
+def _until_interrupted() -> None:
+    import threading
+
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        return
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from fedtune.config import load_config
-    from fedtune.experiments.simulate import ended_early, prepare_run, resume_folder, run_simulation
+    from fedtune.experiments.simulate import prepare_run, resume_folder
     from fedtune.experiments.sweep import is_sweep, parse_epsilons, prepare_sweep, run_sweep
 
+    if args.watch:
+        _check_watch(args)
     if args.resume:
         if args.config or _overrides(args) or args.epsilons:
             raise ConfigError("--resume continues a run with its own config.toml; drop CONFIG and the other flags")
         if is_sweep(Path(args.resume)):
+            if args.watch:
+                raise ConfigError("`--watch` shows one run; drop it to resume a sweep")
             print("\n" + run_sweep(Path(args.resume).resolve(), say=_say), flush=True)
             return 0
         folder = resume_folder(Path(args.resume))
@@ -80,11 +135,7 @@ def _simulate(args: argparse.Namespace) -> int:
         # No CONFIG: the embedded defaults (simulations/default.toml spells them out).
         cfg = load_config(Path(args.config) if args.config else None, _overrides(args))
         folder = prepare_run(cfg, run_dir=Path(args.out) if args.out else None)
-    print("\n" + run_simulation(folder, say=_say), flush=True)
-    early = ended_early(folder, folder.load_config())
-    if early is not None:
-        raise early
-    return 0
+    return _watched(folder, args)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -145,6 +196,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sim.add_argument("--target-epsilon", type=float, help="DP-SGD with noise so the run spends at most this epsilon")
     sim.add_argument("--noise-multiplier", type=float, help="DP-SGD with this fixed noise multiplier")
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (or sweep) from its last round")
+    sim.add_argument(
+        "--watch", action="store_true", help="serve the run's live page on loopback (its URL is printed); Ctrl-C ends"
+    )
+    sim.add_argument(
+        "--watch-address",
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="the page's loopback address (default: a free port)",
+    )
     sim.set_defaults(func=_simulate, models=True, again="fedtune simulate --resume RUN_DIR")
 
     cmp = sub.add_parser("compare", help="LoRA merge strategies and server optimizers side by side, one table and plot")
