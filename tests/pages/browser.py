@@ -9,9 +9,11 @@ nothing is downloaded at run time.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import shutil
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,13 +25,24 @@ APT = ["apt-get", "install", "-y", "--no-install-recommends", "chromium", "chrom
 
 
 def ensure_chromium() -> str:
-    """'' when Chromium and its driver are there (installed from Debian's packages if missing), else why not."""
+    """'' when Chromium and its driver are there (installed from Debian's packages if missing), else why not.
+
+    pytest-xdist's workers may ask at the same moment: one installs under a lock while the
+    other waits; a fresh machine's stale package lists are refreshed once when the install fails.
+    """
     if CHROMIUM.exists() and CHROMEDRIVER.exists():
         return ""
     if shutil.which("apt-get") is None:
         return "no Chromium and no apt-get to install it (Debian's `chromium` and `chromium-driver`)"
     env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    done = subprocess.run(APT, env=env, capture_output=True, text=True, timeout=900)
+    with open(Path(tempfile.gettempdir()) / "fedtune-chromium-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if CHROMIUM.exists() and CHROMEDRIVER.exists():  # the other worker installed it
+            return ""
+        done = subprocess.run(APT, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True, timeout=600)
+            done = subprocess.run(APT, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0 or not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         return f"`{' '.join(APT)}` failed: {(done.stderr or done.stdout).strip()[-300:]}"
     return ""
