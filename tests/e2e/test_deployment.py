@@ -88,6 +88,10 @@ def test_outsiders_cannot_steer_the_federation_while_it_runs(fed: Loopback, tmp_
         # every message served in the daemon's own process, the base model loaded once
         assert len(served) == 4 and all(m.endswith("base model loads in this process: 1") for m in served), served
         assert any("signed by the coordinator" in m for m in logged)
+        # training progress in the daemon's JSON log: each round's first and last step, at least
+        steps = [r for r in fed.log(name) if r.get("event") == "train-progress"]
+        last = steps[-1]["steps"] if steps else 0
+        assert {(r["round"], r["step"]) for r in steps} >= {(1, 1), (2, 1), (1, last), (2, last)}, steps
         log = AuditLog(fed.folder(name) / "state" / "audit.jsonl")
         assert log.verify().ok
         assert sorted(r["kind"] for r in log.records()) == ["evaluate", "evaluate", "train", "train"]
