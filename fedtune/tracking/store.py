@@ -97,7 +97,9 @@ class MlflowRun(Tracker):
     def _experiment(self) -> str:
         name = self.cfg.tracking.experiment or self.cfg.run.name
         found = self.client.get_experiment_by_name(name)
-        return str(found.experiment_id) if found is not None else str(self.client.create_experiment(name))
+        if found is not None:
+            return str(found.experiment_id)
+        return str(self.client.create_experiment(name, artifact_location=artifact_location(self.uri)))
 
     def _state(self) -> dict[str, Any]:
         try:
@@ -152,3 +154,13 @@ class MlflowRun(Tracker):
 
     def finish(self, ok: bool, *, files: Sequence[Path] = ()) -> None:
         self._guard(self._finish, ok, files)
+
+
+def artifact_location(uri: str) -> str | None:
+    """A new experiment's artifacts in a SQLite store: ``mlartifacts/`` beside the database
+    (as ``mlflow server`` does), not MLflow's default ``./mlruns`` in whatever folder the
+    command ran from. Other stores: MLflow's default (None)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri[len(prefix) :] in ("", ":memory:"):
+        return None
+    return (Path(uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()

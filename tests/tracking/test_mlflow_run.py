@@ -69,6 +69,9 @@ def test_a_tracked_simulation_reads_back_equal_to_its_run_folder(tiny_cfg, tmp_p
     assert {p.name for p in folder.plots_dir.glob("*.png")} == names("plots") and "metric.png" in names("plots")
     assert {p.name for p in folder.adapter_dir.iterdir()} == names("adapter")
     assert "adapter_model.safetensors" in names("adapter")
+    # kept beside the database, not in ./mlruns of the folder the test ran from
+    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+    assert (tmp_path / "mlartifacts" / run.info.run_id / "artifacts" / "adapter").is_dir()
     assert not [line for line in lines if "WARNING" in line]
 
     # step progress while each hospital trains: its first and last step of every round, at least
