@@ -1,6 +1,8 @@
 """The MLflow side of :mod:`fedtune.tracking`; imported only when a run is tracked.
 
-Every call into MLflow goes through :meth:`MlflowRun._guard`: the first failure is one
+Every call into MLflow runs on one worker thread, in order, so the loop that drives the
+rounds (and prints their lines) never waits on MLflow; only the end of the run waits for
+what is queued. Each goes through :meth:`MlflowRun._guard`: the first failure is one
 WARNING line (through the run's ``say``) and turns tracking off for the rest of the run.
 Against a tracking server, MLflow's HTTP retries and timeout are shortened (unless set in
 the environment), so an unreachable server costs seconds once, not minutes per call.
@@ -11,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,7 +57,18 @@ class MlflowRun(Tracker):
         self.client: Any = None
         self.experiment_id = ""
         self.logged = 0  # the last round logged
-        self._guard(self._start, parent, kind)
+        self._tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._rounds_queued = threading.Event()
+        self._started = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="fedtune-tracking", daemon=True)
+        self._worker.start()
+        self._tasks.put(lambda: self._guard(self._start, parent, kind))
+
+    def _work(self) -> None:
+        """Every MLflow call, in order, on this one thread: the run's own loop never waits on MLflow."""
+        while (task := self._tasks.get()) is not None:
+            task()
+            self._started.set()
 
     def _guard(self, call: Callable[..., None], *args: Any) -> None:
         if self.off:
@@ -113,6 +128,7 @@ class MlflowRun(Tracker):
         atomic_write_json(self.root / STATE, state)
 
     def parent(self) -> Parent | None:
+        self._started.wait()  # the sub-runs need the parent's ids: its start is the one call waited for
         return None if self.off else Parent(self.experiment_id, self.run_id)
 
     def _log(self, values: dict[str, float], step: int) -> None:
@@ -132,6 +148,12 @@ class MlflowRun(Tracker):
                 self._save()
 
     def rounds(self) -> None:
+        if not self._rounds_queued.is_set():  # one pending look at metrics.jsonl is enough
+            self._rounds_queued.set()
+            self._tasks.put(self._queued_rounds)
+
+    def _queued_rounds(self) -> None:
+        self._rounds_queued.clear()
         self._guard(self._rounds)
 
     def _finish(self, ok: bool, files: Sequence[Path]) -> None:
@@ -153,7 +175,10 @@ class MlflowRun(Tracker):
                 self.client.log_artifacts(self.run_id, str(folder), under)
 
     def finish(self, ok: bool, *, files: Sequence[Path] = ()) -> None:
-        self._guard(self._finish, ok, files)
+        """The last rounds, the summary and artifacts; waits for everything queued to be sent."""
+        self._tasks.put(lambda: self._guard(self._finish, ok, files))
+        self._tasks.put(None)
+        self._worker.join()
 
 
 def artifact_location(uri: str) -> str | None:
