@@ -124,3 +124,30 @@ def test_tracking_section_is_checked_and_kept_from_the_hospitals(tiny_cfg, tmp_p
     write_app(folder)
     shipped = (folder.app_dir / "pyproject.toml").read_text()
     assert "mlflow.internal" not in shipped and "[run]" in shipped
+
+
+def test_untracked_runs_never_import_mlflow_and_keys_and_values_fit_mlflows_limits(tmp_path: Path) -> None:
+    import subprocess
+
+    code = (
+        "import sys; from pathlib import Path; from fedtune.config import load_config; from fedtune import tracking\n"
+        f"t = tracking.open_run(Path({str(tmp_path)!r}), load_config(None), say=print); t.rounds(); t.finish(True)\n"
+        "assert 'mlflow' not in sys.modules, 'imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    from fedtune.tracking.flatten import MAX_KEY, MAX_PARAM_VALUE, key, params, round_metrics
+
+    long = {"data": {"files": ["x" * 4000, "y" * 4000]}, "tracking": {"uri": "http://secret:5000"}}
+    ((name, value),) = params(long).items()
+    assert name == "data.files" and len(value) == MAX_PARAM_VALUE and value.startswith('["xxx')
+    assert key("summary.federated (2 rounds).pooled field acc") == "summary.federated _2 rounds_.pooled field acc"
+    assert len(key("k" * 400)) == MAX_KEY
+    record = {
+        "kind": "round",
+        "round": 3,
+        "rejected": [{"site": "a"}],
+        "train": {"a": {"ok": True, "loss": float("nan")}},
+    }
+    assert round_metrics({**record, "seconds": 2}) == {"rejected": 1.0, "seconds": 2.0}  # finite numbers only
