@@ -146,4 +146,3 @@ class RoundOrder:
         held, self.held = sorted(self.held, key=order), []
         for line in held:
             self.say(line)
-
