@@ -33,7 +33,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LIMIT_S = 0.5
-HEAVY = ("torch", "transformers", "peft", "opacus", "flwr", "ray", "safetensors", "matplotlib", "numpy")
+HEAVY = ("torch", "transformers", "peft", "opacus", "flwr", "ray", "safetensors", "matplotlib", "numpy", "mlflow")
 HOSPITAL = "st-elsewhere"
 
 

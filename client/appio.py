@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from flwr.app import Context, Error, Message
@@ -123,6 +124,7 @@ class AppRuntime:
         seen: SeenRuns,
         audit: AuditLog,
         say: Say,
+        progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.address = address
         self.secret = secret
@@ -132,6 +134,7 @@ class AppRuntime:
         self.seen = seen
         self.audit = audit
         self.say = say
+        self.progress = progress
         self.stats = RuntimeStats()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -273,6 +276,7 @@ class AppRuntime:
         )
         from fedtune.client.client_app import SITES, app
 
+        SITES.progress_log = self.progress  # training steps into the daemon's log
         started = time.perf_counter()
         try:
             reply = app(message, app_context)

@@ -8,8 +8,9 @@ instead, and the coordinator sees only the sum.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
-from logging import ERROR, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.common.serde import recorddict_to_proto
 from flwr.supercore import log
 
-from fedtune import wire
+from fedtune import progress, wire
 from fedtune.client.audit import Outgoing
 from fedtune.client.dp_round import open_ledger, private_train_round
 from fedtune.client.ledger_rollback import LedgerRolledBack, check_ledger_current
@@ -173,6 +174,27 @@ def _ledger_refusal(site: Site) -> str:
 
 
 def _local_update(instruction: wire.RoundInstruction, site: Site) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One round of local training, its steps reported as they go (:mod:`fedtune.progress`)."""
+    with progress.reporting(_step_reporter(site, instruction)):
+        return _train_round(instruction, site)
+
+
+def _step_reporter(site: Site, instruction: wire.RoundInstruction) -> progress.StepReporter:
+    """A simulated hospital's steps go to the run's ``progress.jsonl`` (the researcher's terminal
+    shows them); a real hospital's to its daemon's log (or Flower's log outside a daemon)."""
+    emit: progress.Emit
+    if site.progress_file is not None:
+        emit = functools.partial(progress.append_record, site.progress_file)
+    elif SITES.progress_log is not None:
+        emit = SITES.progress_log
+    else:
+        emit = lambda record: log(INFO, "%s", progress.describe(record))  # noqa: E731
+    return progress.StepReporter(
+        emit, site=site.data.site, server_round=instruction.server_round, rounds=instruction.num_rounds, run=site.run_id
+    )
+
+
+def _train_round(instruction: wire.RoundInstruction, site: Site) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One round of local training: DP-SGD under the hospital's ledger, or plain training."""
     cfg, data = site.cfg, site.data
     if cfg.dp.enabled:

@@ -139,6 +139,7 @@ def _app_runtime(cfg: HospitalConfig, log: StructuredLog, *, address: str, secre
         seen=SeenRuns(cfg.state_dir / "runs.json"),
         audit=AuditLog(cfg.audit_path),
         say=log.event,
+        progress=log.progress,
     )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedtune.client.health import split_level
+from fedtune.progress import describe
 
 
 def log_record(line: str, hospital: str, source: str = "supernode") -> dict[str, Any]:
@@ -83,6 +84,10 @@ class StructuredLog:
 
     def event(self, level: str, message: str) -> None:
         self.write(_entry(level, self.hospital, "fedtune", message))
+
+    def progress(self, record: dict[str, Any]) -> None:
+        """A training step (:mod:`fedtune.progress`): its fields in the JSON line, ``event`` ``train-progress``."""
+        self.write({**_entry("INFO", self.hospital, "fedtune", describe(record)), "event": "train-progress", **record})
 
     def close(self) -> None:
         self.file.close()

@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedtune.client.audit import AuditLog
 from fedtune.client.dp_round import open_ledger
@@ -24,6 +25,7 @@ from fedtune.config import DPSettings, ExperimentConfig, LoraSettings, ModelSett
 from fedtune.data.partition import split_train_eval
 from fedtune.data.records import Example, load_records, record_digests
 from fedtune.lora.merge import MergeRule, make_rule
+from fedtune.progress import PROGRESS_FILE
 from fedtune.runfolder import RunFolder
 from fedtune.runtime import SiteData, SiteRuntime, site_data
 from fedtune.security.keys import load_private, load_public
@@ -43,6 +45,7 @@ class Site:
     ledger_path: Path
     audit_path: Path
     refusal: str = ""  # the hospital's policy refuses this run's rounds, and says why
+    progress_file: Path | None = None  # a simulated hospital's training steps go here (fedtune.progress)
 
     @property
     def rule(self) -> MergeRule:
@@ -84,6 +87,8 @@ class Sites:
         self._hospital: tuple[tuple[Path, str, str], Site] | None = None
         self._message: tuple[weakref.ref[object], Site] | None = None
         self.base_model_loads = 0  # how many times this process loaded a base model (1 when residency works)
+        # a hospital's daemon: where its training steps are logged (fedtune.progress records)
+        self.progress_log: Callable[[dict[str, Any]], None] | None = None
 
     def once(self, message: object, build: Callable[[], Site]) -> Site:
         """The site of ``message``, built by ``build`` the first time it is asked for.
@@ -131,6 +136,7 @@ class Sites:
             sealer,
             simulated_ledger_path(run_dir, data.site, cfg.dp),
             simulated_audit_path(run_dir, data.site),
+            progress_file=run_dir / PROGRESS_FILE,
         )
 
     def _simulated_sealer(self, run_dir: Path, site: str) -> Sealer:

@@ -13,6 +13,7 @@ the system temp folder (Ray's socket paths) is removed when the run ends.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from pathlib import Path
 import tomli_w
 
 from fedtune import process
-from fedtune.config import SimulationSettings
+from fedtune.config import SimulationSettings, TrackingSettings
 from fedtune.errors import ConfigError
 from fedtune.flowerhome import cleanup, flower_env, ray_tmpdir, remove_ray_link, run_markers
 from fedtune.runfolder import RunFolder
@@ -53,7 +54,8 @@ def write_app(folder: RunFolder, *, signer: KeyPair | None = None) -> None:
     from fedtune.security import authorization
 
     folder.app_dir.mkdir(parents=True, exist_ok=True)
-    experiment = folder.load_config().to_toml()
+    # where the coordinator tracks its runs (an MLflow URI) is not the hospitals' business
+    experiment = dataclasses.replace(folder.load_config(), tracking=TrackingSettings()).to_toml()
     config = {"run-dir": str(folder.root.resolve()), "experiment": experiment}
     if signer is not None:
         config[authorization.CONFIG_KEY] = authorization.sign_run(

@@ -8,6 +8,8 @@
 <run>/metrics.jsonl          per round: per site and pooled
 <run>/witness.jsonl          every sealed reply received: its sender's audit head and content hash
 <run>/status.json            the round loop's live state: round, phase, each hospital's message (fedtune.live)
+<run>/progress.jsonl         (simulations) each hospital's training steps inside a round (fedtune.progress)
+<run>/tracking.json          the MLflow run this folder logs into, with [tracking] (fedtune.tracking)
 <run>/audit/<site>.jsonl     (simulations) each simulated hospital's audit trail, with .head
 <run>/adapter/               the final global adapter in PEFT format
 <run>/baselines.json         base / local-only / centralized results

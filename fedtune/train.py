@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 
+from fedtune import progress
 from fedtune.config import TrainSettings
 from fedtune.data.tokens import TokenizedExample, collate
 
@@ -202,6 +203,7 @@ def train_local(
         optimizer.zero_grad(set_to_none=True)
         proximal_pull(params, anchor, lr=lr, mu=settings.proximal_mu)
         losses.append(step_loss)
+        progress.step(step + 1, steps, step_loss)
     model.eval()
     return TrainResult(
         steps=steps,

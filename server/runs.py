@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedtune import process
+from fedtune import process, tracking
 from fedtune.atomic import atomic_write_json
 from fedtune.errors import ConfigError, FedTuneError
 from fedtune.launcher import flower_env
@@ -74,6 +74,7 @@ def prepare_deployment_run(home: CoordinatorHome, cfg: ExperimentConfig) -> RunF
     except ConfigError as err:
         raise ConfigError(f"with the {len(registry)} registered hospital(s): {err}") from err
     resolve_model_dir(cfg.model.source)  # the coordinator builds the initial adapter from the base model's shape
+    tracking.require(cfg)  # [tracking] without MLflow installed fails before the run folder is made
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     folder = RunFolder((home.runs_dir / f"{cfg.run.name}-{stamp}").resolve())
     if folder.root.exists():
@@ -115,12 +116,14 @@ def launch(home: CoordinatorHome, folder: RunFolder, *, say: Callable[[str], Non
     total = cfg.federation.rounds
     show_new_rounds = round_printer(folder, total, say)
     say(f"run folder: {folder.root}; {len(folder.sites())} registered hospitals, {total} rounds (log: logs/flower.log)")
+    tracker = tracking.open_run(folder.root, cfg, say=say, kind="deployment")
     started = time.time()
     proc = start_run(folder, env, connection=CONNECTION)
     unanswered = 0
     try:
         while proc.poll() is None:
             show_new_rounds()
+            tracker.rounds()
             # `flwr run` notices a SuperLink gone within a second or two; this is the backstop
             unanswered = 0 if superlink_answers(home, info) else unanswered + 1
             if unanswered >= 5:
@@ -128,11 +131,18 @@ def launch(home: CoordinatorHome, folder: RunFolder, *, say: Callable[[str], Non
             time.sleep(poll)
     except KeyboardInterrupt:
         stop_flower_run(home, folder)
+        tracker.finish(False)
         raise
     finally:
         process.stop(proc, grace=10, nudge=2.0)
     show_new_rounds()
-    return _run_outcome(home, folder, cfg, info, started=started, say=say)
+    try:
+        table = _run_outcome(home, folder, cfg, info, started=started, say=say)
+    except BaseException:
+        tracker.finish(folder.adapter_dir.is_dir())  # stopped early: what it trained is still logged
+        raise
+    tracker.finish(True)
+    return table
 
 
 def _run_outcome(

@@ -136,7 +136,7 @@ def test_keys_create_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 # What a command that does no model work must not import: each costs 0.1-1.5 s at start
 # (benchmarks/startup.py times them; this keeps them out without timing anything).
-HEAVY = {"torch", "transformers", "peft", "opacus", "flwr", "ray", "safetensors", "matplotlib", "numpy"}
+HEAVY = {"torch", "transformers", "peft", "opacus", "flwr", "ray", "safetensors", "matplotlib", "numpy", "mlflow"}
 
 
 @pytest.fixture(scope="module")

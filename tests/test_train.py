@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedtune import progress
 from fedtune.config import EvalSettings, LoraSettings, ModelSettings, TrainSettings
 from fedtune.data import clinical
 from fedtune.data.tokens import collate
@@ -63,7 +64,13 @@ def test_training_lowers_held_out_loss_and_sends_a_delta(runtime: SiteRuntime) -
     data = site_data(runtime, "s", train, held, 256)
     start = {k: v.clone() for k, v in runtime.state().items()}
     before = runtime.evaluate(start, data, EvalSettings(batch_size=4, max_new_tokens=2))
-    result = runtime.train_steps(start, data, TrainSettings(lr=1e-2, batch_size=8, max_length=256), steps=15, seed=0)
+    steps: list[tuple[int, int, float | None]] = []
+    with progress.reporting(lambda *step: steps.append(step)):
+        result = runtime.train_steps(
+            start, data, TrainSettings(lr=1e-2, batch_size=8, max_length=256), steps=15, seed=0
+        )
+    assert [(done, total) for done, total, _ in steps] == [(i, 15) for i in range(1, 16)]
+    assert all(loss is not None and loss > 0 for _, _, loss in steps)
     after = runtime.evaluate(runtime.state(), data, EvalSettings(batch_size=4, max_new_tokens=2))
     assert result.steps == 15 and result.examples_seen == 15 * 8
     assert after.loss < before.loss - 0.05

@@ -7,7 +7,7 @@ apps reads raw TOML: they receive an :class:`ExperimentConfig`.
 ``fedtune.config`` is the import path of everything here: ``names`` (the torch-free
 name lists), ``sections`` (a site's work), ``federation`` (rounds, DP, security),
 ``simulation`` (a simulated hospital's CPUs and GPU share, a Ray cluster), ``experiment``
-(the whole config and its cross-section checks), ``loading`` (TOML, overrides, copies).
+(the whole config and its cross-section checks), ``tracking`` (an MLflow store), ``loading`` (TOML, overrides, copies).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from fedtune.config.sections import (
 )
 from fedtune.config.sections import _require as _require  # and checks its fields the same way
 from fedtune.config.simulation import SimulationSettings
+from fedtune.config.tracking import TrackingSettings
 
 __all__ = [
     "parse_address",
@@ -67,6 +68,7 @@ __all__ = [
     "RunSettings",
     "SecuritySettings",
     "SimulationSettings",
+    "TrackingSettings",
     "TrainSettings",
     "config_from_dict",
     "load_config",

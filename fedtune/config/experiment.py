@@ -20,6 +20,7 @@ from fedtune.config.sections import (
     _require,
 )
 from fedtune.config.simulation import SimulationSettings
+from fedtune.config.tracking import TrackingSettings
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class ExperimentConfig:
     client_dp: ClientDPSettings = field(default_factory=ClientDPSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     simulation: SimulationSettings = field(default_factory=SimulationSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
 
     def __post_init__(self) -> None:
         if self.data.source == "files" and self.data.partition == "natural":

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fedtune import tracking
 from fedtune.atomic import atomic_write_json
 from fedtune.config import SERVER_OPTIMIZERS, STRATEGIES, ExperimentConfig, load_config, replace
 from fedtune.errors import CheckpointError, ConfigError
@@ -167,13 +168,23 @@ def read_plan(root: Path) -> list[SubRun]:
 
 
 def run_compare(root: Path, *, say: Say = print) -> str:
-    """Run or finish every sub-run, then write the comparison table and plot; return the table."""
+    """Run or finish every sub-run, then write the comparison table and plot; return the table.
+
+    With ``[tracking]`` the comparison is an MLflow parent run and each sub-run its child."""
     runs = read_plan(root)
+    configs = [RunFolder(root / sub.folder).load_config() for sub in runs]
+    files = ("strategies.md", "strategies.json", "strategies.png")
+    return tracking.run_group(
+        root, configs, say=say, kind="comparison", body=lambda parent: _compare(root, runs, say, parent), files=files
+    )
+
+
+def _compare(root: Path, runs: list[SubRun], say: Say, parent: tracking.Parent | None) -> str:
     for i, sub in enumerate(runs, start=1):
         label = f"{sub.config}/{sub.variant}"
         say(f"--- compare run {i}/{len(runs)}: {label} (strategy {sub.strategy}, server optimizer {sub.optimizer})")
         folder = RunFolder(root / sub.folder)
-        run_simulation(folder, say=prefixed(say, label))
+        run_simulation(folder, say=prefixed(say, label), parent=parent)
         if sub.base:  # one evaluation, no training: round 0 of the config's plot
             from fedtune.experiments.baselines import run_baselines
 

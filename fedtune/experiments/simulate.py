@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fedtune import tracking
 from fedtune.atomic import atomic_write_bytes
 from fedtune.checkpoint import latest_round
 from fedtune.config import ExperimentConfig, replace
@@ -28,6 +29,7 @@ from fedtune.experiments.report import round_printer, write_summary
 from fedtune.flowerhome import cleanup
 from fedtune.launcher import client_resources, flwr_run, last_error
 from fedtune.models import resolve_model_dir
+from fedtune.progress import PROGRESS_FILE, RoundOrder, progress_printer
 from fedtune.runfolder import RunFolder, new_folder
 
 Say = Callable[[str], None]
@@ -80,6 +82,7 @@ def prepare_run(cfg: ExperimentConfig, *, run_dir: Path | None = None) -> RunFol
         # Flower's workers run elsewhere than the user's shell: the run keeps an absolute path.
         cfg = replace(cfg, dp={"ledger_dir": str(Path(cfg.dp.ledger_dir).expanduser().resolve())})
     resolve_model_dir(cfg.model.source)  # a bad model source fails before anything is written
+    tracking.require(cfg)  # and so does [tracking] without MLflow installed
     splits = site_splits(cfg)  # bad data files fail before anything is written
     empty = [s for s, (t, e) in splits.items() if not t or not e]
     if empty:
@@ -123,9 +126,23 @@ def ended_early(folder: RunFolder, cfg: ExperimentConfig) -> FedTuneError | None
     )
 
 
-def run_simulation(folder: RunFolder, *, say: Say = print) -> str:
-    """Run or finish the run in ``folder``; return the summary table (markdown)."""
+def run_simulation(folder: RunFolder, *, say: Say = print, parent: tracking.Parent | None = None) -> str:
+    """Run or finish the run in ``folder``; return the summary table (markdown).
+
+    With ``[tracking]`` the run goes to MLflow as it runs (a child of ``parent``: a sweep's or comparison's).
+    """
     cfg = folder.load_config()
+    tracker = tracking.open_run(folder.root, cfg, say=say, parent=parent)
+    try:
+        table = _simulate(folder, cfg, say, tracker)
+    except BaseException:
+        tracker.finish(False)
+        raise
+    tracker.finish(True)
+    return table
+
+
+def _simulate(folder: RunFolder, cfg: ExperimentConfig, say: Say, tracker: tracking.Tracker) -> str:
     total = cfg.federation.rounds
     say(f"run folder: {folder.root}")
     start = time.perf_counter()
@@ -134,7 +151,16 @@ def run_simulation(folder: RunFolder, *, say: Say = print) -> str:
     if federation_done(folder, cfg):
         cleanup(folder)  # a crashed attempt's processes and temp link, though the rounds are all done
     else:
-        show_new_rounds = round_printer(folder, total, say)
+        in_order = RoundOrder(say)
+        show_new_rounds = round_printer(folder, total, in_order)
+        show_steps = progress_printer(folder.root / PROGRESS_FILE, in_order)
+
+        def on_poll() -> None:
+            show_steps()
+            show_new_rounds()
+            in_order.flush()
+            tracker.rounds()
+
         latest = latest_round(folder.root)
         if latest is not None and latest[0] > 0:
             say(f"resuming after round {latest[0]}/{total}")
@@ -153,7 +179,7 @@ def run_simulation(folder: RunFolder, *, say: Say = print) -> str:
             cpus_per_client=cpus,
             gpus_per_client=gpus,
             ray_address=sim.ray_address,
-            on_poll=show_new_rounds,
+            on_poll=on_poll,
         )
         if not federation_done(folder, cfg):
             raise FedTuneError(

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedtune import tracking
 from fedtune.atomic import atomic_write_json
 from fedtune.config import ExperimentConfig, replace
 from fedtune.errors import CheckpointError, ConfigError
@@ -81,12 +82,22 @@ def _plan(root: Path) -> dict[str, float | None]:
 
 
 def run_sweep(root: Path, *, say: Say = print) -> str:
-    """Run or finish every sub-run, then write the privacy-utility table and plot; return the table."""
+    """Run or finish every sub-run, then write the privacy-utility table and plot; return the table.
+
+    With ``[tracking]`` the sweep is an MLflow parent run and each sub-run its child."""
     plan = _plan(root)
+    configs = [RunFolder(root / name).load_config() for name in plan]
+    files = ("privacy_utility.md", "privacy_utility.json", "privacy_utility.png")
+    return tracking.run_group(
+        root, configs, say=say, kind="sweep", body=lambda parent: _sweep(root, plan, say, parent), files=files
+    )
+
+
+def _sweep(root: Path, plan: dict[str, float | None], say: Say, parent: tracking.Parent | None) -> str:
     for i, name in enumerate(plan, start=1):
         label = "without DP" if plan[name] is None else f"DP, target epsilon {plan[name]:g}"
         say(f"--- sweep run {i}/{len(plan)}: {name} ({label})")
-        run_simulation(RunFolder(root / name), say=prefixed(say, name))
+        run_simulation(RunFolder(root / name), say=prefixed(say, name), parent=parent)
     no_dp = RunFolder(root / NO_DP)
     if not no_dp.load_config().run.baselines:  # the base model's row costs one evaluation
         from fedtune.experiments.baselines import run_baselines

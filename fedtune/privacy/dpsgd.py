@@ -26,6 +26,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from peft import PeftModel
 
+from fedtune import progress
 from fedtune.config import TrainSettings
 from fedtune.data.tokens import TokenizedExample, collate
 from fedtune.privacy.accounting import Mechanism, secure_generator
@@ -102,6 +103,7 @@ def train_local_dp(
             if chosen:
                 losses.append(step_loss / len(chosen))
                 seen += len(chosen)
+            progress.step(step + 1, steps)  # no loss: under DP it stays inside the mechanism
     finally:
         _release(gsm, params)
     model.eval()

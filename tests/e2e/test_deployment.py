@@ -54,7 +54,9 @@ def test_outsiders_cannot_steer_the_federation_while_it_runs(fed: Loopback, tmp_
     info = json.loads(fed.home.server_json.read_text())
     assert listening(info["control-port"]) == {"127.0.0.1"}  # the SuperLink itself: loopback only
     run_cfg = tmp_path / "run.toml"
-    run_cfg.write_text(RUN_TOML.format(name="e2e", rounds=2, min_clients=0, timeout=120.0))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the coordinator tracks the run in MLflow
+    tracked = RUN_TOML.format(name="e2e", rounds=2, min_clients=0, timeout=120.0)
+    run_cfg.write_text(f'{tracked}\n[tracking]\nuri = "{store}"\n')
     run = fedtune_process("run", str(run_cfg), "--home", str(fed.home.root), log=tmp_path / "run.out")
     attacks = attack(fed, tmp_path)
     assert run.wait(timeout=300) == 0, (tmp_path / "run.out").read_text()[-3000:]
@@ -77,6 +79,8 @@ def test_outsiders_cannot_steer_the_federation_while_it_runs(fed: Loopback, tmp_
     (run_dir,) = list(fed.home.runs_dir.iterdir())
     records = round_records(RunFolder(run_dir))
     assert [r["round"] for r in records] == [1, 2]
+    _tracked_in_mlflow(store, records)
+    assert "mlflow" not in (run_dir / "app" / "pyproject.toml").read_text()  # the settings the hospitals got
     assert all(set(r["train"]) == set(NAMES) and not r["rejected"] for r in records)
     live = read_status(run_dir)  # the round loop's last word: every hospital of round 2, by name
     assert live is not None and (live["phase"], live["round"]) == ("finished", 2)
@@ -88,6 +92,10 @@ def test_outsiders_cannot_steer_the_federation_while_it_runs(fed: Loopback, tmp_
         # every message served in the daemon's own process, the base model loaded once
         assert len(served) == 4 and all(m.endswith("base model loads in this process: 1") for m in served), served
         assert any("signed by the coordinator" in m for m in logged)
+        # training progress in the daemon's JSON log: each round's first and last step, at least
+        steps = [r for r in fed.log(name) if r.get("event") == "train-progress"]
+        last = steps[-1]["steps"] if steps else 0
+        assert {(r["round"], r["step"]) for r in steps} >= {(1, 1), (2, 1), (1, last), (2, last)}, steps
         log = AuditLog(fed.folder(name) / "state" / "audit.jsonl")
         assert log.verify().ok
         assert sorted(r["kind"] for r in log.records()) == ["evaluate", "evaluate", "train", "train"]
@@ -96,6 +104,20 @@ def test_outsiders_cannot_steer_the_federation_while_it_runs(fed: Loopback, tmp_
         args = ["--home", str(fed.home.root), "--hospital", name, "--out", str(witness)]
         assert main(["server", "witness", *args]) == 0
         assert main(["client", "audit", "verify", str(log.path), "--witness", str(witness)]) == 0
+
+
+def _tracked_in_mlflow(store: str, records: list[dict[str, object]]) -> None:
+    """``fedtune run``'s MLflow run: each round at its step, the adapter; the hospitals never saw the URI."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert run.data.tags["fedtune.kind"] == "deployment" and run.info.status == "FINISHED"
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval.pooled.metric"))
+    assert history == [(r["round"], r["eval"]["pooled"]["metric"]) for r in records]  # type: ignore[index]
+    assert "adapter_model.safetensors" in {
+        a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "adapter")
+    }
 
 
 def test_every_hospital_refuses_a_foreign_app_even_from_the_coordinators_own_channel(

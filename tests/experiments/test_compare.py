@@ -114,7 +114,7 @@ def test_compare_refuses_a_full_folder_and_a_non_comparison(tmp_path: Path, caps
         read_plan(tmp_path)
 
 
-def _fake_federation(folder: RunFolder, *, say: Any = print) -> str:
+def _fake_federation(folder: RunFolder, *, say: Any = print, parent: Any = None) -> str:
     """Stands in for a Flower run: metrics records as the coordinator writes them, no training."""
     cfg = folder.load_config()
     log = MetricsLog(folder.metrics_path)

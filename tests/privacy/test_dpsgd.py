@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedtune import progress
 from fedtune.config import LoraSettings, ModelSettings, TrainSettings
 from fedtune.data import clinical
 from fedtune.data.records import Example
@@ -81,17 +82,20 @@ def test_noisy_steps_move_the_adapter_report_the_mechanism_and_unhook(setup) -> 
 
     adapter.set_state(rt.model, state)
     settings = TrainSettings(lr=LR, optimizer="sgd", batch_size=1, lr_schedule="constant")
-    result, mech = train_local_dp(
-        rt.model,
-        normal[:1],
-        settings,
-        noise_multiplier=1.0,
-        max_grad_norm=C,
-        steps=3,
-        pad_id=int(rt.base.tokenizer.pad_token_id),
-        seed=123,
-        precision="fp32",
-    )
+    steps: list[tuple[int, int, float | None]] = []
+    with progress.reporting(lambda *step: steps.append(step)):
+        result, mech = train_local_dp(
+            rt.model,
+            normal[:1],
+            settings,
+            noise_multiplier=1.0,
+            max_grad_norm=C,
+            steps=3,
+            pad_id=int(rt.base.tokenizer.pad_token_id),
+            seed=123,
+            precision="fp32",
+        )
+    assert steps == [(1, 3, None), (2, 3, None), (3, 3, None)]  # every step reported, no loss under DP
     moved = l2_norm(compute_delta(adapter.get_state(rt.model), state))
     assert moved > 0  # noise moved the adapter whatever was sampled
     assert (mech.noise_multiplier, mech.sample_rate, mech.steps) == (1.0, 1.0, 3)
