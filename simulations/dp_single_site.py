@@ -24,7 +24,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results" / "dp_single_site.jsonl"
 
 
-def main() -> int:
+def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
     p.add_argument("--site", default="st-elsewhere")
@@ -40,7 +40,11 @@ def main() -> int:
     p.add_argument("--clip", type=float, default=1.0, help="per-sample clipping norm")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
-    a = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> int:
+    a = _args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch

@@ -143,6 +143,21 @@ def test_every_hospital_refuses_a_foreign_app_even_from_the_coordinators_own_cha
         assert kinds[-1] == "train/refused-run"  # what left is on record
 
 
+def _dial_names_the_same_causes(
+    fed: Loopback, *, wrong: Path, stranger: Path, admitted: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`client check --dial` names the same causes, one line each, before any daemon starts."""
+    capsys.readouterr()
+    assert main(["client", "check", "--dial", "--config", str(wrong)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"dial {fed.address}: TLS mismatch: the coordinator's certificate" in err
+    assert main(["client", "check", "--dial", "--config", str(stranger)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"node key not registered: the coordinator at {fed.address} does not know" in err
+    assert main(["client", "check", "--dial", "--config", str(admitted)]) == 0
+    assert f"dial {fed.address}: OK: reached; TLS verified with `coordinator.ca`" in capsys.readouterr().out
+
+
 def test_a_stranger_a_wrong_ca_and_a_hospital_without_tls_are_refused_in_one_line(
     fed: Loopback, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -194,16 +209,7 @@ def test_a_stranger_a_wrong_ca_and_a_hospital_without_tls_are_refused_in_one_lin
     for console in ("harbor-county.out", "wrong.out"):
         shown = (fed.root / console).read_text()
         assert shown.count(" ERROR ") == 1 and "Traceback" not in shown and "Exit Code" not in shown, shown
-    # `client check --dial` names the same causes, one line each, before any daemon starts
-    capsys.readouterr()
-    assert main(["client", "check", "--dial", "--config", str(wrong)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"dial {fed.address}: TLS mismatch: the coordinator's certificate" in err
-    assert main(["client", "check", "--dial", "--config", str(stranger)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"node key not registered: the coordinator at {fed.address} does not know" in err
-    assert main(["client", "check", "--dial", "--config", str(admitted)]) == 0
-    assert f"dial {fed.address}: OK: reached; TLS verified with `coordinator.ca`" in capsys.readouterr().out
+    _dial_names_the_same_causes(fed, wrong=wrong, stranger=stranger, admitted=admitted, capsys=capsys)
     # the admitted hospital, dialled alongside its running daemon, is undisturbed: connected, ready
     code, state = fed.health("st-elsewhere", "/health/ready")
     assert code == 200 and state["state"] == "connected"

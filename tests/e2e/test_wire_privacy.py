@@ -16,6 +16,7 @@ from fedtune import wire
 from fedtune.checkpoint import load_checkpoint
 from fedtune.config import replace
 from fedtune.experiments.simulate import prepare_run, run_simulation
+from fedtune.runfolder import RunFolder
 from fedtune.security.envelope import open_envelope
 from fedtune.security.keys import AllowList, load_private
 
@@ -73,7 +74,12 @@ def test_only_sealed_envelopes_and_no_patient_text_leave(tiny_cfg, tmp_path: Pat
             leaked = [n for n in needles if n in blob]
             assert not leaked, f"{path.name} carries training text: {leaked[:3]}"
 
-    # each hospital's audit trail holds exactly what it sent, with the privacy spent so far
+    _the_audit_trails_hold_what_was_sent(folder, sent)
+    _the_trails_verify_against_the_witness_and_a_forgery_does_not(folder, tmp_path)
+
+
+def _the_audit_trails_hold_what_was_sent(folder: RunFolder, sent: list[Path]) -> None:
+    """Each hospital's audit trail holds exactly what it sent, with the privacy spent so far."""
     from fedtune.client.audit import AuditLog
     from fedtune.client.commands import privacy_report
 
@@ -93,9 +99,11 @@ def test_only_sealed_envelopes_and_no_patient_text_leave(tiny_cfg, tmp_path: Pat
 
     assert sorted(audited) == sorted((hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size) for p in sent)
 
-    # the coordinator witnessed every sealed reply: each trail verifies against its witness ...
+
+def _the_trails_verify_against_the_witness_and_a_forgery_does_not(folder: RunFolder, tmp_path: Path) -> None:
+    """The coordinator witnessed every sealed reply: each trail verifies against its witness ..."""
     from fedtune.cli import main
-    from fedtune.client.audit import record_hash
+    from fedtune.client.audit import AuditLog, record_hash
     from fedtune.security.witness import load_witness
 
     for site in folder.sites():
