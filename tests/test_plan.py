@@ -173,3 +173,22 @@ def test_a_real_training_peak_is_within_tolerance(tmp_path: Path) -> None:
     assert predicted > 150  # the logits alone: 4 x 128 x 32000 float32, several copies
     print(f"small model, fp32, 4 x 128: predicted {predicted:.0f} MB, measured {measured:.0f} MB")
     assert abs(predicted / measured - 1) < 0.20, (predicted, measured)
+
+
+def test_the_readme_plan_line_runs_as_written_and_prints_its_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's `fedtune plan` command, taken from the README itself, prints the 8B row the
+    README quotes (14.8 GiB with checkpointing, 2.9 GiB for 16 hospitals' merge)."""
+    import re
+    import shlex
+
+    from fedtune.cli import main
+
+    readme = (ROOT / "README.md").read_text()
+    (line,) = re.findall(r"^`(fedtune plan llama-8b [^`]+)`", readme, flags=re.M)
+    assert main(shlex.split(line)[1:]) == 0
+    out = capsys.readouterr().out
+    row = re.search(r"^\| Llama-3\.1-8B \(`llama-8b`\) \| ([\d.]+) GiB \|.*\| ([\d.]+) GiB \|$", readme, flags=re.M)
+    assert row is not None
+    hospital, merge = re.findall(r"peak\s+[\d,]+\s+=\s+([\d.]+) GiB", out)
+    assert f"{float(hospital):.1f}" == row.group(1) and f"{float(merge):.1f}" == row.group(2)
+    assert "fits a 24 GiB GPU (hospital): yes" in out
