@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import random
 import socket
 import subprocess
 import sys
@@ -39,8 +40,39 @@ def console_script(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+_LOWEST = 20000
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_start() -> int:
+    """Where the kernel's ephemeral ports (port 0 binds, outgoing connections) begin."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A loopback TCP port nothing listens on now, for a server fedtune starts next.
+
+    Picked at random below the kernel's ephemeral range and never twice by this process: a
+    port the kernel hands out for port 0 is also what it hands the next outgoing connection
+    or port-0 bind of any process, so two federations started side by side (pytest-xdist's
+    workers) took each other's ports in the moment before their servers bound them."""
+    start = _ephemeral_start()
+    rng = random.SystemRandom()
+    for _ in range(100 if start - _LOWEST >= 1000 else 0):
+        port = rng.randrange(_LOWEST, start)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # no room below the range: the kernel's pick
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
