@@ -24,13 +24,16 @@ def slow_run(tmp_path: Path, name: str = "slow") -> Path:
     return run_cfg
 
 
-def live_run(fed: Loopback, round_at_least: int) -> tuple[str, dict[str, object]]:
-    """Wait (bounded) until `fedtune status` shows a run live in round ``round_at_least`` or later, training."""
+def live_run(fed: Loopback, round_at_least: int, hospitals: int = 0) -> tuple[str, dict[str, object]]:
+    """Wait (bounded) until `fedtune status` shows a run live in round ``round_at_least`` or later,
+    training, with at least ``hospitals`` hospitals sampled (a round's status names its phase
+    a moment before its first hospital)."""
     seen: list[tuple[str, dict[str, object]]] = []
 
     def live() -> bool:
         for run, entry in status_data(fed.home)["live"].items():
-            if int(entry["round"]) >= round_at_least and entry["phase"] == "train":
+            rows = entry.get("hospitals") or []
+            if int(entry["round"]) >= round_at_least and entry["phase"] == "train" and len(rows) >= hospitals:
                 seen.append((run, entry))
                 return True
         return False

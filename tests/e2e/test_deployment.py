@@ -276,7 +276,7 @@ def test_a_run_every_hospital_refuses_exits_non_zero_and_exports_nothing(fed: Lo
 def test_ctrl_c_of_fedtune_run_stops_the_run_at_the_coordinator(fed: Loopback, tmp_path: Path) -> None:
     run = fedtune_process("run", str(slow_run(tmp_path)), "--home", str(fed.home.root), log=tmp_path / "run.out")
     try:
-        run_name, live = live_run(fed, 1)
+        run_name, live = live_run(fed, 1, hospitals=len(NAMES))
         # while it trains, `fedtune status` names the Flower run and every hospital's state in the round
         run_id = str(live["flower-run-id"])
         assert run_id in {r["run-id"] for r in flwr_cli(fed.home, "ls")["runs"]}
