@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.atomic import atomic_write_json
-from fedtune.checkpoint import MetricsLog, latest_round
+from fedtune.checkpoint import latest_round
 from fedtune.config import ExperimentConfig
+from fedtune.experiments.report import round_records
+from fedtune.runfolder import RunFolder
 from fedtune.tracking import Parent, Say, Tracker
 from fedtune.tracking.flatten import params, round_metrics, summary_metrics
 
@@ -140,8 +142,7 @@ class MlflowRun(Tracker):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + BATCH])
 
     def _rounds(self) -> None:
-        records = [r for r in MetricsLog(self.root / "metrics.jsonl").read() if r.get("kind") == "round"]
-        for record in records:
+        for record in round_records(RunFolder(self.root)):
             if int(record["round"]) > self.logged:
                 self._log(round_metrics(record), int(record["round"]))
                 self.logged = int(record["round"])
