@@ -9,15 +9,14 @@ the hospital's own page (``/``, :mod:`fedtune.client.page`), read-only. The stat
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from fedtune.client.causes import Identity
-from fedtune.pages.serve import PageRoutes, send
+from fedtune.pages.serve import Answer, PageRoutes, http_server, send, stop_server
 
 
 def utc_now() -> str:
@@ -60,8 +59,6 @@ class HealthServer:
     """``daemon.health``: ``/health``, ``/health/live``, ``/health/ready``, on loopback, in a thread."""
 
     def __init__(self, host: str, port: int, link: Link, page: PageRoutes | None = None) -> None:
-        import socket
-
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 route = self.path.split("?", 1)[0].rstrip("/")
@@ -74,27 +71,16 @@ class HealthServer:
                     code = 200 if doc["ready"] else 503
                 else:
                     code, doc = 404, {"error": "not found; try /health, /health/live or /health/ready"}
-                body = (json.dumps(doc) + "\n").encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                send(self, Answer(code, (json.dumps(doc) + "\n").encode(), "application/json", {}))
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
                 return  # probes every few seconds are not worth a log line
 
-        class Server(ThreadingHTTPServer):
-            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            daemon_threads = True
-
-        self.server = Server((host, port), Handler)
+        self.server = http_server(host, port, Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, name="fedtune-health", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
     def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            self.server.shutdown()
-            self.server.server_close()
+        stop_server(self.server)

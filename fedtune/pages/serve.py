@@ -113,13 +113,8 @@ class PageServer:
         check_bind(host, port, setting=setting, tls=certfile is not None and keyfile is not None, token=token, how=how)
         self.tls = certfile is not None and keyfile is not None
         handler = _handler(PageRoutes(state, page=page, token=token, secure=self.tls))
-
-        class Server(ThreadingHTTPServer):
-            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            daemon_threads = True
-
         try:
-            self.server = Server((host, port), handler)
+            self.server = http_server(host, port, handler)
         except OSError as err:
             raise ConfigError(
                 f"`{setting}` {host}:{port} cannot be served ({err.strerror}); give another port"
@@ -143,9 +138,23 @@ class PageServer:
         return self
 
     def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            self.server.shutdown()
-            self.server.server_close()
+        stop_server(self.server)
+
+
+def http_server(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """A threaded HTTP server on ``host`` (IPv4 or IPv6) whose request threads never hold the process."""
+
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        daemon_threads = True
+
+    return Server((host, port), handler)
+
+
+def stop_server(server: ThreadingHTTPServer) -> None:
+    with contextlib.suppress(OSError):
+        server.shutdown()
+        server.server_close()
 
 
 @dataclass(frozen=True)
