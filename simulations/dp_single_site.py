@@ -40,6 +40,11 @@ def _args() -> argparse.Namespace:
     p.add_argument("--clip", type=float, default=1.0, help="per-sample clipping norm")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    p.add_argument("--ffa", action="store_true", help="train only B (A frozen at its seeded start), as `ffa` does")
+    p.add_argument("--schedule", default="constant", choices=("constant", "linear", "cosine"))
+    p.add_argument("--warmup", type=int, default=0, help="warm-up steps")
+    p.add_argument("--eval", type=int, default=10, help="held-out records evaluated")
+    p.add_argument("--max-length", type=int, default=256)
     return p.parse_args()
 
 
@@ -59,15 +64,25 @@ def main() -> int:
     torch.manual_seed(0)
     lora = LoraSettings(rank=a.rank, alpha=2 * a.rank, target_modules=tuple(a.targets.split(",")))
     runtime = SiteRuntime(ModelSettings(source=a.model), lora)
-    train, held = clinical.generate(len(clinical.HOSPITALS), n_train=a.n, n_eval=10, seed=0)[a.site]
-    data = site_data(runtime, a.site, train, held, 256)
-    settings = TrainSettings(batch_size=a.batch, grad_accum=a.accum, local_steps=a.steps, lr=a.lr)
+    train, held = clinical.generate(len(clinical.HOSPITALS), n_train=a.n, n_eval=a.eval, seed=0)[a.site]
+    data = site_data(runtime, a.site, train, held, a.max_length)
+    runtime.load(runtime.state(), freeze_a=a.ffa)
+    settings = TrainSettings(
+        batch_size=a.batch,
+        grad_accum=a.accum,
+        local_steps=a.steps,
+        lr=a.lr,
+        lr_schedule=a.schedule,
+        warmup_steps=a.warmup,
+        max_length=a.max_length,
+    )
     q = sample_rate(settings, len(data.train_tokens))
     sigma = a.sigma
     if a.target_epsilon is not None:
         sigma = noise_for_target(target_epsilon=a.target_epsilon, delta=a.delta, sample_rate=q, steps=a.steps)
     pad = int(runtime.base.tokenizer.pad_token_id)
     start = time.perf_counter()
+    cpu_start = time.process_time()
     if sigma and sigma > 0:
         result, _ = train_local_dp(
             runtime.model,
@@ -83,6 +98,7 @@ def main() -> int:
         result = train_local(runtime.model, data.train_tokens, settings, pad_id=pad, seed=0)
         epsilon = None  # no DP
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
     ev = runtime.evaluate(runtime.state(), data, EvalSettings()).as_metrics()
     row = {
         **{k: v for k, v in vars(a).items() if k != "target_epsilon"},
@@ -90,6 +106,8 @@ def main() -> int:
         "epsilon": epsilon,
         "trainable": sum(p.numel() for p in runtime.model.parameters() if p.requires_grad),
         "train_s": round(seconds),
+        "train_cpu_s": round(cpu_seconds),
+        "examples_seen": result.examples_seen,
         "train_loss": round(result.mean_loss, 3),
         "field_acc": round(ev["metric"], 3),
         "eval_loss": round(ev["loss"], 3),
