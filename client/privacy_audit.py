@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,11 +73,6 @@ def load_adapter(hospital: HospitalConfig, adapter_dir: Path) -> SiteRuntime:
     return runtime
 
 
-def choose_members(count: int, available: int, *, seed: int) -> list[int]:
-    """A seeded random subset of ``count`` (at most ``available``) training record indices."""
-    return sorted(random.Random(f"privacy-audit/{seed}").sample(range(available), min(count, available)))
-
-
 def privacy_audit(
     config: Path,
     adapter_dir: Path,
@@ -89,7 +83,7 @@ def privacy_audit(
     max_length: int = 256,
 ) -> tuple[dict[str, Any], Path]:
     """Audit ``adapter_dir`` on hospital ``config``'s records; the report and where it was written."""
-    from fedtune.privacy.audit import membership_audit
+    from fedtune.privacy.audit import member_subset, membership_audit
 
     hospital = load_hospital_config(config, check_files=False)  # no keys needed: nothing is sent
     if members < 0:
@@ -99,7 +93,7 @@ def privacy_audit(
         raise ConfigError(
             f"{hospital.source}: the audit needs training and held-out records (`data.train`, `data.eval`)"
         )
-    chosen = choose_members(members or len(held), len(train), seed=seed)
+    chosen = member_subset(members or len(held), len(train), seed=seed)
     runtime = load_adapter(hospital, adapter_dir)
     try:
         member_tokens = runtime.tokenize([train[i] for i in chosen], max_length)
