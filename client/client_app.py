@@ -233,7 +233,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     # a hospital at its own rank (`svd`) evaluates the global adapter at that rank: what it can run
     own = site.rule.local_start(instruction.state, rank=site.runtime.lora.rank)
     result = site.runtime.evaluate(own, site.data, site.cfg.eval)
-    audit_round(site, context, own, instruction.server_round)  # [privacy_audit]: written locally, never replied
+    audit_round(site, context, own, instruction)  # [privacy_audit]: written locally, never replied
     metrics = {
         "loss-sum": result.loss_sum,
         "tokens": result.tokens,

@@ -22,15 +22,17 @@ from fedtune.privacy.audit import from_scores, member_subset, record_scores
 from fedtune.privacy.audit_data import SiteAudit, read_audit_data, results_path
 from fedtune.privacy.canaries import canary_exposure, exposure_summary
 from fedtune.progress import append_record
+from fedtune.wire import RoundInstruction
 
 
-def audit_round(site: Site, context: Context, state: dict[str, torch.Tensor], server_round: int) -> None:
-    """Audit ``state`` (the global adapter as this hospital runs it) when the run asks for it.
+def audit_round(site: Site, context: Context, state: dict[str, torch.Tensor], instruction: RoundInstruction) -> None:
+    """Audit ``state`` (the global adapter of ``instruction``'s round as this hospital runs it)
+    when the run asks for it (``privacy_audit.every``: this round, or the last).
 
     Simulated hospitals only: a real hospital runs ``fedtune client privacy-audit`` itself.
     """
-    settings = site.cfg.privacy_audit
-    if not settings.enabled or "hospital-config" in context.node_config:
+    settings, server_round = site.cfg.privacy_audit, instruction.server_round
+    if not settings.audits(server_round, instruction.num_rounds) or "hospital-config" in context.node_config:
         return
     run_dir = Path(str(context.run_config["run-dir"]))
     start = time.perf_counter()

@@ -14,11 +14,13 @@ from flwr.app import Context, RecordDict
 from fedtune.client.sim_audit import audit_round
 from fedtune.client.site import Sites
 from fedtune.config import ExperimentConfig, TrainSettings, replace
+from fedtune.errors import ConfigError
 from fedtune.experiments.audit_report import audit_records, audit_summary, final_audit
 from fedtune.experiments.report import write_summary
 from fedtune.experiments.simulate import prepare_run
 from fedtune.privacy.audit_data import read_audit_data, results_path
 from fedtune.runfolder import RunFolder
+from fedtune.wire import RoundInstruction
 
 AUDIT = {"membership": True, "nonmembers": 6, "canaries": 2, "canary_repeats": 3, "canary_candidates": 20}
 
@@ -74,7 +76,7 @@ def test_a_simulated_hospital_audits_into_its_own_file(cfg: ExperimentConfig, tm
         site.runtime.train_steps(start, site.data, TrainSettings(lr=1e-2, batch_size=6), steps=10, seed=0)
         trained = site.runtime.state()
         for rnd in (1, 2):
-            audit_round(site, _context(folder.root, partition), trained, rnd)
+            audit_round(site, _context(folder.root, partition), trained, RoundInstruction(trained, rnd, 2))
         lines = [json.loads(line) for line in results_path(folder.root, name).read_text().splitlines()]
         assert [(r["round"], r["site"]) for r in lines] == [(1, name), (2, name)]
         membership = lines[0]["membership"]
@@ -86,7 +88,7 @@ def test_a_simulated_hospital_audits_into_its_own_file(cfg: ExperimentConfig, tm
         assert all(0 <= canaries[k]["mean"] <= math.log2(21) + 1e-9 for k in ("inserted", "fresh"))
     # a real hospital's daemon does not audit here (it runs `fedtune client privacy-audit` itself)
     hospital = Context(1, 9, {"hospital-config": "x"}, RecordDict(), {"run-dir": str(tmp_path / "elsewhere")})
-    audit_round(site, hospital, trained, 3)
+    audit_round(site, hospital, trained, RoundInstruction(trained, 2, 2))
     assert not (tmp_path / "elsewhere").exists() and len(audit_records(folder)) == 4
 
     # the researcher's report: a row per round and hospital, and the final round pooled for a sweep
@@ -98,6 +100,19 @@ def test_a_simulated_hospital_audits_into_its_own_file(cfg: ExperimentConfig, tm
     final = final_audit(folder.root)
     assert final["audit round"] == 2 and final["audit AUC [95% CI]"].count("[") == 1
     assert " / " in final["canary exposure inserted / fresh (bits)"]
+
+
+def test_which_rounds_are_audited() -> None:
+    from fedtune.config import PrivacyAuditSettings
+
+    assert [r for r in range(1, 6) if PrivacyAuditSettings(membership=True).audits(r, 5)] == [1, 2, 3, 4, 5]
+    assert [r for r in range(1, 6) if PrivacyAuditSettings(canaries=1, every=2).audits(r, 5)] == [2, 4, 5]
+    assert [r for r in range(1, 6) if PrivacyAuditSettings(membership=True, every=0).audits(r, 5)] == [5]
+    assert not PrivacyAuditSettings().audits(5, 5)  # off by default
+    with pytest.raises(ConfigError, match="privacy_audit.every"):
+        PrivacyAuditSettings(every=-1)
+    with pytest.raises(ConfigError, match="privacy_audit.nonmembers"):
+        PrivacyAuditSettings(nonmembers=1)
 
 
 def test_a_run_without_audits_reports_none(tiny_cfg: ExperimentConfig, tmp_path: Path) -> None:
