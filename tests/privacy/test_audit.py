@@ -162,7 +162,8 @@ def test_scores_are_base_minus_adapted_loss(runtime: SiteRuntime, start: dict[st
     with runtime.model.disable_adapter():
         base = record_losses(runtime.model, tokens, pad_id=pad(runtime), batch_size=5)
     scores = record_scores(runtime.model, tokens, pad_id=pad(runtime), batch_size=3)
-    assert scores == pytest.approx([b - a for b, a in zip(base, adapted, strict=True)], abs=1e-5)
+    # batches of other sizes pad differently: float32 sums differ in the last digits
+    assert scores == pytest.approx([b - a for b, a in zip(base, adapted, strict=True)], abs=1e-4)
     assert any(abs(s) > 1e-3 for s in scores)
 
 
