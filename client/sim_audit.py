@@ -11,13 +11,16 @@ hospital's side; nothing of it goes into the reply.
 from __future__ import annotations
 
 import time
+from logging import ERROR
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import Context
+from flwr.supercore import log
 
 from fedtune.client.site import Site
+from fedtune.errors import FedTuneError
 from fedtune.privacy.audit import from_scores, member_subset, record_scores
 from fedtune.privacy.audit_data import SiteAudit, read_audit_data, results_path
 from fedtune.privacy.canaries import canary_exposure, exposure_summary
@@ -39,10 +42,14 @@ def audit_round(site: Site, context: Context, state: dict[str, torch.Tensor], in
     site.runtime.load(state, freeze_a=False)
     audit = read_audit_data(run_dir, site.data.site)
     record: dict[str, Any] = {"round": server_round, "site": site.data.site}
-    if settings.membership:
-        record["membership"] = _membership(site, audit, seed=site.cfg.run.seed + server_round)
-    if audit.inserted:
-        record["canaries"] = _canaries(site, audit, seed=site.cfg.run.seed + server_round)
+    try:
+        if settings.membership:
+            record["membership"] = _membership(site, audit, seed=site.cfg.run.seed + server_round)
+        if audit.inserted:
+            record["canaries"] = _canaries(site, audit, seed=site.cfg.run.seed + server_round)
+    except (FedTuneError, ValueError, RuntimeError) as err:  # an optional measurement never fails the round
+        log(ERROR, "%s: privacy audit of round %d failed: %s", site.data.site, server_round, err)
+        record["error"] = f"{type(err).__name__}: {err}"
     record["seconds"] = round(time.perf_counter() - start, 3)
     path = results_path(run_dir, site.data.site)
     path.parent.mkdir(parents=True, exist_ok=True)

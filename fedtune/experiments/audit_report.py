@@ -65,6 +65,7 @@ def audit_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "TPR@1%FPR [95% CI]": _interval(m["tpr_at_1fpr"], m["tpr_low"], m["tpr_high"]) if m else "",
                 "members / nonmembers": f"{m['members']} / {m['nonmembers']}" if m else "",
                 "canary exposure inserted / fresh (bits)": _exposure(r),
+                **({"error": r["error"]} if "error" in r else {}),
             }
         )
     return rows

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 from flwr.app import Context, RecordDict
 
+from fedtune.client import sim_audit
 from fedtune.client.sim_audit import audit_round
 from fedtune.client.site import Sites
 from fedtune.config import ExperimentConfig, TrainSettings, replace
 from fedtune.errors import ConfigError
-from fedtune.experiments.audit_report import audit_records, audit_summary, final_audit
+from fedtune.experiments.audit_report import audit_records, audit_rows, audit_summary, final_audit
 from fedtune.experiments.report import write_summary
 from fedtune.experiments.simulate import prepare_run
 from fedtune.privacy.audit_data import read_audit_data, results_path
@@ -100,6 +101,23 @@ def test_a_simulated_hospital_audits_into_its_own_file(cfg: ExperimentConfig, tm
     final = final_audit(folder.root)
     assert final["audit round"] == 2 and final["audit AUC [95% CI]"].count("[") == 1
     assert " / " in final["canary exposure inserted / fresh (bits)"]
+
+
+def test_a_failed_audit_is_written_down_and_never_fails_the_round(
+    cfg: ExperimentConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = prepare_run(replace(cfg, privacy_audit={"canaries": 0}), run_dir=tmp_path / "run")
+    site = Sites().simulated(folder.root, 0)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("a membership audit needs at least one member")
+
+    monkeypatch.setattr(sim_audit, "_membership", broken)
+    audit_round(site, _context(folder.root, 0), site.runtime.state(), RoundInstruction({}, 2, 2))
+    (record,) = audit_records(folder)
+    assert record["error"] == "ValueError: a membership audit needs at least one member"
+    assert "membership" not in record and "canaries" not in record
+    assert audit_rows([record])[0]["error"].startswith("ValueError")
 
 
 def test_which_rounds_are_audited() -> None:
