@@ -20,6 +20,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dp_single_site.jsonl"
 
@@ -56,10 +57,9 @@ def main() -> int:
 
     from fedtune.config import EvalSettings, LoraSettings, ModelSettings, TrainSettings
     from fedtune.data import clinical
-    from fedtune.privacy.accounting import Mechanism, epsilon_spent, noise_for_target
-    from fedtune.privacy.dpsgd import sample_rate, train_local_dp
+    from fedtune.privacy.accounting import noise_for_target
+    from fedtune.privacy.dpsgd import sample_rate
     from fedtune.runtime import SiteRuntime, site_data
-    from fedtune.train import train_local
 
     torch.manual_seed(0)
     lora = LoraSettings(rank=a.rank, alpha=2 * a.rank, target_modules=tuple(a.targets.split(",")))
@@ -80,25 +80,9 @@ def main() -> int:
     sigma = a.sigma
     if a.target_epsilon is not None:
         sigma = noise_for_target(target_epsilon=a.target_epsilon, delta=a.delta, sample_rate=q, steps=a.steps)
-    pad = int(runtime.base.tokenizer.pad_token_id)
-    start = time.perf_counter()
-    cpu_start = time.process_time()
-    if sigma and sigma > 0:
-        result, _ = train_local_dp(
-            runtime.model,
-            data.train_tokens,
-            settings,
-            noise_multiplier=sigma,
-            max_grad_norm=a.clip,
-            steps=a.steps,
-            pad_id=pad,
-        )
-        epsilon = epsilon_spent([Mechanism(sigma, q, a.steps)], delta=a.delta)
-    else:
-        result = train_local(runtime.model, data.train_tokens, settings, pad_id=pad, seed=0)
-        epsilon = None  # no DP
-    seconds = time.perf_counter() - start
-    cpu_seconds = time.process_time() - cpu_start
+    start, cpu_start = time.perf_counter(), time.process_time()
+    result, epsilon = _train(a, runtime, data, settings, sigma or 0.0, q)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     ev = runtime.evaluate(runtime.state(), data, EvalSettings()).as_metrics()
     row = {
         **{k: v for k, v in vars(a).items() if k != "target_epsilon"},
@@ -117,6 +101,29 @@ def main() -> int:
     with open(RESULTS, "a") as f:
         f.write(json.dumps(row) + "\n")
     return 0
+
+
+def _train(
+    a: argparse.Namespace, runtime: Any, data: Any, settings: Any, sigma: float, q: float
+) -> tuple[Any, float | None]:
+    """DP-SGD at noise ``sigma`` (0: the federation's non-private loop); the result and epsilon spent."""
+    from fedtune.privacy.accounting import Mechanism, epsilon_spent
+    from fedtune.privacy.dpsgd import train_local_dp
+    from fedtune.train import train_local
+
+    pad = int(runtime.base.tokenizer.pad_token_id)
+    if sigma <= 0:
+        return train_local(runtime.model, data.train_tokens, settings, pad_id=pad, seed=0), None
+    result, _ = train_local_dp(
+        runtime.model,
+        data.train_tokens,
+        settings,
+        noise_multiplier=sigma,
+        max_grad_norm=a.clip,
+        steps=a.steps,
+        pad_id=pad,
+    )
+    return result, epsilon_spent([Mechanism(sigma, q, a.steps)], delta=a.delta)
 
 
 if __name__ == "__main__":
