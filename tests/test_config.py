@@ -89,3 +89,18 @@ def test_hospitals_sampled_per_round_follow_flowers_rule() -> None:
     assert load_config(None, {"data.hospitals": 4, "federation.fraction_train": 0.5}).sampled_per_round() == 2
     assert load_config(None, {"data.hospitals": 3, "federation.fraction_train": 0.7}).sampled_per_round() == 2
     assert load_config(None, {"data.hospitals": 3, "federation.fraction_train": 0.1}).sampled_per_round() == 1
+
+
+def test_every_shipped_experiment_loads() -> None:
+    """The configs in simulations/ that the README and docs tell people to run parse whole."""
+    paths = sorted((ROOT / "simulations").glob("*.toml"))
+    assert {p.name for p in paths} >= {"default.toml", "dp.toml", "dp_realistic.toml", "strategies.toml"}
+    from fedtune.experiments.compare import load_plan
+
+    for path in paths:
+        if path.name == "strategies.toml":  # a comparison plan: its variants are whole configs
+            assert len(load_plan(path)) >= 2
+        else:
+            load_config(path)
+    realistic = load_config(ROOT / "simulations" / "dp_realistic.toml")
+    assert realistic.data.train_per_hospital == 2000 and realistic.privacy_audit.membership
