@@ -24,6 +24,7 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.supercore import log
 
 from fedtune import progress, wire
+from fedtune.client import release
 from fedtune.client.audit import Outgoing
 from fedtune.client.dp_round import open_ledger, private_train_round
 from fedtune.client.ledger_rollback import LedgerRolledBack, check_ledger_current
@@ -232,6 +233,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     # a hospital at its own rank (`svd`) evaluates the global adapter at that rank: what it can run
     own = site.rule.local_start(instruction.state, rank=site.runtime.lora.rank)
     result = site.runtime.evaluate(own, site.data, site.cfg.eval)
+    release.consider(site, instruction.server_round, own, result)  # a hospital's own adoption; nothing is sent
     metrics = {
         "loss-sum": result.loss_sum,
         "tokens": result.tokens,

@@ -46,6 +46,7 @@ class Site:
     audit_path: Path
     refusal: str = ""  # the hospital's policy refuses this run's rounds, and says why
     progress_file: Path | None = None  # a simulated hospital's training steps go here (fedtune.progress)
+    hospital: HospitalConfig | None = None  # a real hospital's hospital.toml (None: a simulated site)
 
     @property
     def rule(self) -> MergeRule:
@@ -183,6 +184,7 @@ class Sites:
             hospital.ledger_path,
             hospital.audit_path,
             refusal,
+            hospital=hospital,
         )
         self._hospital = (key, site)
         return site
