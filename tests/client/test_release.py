@@ -287,3 +287,58 @@ def test_the_release_command_shows_the_adopted_adapter_and_the_decisions(
     doc = json.loads(capsys.readouterr().out)
     assert doc["adopted"]["round"] == 2 and [d["round"] for d in doc["decisions"]] == [2, 3]
     assert doc["path"] == str(folder / "adapters" / sha[:16])
+
+
+def test_new_held_out_records_score_the_adopted_adapter_again(
+    tiny: tuple[SiteRuntime, SiteData], tmp_path: Path
+) -> None:
+    rt, data = tiny
+    site = _site(tiny, tmp_path, LOSS_RULE, run="run-z")
+    store = ReleaseStore(site.hospital.release_dir)  # type: ignore[union-attr]
+    first = _trained(rt, data, rt.state(), seed=5)
+    _offer(site, 1, first)
+    adopted = store.adopted()
+    assert adopted is not None
+    other = clinical.generate(1, n_train=16, n_eval=4, seed=9)["st-elsewhere"][1]  # the hospital's new eval file
+    moved = dataclasses.replace(site, data=site_data(rt, "st-elsewhere", data.train, other, 256))
+    expected = rt.evaluate(first, moved.data, site.cfg.eval)
+    current = release.current_scores(moved, store, adopted)
+    assert current.loss == pytest.approx(expected.loss) and current.label == "the adopted adapter's"
+    assert abs(expected.loss - adopted["metrics"]["loss"]) > 1e-6  # other records, another score
+    again = store.adopted()
+    assert again is not None and again["heldout"] == release.heldout_key(moved) != adopted["heldout"]
+    assert again["metrics"]["loss"] == pytest.approx(expected.loss) and again["sha256"] == adopted["sha256"]
+
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_the_audit_rule_rejects_an_adapter_that_gives_its_training_records_away(
+    tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # every linear layer at rank 16: enough for the tiny model to memorise its 12 training records
+    lora = LoraSettings(rank=16, alpha=32, target_modules=ALL_LINEAR)
+    rt = SiteRuntime(ModelSettings(source="tiny", precision="fp32", threads=1), lora)
+    train, held = clinical.generate(1, n_train=12, n_eval=12, seed=0)["st-elsewhere"]
+    data = site_data(rt, "st-elsewhere", train, held, 256)
+    overfit = TrainSettings(lr=1e-2, batch_size=6, max_length=256, lr_schedule="constant")
+    rt.train_steps(rt.state(), data, overfit, steps=40, seed=0)
+    candidate = rt.state()
+    strict = ReleasePolicy(metric="loss", max_drop=10.0, max_audit_auc=0.8, audit_members=10)
+    site = _site((rt, data), tmp_path / "strict", strict)
+    store = ReleaseStore(site.hospital.release_dir)  # type: ignore[union-attr]
+    with caplog.at_level("WARNING"):
+        _offer(site, 1, candidate)
+    (last,) = store.decisions()
+    assert (last["decision"], last["rule"]) == ("rejected", "release.max_audit_auc") and store.adopted() is None
+    audit = last["audit"]
+    assert audit["auc"] > 0.8 and (audit["members"], audit["nonmembers"]) == (10, 10)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"membership-inference AUC {audit['auc']:.3f} (interval {audit['auc_low']:.3f}-" in warning
+    assert warning.endswith("is above release.max_audit_auc = 0.8; keeping the base model (no adapter adopted yet)")
+
+    loose = _site((rt, data), tmp_path / "loose", dataclasses.replace(strict, max_audit_auc=1.0))
+    _offer(loose, 1, candidate)  # the same adapter under a bound it keeps: adopted, its audit kept with it
+    adopted = ReleaseStore(loose.hospital.release_dir).adopted()  # type: ignore[union-attr]
+    assert adopted is not None and adopted["audit"] == audit  # the audit is seeded: the same result
+    assert "<= release.max_audit_auc = 1" in ReleaseStore(loose.hospital.release_dir).decisions()[-1]["reason"]  # type: ignore[union-attr]
