@@ -233,7 +233,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     # a hospital at its own rank (`svd`) evaluates the global adapter at that rank: what it can run
     own = site.rule.local_start(instruction.state, rank=site.runtime.lora.rank)
     result = site.runtime.evaluate(own, site.data, site.cfg.eval)
-    release.consider(site, instruction.server_round, own, result)  # a hospital's own adoption; nothing is sent
+    release.consider(site, instruction.server_round, own, result, SITES.event_log)  # the hospital's; nothing is sent
     metrics = {
         "loss-sum": result.loss_sum,
         "tokens": result.tokens,

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from logging import ERROR, INFO, WARNING
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -119,41 +120,55 @@ def heldout_key(site: Site) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def _log(level: int, message: str, *args: object) -> None:
+Say = Callable[[str, str], None]  # (level name, message): the daemon's log
+
+
+def _flower_log(level: str, message: str) -> None:
     from flwr.supercore import log
 
-    log(level, message, *args)
+    log(logging.getLevelNamesMapping()[level], "%s", message)
 
 
-def consider(site: Site, server_round: int, candidate: Mapping[str, torch.Tensor], result: EvalResult) -> None:
+def consider(
+    site: Site,
+    server_round: int,
+    candidate: Mapping[str, torch.Tensor],
+    result: EvalResult,
+    say: Say | None = None,
+) -> None:
     """The gate's decision on ``candidate`` (evaluated as ``result``), at a real hospital with the
-    gate on; never raises: an error is one ERROR line and the adopted adapter stays as it was."""
+    gate on; never raises: an error is one ERROR line and the adopted adapter stays as it was.
+    ``say``: the daemon's log (Flower's log when None)."""
     hospital = site.hospital
     if hospital is None or not hospital.release.enabled:
         return
+    say = say or _flower_log
     try:
-        _decide(site, hospital, server_round, dict(candidate), result)
+        _decide(site, hospital, server_round, dict(candidate), result, say)
     except Exception as err:  # the gate must never break the federation
         said = " ".join(str(err).split()) or type(err).__name__
-        _log(
-            ERROR,
-            "release gate failed on run %s round %d (the adopted adapter is unchanged): %s",
-            site.run_id,
-            server_round,
-            said,
+        say(
+            "ERROR",
+            f"release gate failed on run {site.run_id} round {server_round} (the adopted adapter is unchanged): {said}",
         )
 
 
 def _decide(
-    site: Site, hospital: HospitalConfig, server_round: int, candidate: dict[str, torch.Tensor], result: EvalResult
+    site: Site,
+    hospital: HospitalConfig,
+    server_round: int,
+    candidate: dict[str, torch.Tensor],
+    result: EvalResult,
+    say: Say,
 ) -> None:
     policy, store = hospital.release, ReleaseStore(hospital.release_dir)
+    name = f"run {site.run_id} round {server_round}"
     sha = adapter_sha256(candidate)
     adopted = store.adopted()
     if adopted is not None and adopted.get("sha256") == sha:
-        _log(INFO, "release gate: run %s round %d is the adopted adapter already", site.run_id, server_round)
+        say("INFO", f"release gate: {name} is the adopted adapter already")
         return
-    current = current_scores(site, store, adopted)
+    current = current_scores(site, store, adopted, say)
     scored = Measured.of(result)
     verdict = judge(policy, scored, current)
     audit = None
@@ -173,40 +188,38 @@ def _decide(
         "rule": verdict.rule,
         "reason": verdict.reason,
     }
-    kept = f"run {adopted['run']} round {adopted['round']}" if adopted else "the base model (no adapter adopted yet)"
     if not verdict.accepted:
         store.record(decision)
-        _log(
-            WARNING,
-            "release gate rejected run %s round %d: %s; keeping %s",
-            site.run_id,
-            server_round,
-            verdict.reason,
-            kept,
+        kept = (
+            f"run {adopted['run']} round {adopted['round']}" if adopted else "the base model (no adapter adopted yet)"
         )
+        say("WARNING", f"release gate rejected {name}: {verdict.reason}; keeping {kept}")
         return
-    record = {
-        "time": decision["time"],
-        "run": site.run_id,
-        "round": server_round,
-        "sha256": sha,
-        "base_sha256": site.runtime.base.sha256,
-        "heldout": heldout_key(site),
-        "metrics": {**scored.as_dict(), "exact": result.exact, "n": result.n},
-        "audit": decision["audit"],
-    }
+    folder = _adopt(site, store, decision, candidate, result)
+    store.record(decision)
+    say("INFO", f"release gate adopted {name}: {verdict.reason} ({folder})")
+
+
+def _adopt(
+    site: Site, store: ReleaseStore, decision: dict[str, Any], candidate: dict[str, torch.Tensor], result: EvalResult
+) -> Path:
+    """Write the accepted candidate as the adopted adapter (PEFT folder, then its record: the commit)."""
     runtime = site.runtime
-    folder = store.adopt(
+    record = {
+        **{k: decision[k] for k in ("time", "run", "round", "sha256", "audit")},
+        "base_sha256": runtime.base.sha256,
+        "heldout": heldout_key(site),
+        "metrics": {**decision["candidate"], "exact": result.exact, "n": result.n},
+    }
+    return store.adopt(
         record,
         lambda out: adapter.export_peft(
             out, candidate, runtime.lora, base_model_path=str(runtime.base.path), base_sha256=runtime.base.sha256
         ),
     )
-    store.record(decision)
-    _log(INFO, "release gate adopted run %s round %d: %s (%s)", site.run_id, server_round, verdict.reason, folder)
 
 
-def current_scores(site: Site, store: ReleaseStore, adopted: dict[str, Any] | None) -> Measured:
+def current_scores(site: Site, store: ReleaseStore, adopted: dict[str, Any] | None, say: Say = _flower_log) -> Measured:
     """What the hospital uses now, scored on its held-out records as they are now: the adopted
     adapter (scored again when the records or their scoring changed), else the base model."""
     key, runtime = heldout_key(site), site.runtime
@@ -222,7 +235,7 @@ def current_scores(site: Site, store: ReleaseStore, adopted: dict[str, Any] | No
         again = runtime.evaluate(state, site.data, site.cfg.eval)
     except FedTuneError as err:  # another base or adapter shape: its score on the earlier records stands
         metrics = adopted["metrics"]
-        _log(WARNING, "release gate: the adopted adapter cannot be scored again here (%s)", err)
+        say("WARNING", f"release gate: the adopted adapter cannot be scored again on these held-out records ({err})")
         stale = f"{label} (scored on earlier held-out records)"
         return Measured(float(metrics["field_accuracy"]), float(metrics["loss"]), stale)
     metrics = {**adopted["metrics"], **Measured.of(again).as_dict(), "exact": again.exact, "n": again.n}

@@ -90,6 +90,8 @@ class Sites:
         self.base_model_loads = 0  # how many times this process loaded a base model (1 when residency works)
         # a hospital's daemon: where its training steps are logged (fedtune.progress records)
         self.progress_log: Callable[[dict[str, Any]], None] | None = None
+        # a hospital's daemon: where the release gate's lines go (level, message), beside Flower's log
+        self.event_log: Callable[[str, str], None] | None = None
 
     def once(self, message: object, build: Callable[[], Site]) -> Site:
         """The site of ``message``, built by ``build`` the first time it is asked for.

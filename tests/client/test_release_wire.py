@@ -83,7 +83,7 @@ def _evaluate(config: Path, cfg: ExperimentConfig, state: dict[str, torch.Tensor
 
 
 def test_the_eval_reply_is_the_same_with_the_gate_on_off_or_failing(
-    hospitals: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    hospitals: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = load_config(None, {"model.source": "tiny", "train.max_length": 256, "eval.max_new_tokens": 4})
     site = client_app.SITES.hospital(hospitals["on"], cfg.to_toml(), str(hospitals["on"].parent / "runs" / "run-a"))
@@ -109,8 +109,10 @@ def test_the_eval_reply_is_the_same_with_the_gate_on_off_or_failing(
         raise RuntimeError("the disk\nwent away")
 
     monkeypatch.setattr(ReleaseStore, "adopted", broken)
-    with caplog.at_level("ERROR"):
-        failing = _evaluate(hospitals["on"], cfg, state)
+    said: list[tuple[str, str]] = []
+    monkeypatch.setattr(client_app.SITES, "event_log", lambda level, message: said.append((level, message)))
+    failing = _evaluate(hospitals["on"], cfg, state)  # in the daemon (which sets event_log: its JSON log)
     assert failing.metrics == on.metrics  # the reply still went out, the same
-    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert error == "release gate failed on run run-a round 1 (the adopted adapter is unchanged): the disk went away"
+    assert said == [
+        ("ERROR", "release gate failed on run run-a round 1 (the adopted adapter is unchanged): the disk went away")
+    ]
