@@ -17,10 +17,12 @@ hospital's page read it without loading a model):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,19 @@ ADOPTED = "adopted.json"
 BASELINE = "baseline.json"
 DECISIONS = "decisions.jsonl"
 ADAPTERS = "adapters"
+LOCK = ".lock"  # held while the state changes, and by `fedtune client backup` while it copies it
+
+
+@contextlib.contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """Hold the release state's lock (an exclusive ``flock``) for the block."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 class ReleaseStore:
@@ -64,11 +79,12 @@ class ReleaseStore:
         ``adopted.json`` atomically, then drop the folders no record names."""
         relative = f"{ADAPTERS}/{str(record['sha256'])[:16]}"
         target = self.folder / relative
-        write_adapter(target)
-        atomic_write_json(self.folder / ADOPTED, {**record, "adapter": relative})
-        for old in (self.folder / ADAPTERS).iterdir():
-            if old != target and old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
+        with locked(self.folder):
+            write_adapter(target)
+            atomic_write_json(self.folder / ADOPTED, {**record, "adapter": relative})
+            for old in (self.folder / ADAPTERS).iterdir():
+                if old != target and old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
         return target
 
     def update_adopted(self, record: dict[str, Any]) -> None:
@@ -85,17 +101,14 @@ class ReleaseStore:
 
     def record(self, decision: dict[str, Any]) -> None:
         """Append one decision and fsync it (a line a crash cut short is ended first)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / DECISIONS
-        fresh = not path.exists()
-        with open(path, "ab") as f:
+        with locked(self.folder), open(path, "ab") as f:
             if f.tell() and not _ends_with_newline(path):
                 f.write(b"\n")
             f.write((json.dumps(decision, sort_keys=True) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
-        if fresh:
-            fsync_dir(self.folder)
+        fsync_dir(self.folder)
 
     def decisions(self) -> list[dict[str, Any]]:
         """Every decision, oldest first (a line a crash cut short is skipped)."""
@@ -112,6 +125,14 @@ class ReleaseStore:
             if isinstance(doc, dict):
                 found.append(doc)
         return found
+
+    def files(self) -> list[Path]:
+        """What a backup holds (under :func:`locked`): the records, the history, the adopted adapter's folder."""
+        found = [self.folder / name for name in (ADOPTED, BASELINE, DECISIONS)]
+        adopted = self.adopted() if (self.folder / ADOPTED).is_file() else None
+        if adopted is not None:
+            found += sorted(p for p in self.adapter_dir(adopted).rglob("*") if p.is_file())
+        return [p for p in found if p.is_file()]
 
 
 def _ends_with_newline(path: Path) -> bool:

@@ -144,6 +144,22 @@ def test_a_degraded_adapter_is_rejected_and_the_previous_one_kept(
     _offer(site, 4, better)  # the same adapter again (a re-run round): nothing to decide
     assert len(store.decisions()) == 3
 
+    import tarfile
+
+    from fedtune.client.backup import backup
+
+    backup(site.hospital, tmp_path / "backup.tar.gz")  # type: ignore[arg-type]
+    with tarfile.open(tmp_path / "backup.tar.gz") as tar:
+        names = {n for n in tar.getnames() if n.startswith("state/release/")}
+    held = f"state/release/adapters/{now['sha256'][:16]}"
+    assert names == {
+        "state/release/adopted.json",
+        "state/release/baseline.json",
+        "state/release/decisions.jsonl",
+        f"{held}/adapter_config.json",
+        f"{held}/adapter_model.safetensors",
+    }
+
 
 def test_the_rule_on_field_accuracy_its_floor_and_the_audit_bound() -> None:
     rule = ReleasePolicy(max_drop=0.02, min_metric=0.3)
