@@ -147,10 +147,19 @@ def consider(
         _decide(site, hospital, server_round, dict(candidate), result, say)
     except Exception as err:  # the gate must never break the federation
         said = " ".join(str(err).split()) or type(err).__name__
-        say(
-            "ERROR",
-            f"release gate failed on run {site.run_id} round {server_round} (the adopted adapter is unchanged): {said}",
-        )
+        state = _state_after_failure(ReleaseStore(hospital.release_dir), candidate)
+        say("ERROR", f"release gate failed on run {site.run_id} round {server_round} ({state}): {said}")
+
+
+def _state_after_failure(store: ReleaseStore, candidate: Mapping[str, torch.Tensor]) -> str:
+    """What a failure left: the previous adopted adapter, or this one adopted without its decision line."""
+    try:
+        adopted = store.adopted()
+    except Exception:  # noqa: BLE001 - the state itself is what failed: say nothing more about it
+        return "the adopted adapter is unchanged"
+    if adopted is not None and adopted.get("sha256") == adapter_sha256(candidate):
+        return "it was adopted, but its decision is not in the history"
+    return "the adopted adapter is unchanged"
 
 
 def _decide(

@@ -247,6 +247,17 @@ def test_a_failed_write_keeps_the_previous_state_and_the_error_is_one_line(
     assert now is not None and now["round"] == 3
     assert [p.name for p in (folder / "adapters").iterdir()] == [now["sha256"][:16]]
 
+    def no_history(self: ReleaseStore, decision: dict[str, Any]) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(ReleaseStore, "record", no_history)  # the commit went through, the history line did not
+    caplog.clear()
+    with caplog.at_level("ERROR"):
+        _offer(site, 4, _trained(rt, data, third, seed=6))
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "round 4 (it was adopted, but its decision is not in the history): [Errno 5]" in error
+    assert store.adopted()["round"] == 4  # type: ignore[index]
+
 
 def test_a_simulated_site_or_a_gate_turned_off_decides_nothing(
     tiny: tuple[SiteRuntime, SiteData], tmp_path: Path
