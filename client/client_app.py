@@ -28,6 +28,7 @@ from fedtune.client import release
 from fedtune.client.audit import Outgoing
 from fedtune.client.dp_round import open_ledger, private_train_round
 from fedtune.client.ledger_rollback import LedgerRolledBack, check_ledger_current
+from fedtune.client.sim_audit import audit_round
 from fedtune.client.site import Site, Sites, round_seed
 from fedtune.errors import FedTuneError
 from fedtune.privacy.accounting import BudgetExceeded
@@ -233,6 +234,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     # a hospital at its own rank (`svd`) evaluates the global adapter at that rank: what it can run
     own = site.rule.local_start(instruction.state, rank=site.runtime.lora.rank)
     result = site.runtime.evaluate(own, site.data, site.cfg.eval)
+    audit_round(site, context, own, instruction)  # [privacy_audit]: written locally, never replied
     release.consider(site, instruction.server_round, own, result, SITES.event_log)  # the hospital's; nothing is sent
     metrics = {
         "loss-sum": result.loss_sum,

@@ -11,6 +11,8 @@
 <run>/progress.jsonl         (simulations) each hospital's training steps inside a round (fedtune.progress)
 <run>/tracking.json          the MLflow run this folder logs into, with [tracking] (fedtune.tracking)
 <run>/audit/<site>.jsonl     (simulations) each simulated hospital's audit trail, with .head
+<run>/privacy-audit/<site>.jsonl   ([privacy_audit]) each simulated hospital's privacy audit per round
+<run>/data/<site>/canaries.json   and audit-nonmembers.jsonl: its canaries and extra held-out records
 <run>/adapter/               the final global adapter in PEFT format
 <run>/baselines.json         base / local-only / centralized results
 <run>/summary.md, plots/     the comparison table and PNG plots

@@ -27,6 +27,53 @@ def _privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _privacy_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from fedtune.client.privacy_audit import format_report, privacy_audit
+
+    report, path = privacy_audit(
+        Path(args.config),
+        Path(args.adapter),
+        members=args.members,
+        run_seed=args.run_seed,
+        seed=args.seed,
+        max_length=args.max_length,
+    )
+    print(json.dumps({**report, "report": str(path)}, indent=2) if args.json else format_report(report, path), end="")
+    return 0
+
+
+def _register_privacy_audit(client_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    audit = client_sub.add_parser(
+        "privacy-audit",
+        help="membership inference on the hospital's own records: does this adapter tell training records from "
+        "held-out ones? (runs locally, sends nothing)",
+    )
+    audit.add_argument("--config", required=True, help=CONFIG_HELP)
+    audit.add_argument(
+        "--adapter", required=True, metavar="DIR", help="a PEFT adapter folder (as the coordinator exports)"
+    )
+    audit.add_argument(
+        "--members",
+        type=int,
+        default=0,
+        metavar="N",
+        help="training records scored, a seeded random subset (default 0: as many as the held-out records)",
+    )
+    audit.add_argument(
+        "--run-seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the run's `run.seed`, for the data.eval_fraction split the daemon made (unused with data.eval files)",
+    )
+    audit.add_argument("--seed", type=int, default=0, help="seed of the member subset and the bootstrap")
+    audit.add_argument("--max-length", type=int, default=256, metavar="N", help="the run's `train.max_length`")
+    audit.add_argument("--json", action="store_true", help="print the report as JSON")
+    audit.set_defaults(func=_privacy_audit, models=True)
+
+
 def _example_config(args: argparse.Namespace) -> int:
     from fedtune.client.hospital_example import EXAMPLE
 
@@ -122,7 +169,7 @@ def _register_audit(client_sub: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``client`` (start, privacy, example-config, check, backup, release, audit verify/recover/show)."""
+    """``client`` (start, privacy, privacy-audit, example-config, check, backup, release, audit verify/recover/show)."""
     client = sub.add_parser("client", help="the hospital's side: daemon, config, privacy ledger and audit trail")
     client_sub = client.add_subparsers(dest="client_command", required=True)
     daemon = client_sub.add_parser("start", help="run the hospital's daemon (a SuperNode with TLS and its node key)")
@@ -168,3 +215,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     release.add_argument("--json", action="store_true", help="print the state as JSON")
     release.set_defaults(func=_release)
     _register_audit(client_sub)
+    _register_privacy_audit(client_sub)

@@ -7,7 +7,8 @@ apps reads raw TOML: they receive an :class:`ExperimentConfig`.
 ``fedtune.config`` is the import path of everything here: ``names`` (the torch-free
 name lists), ``sections`` (a site's work), ``federation`` (rounds, DP, security),
 ``simulation`` (a simulated hospital's CPUs and GPU share, a Ray cluster), ``experiment``
-(the whole config and its cross-section checks), ``tracking`` (an MLflow store), ``loading`` (TOML, overrides, copies).
+(the whole config and its cross-section checks), ``tracking`` (an MLflow store), ``privacy_audit``
+(a simulated hospital's membership and canary audit), ``loading`` (TOML, overrides, copies).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fedtune.config.names import (
     STRATEGIES,
     WIRE_DTYPES,
 )
+from fedtune.config.privacy_audit import PrivacyAuditSettings
 from fedtune.config.sections import (
     DataSettings,
     EvalSettings,
@@ -65,6 +67,7 @@ __all__ = [
     "FederationSettings",
     "LoraSettings",
     "ModelSettings",
+    "PrivacyAuditSettings",
     "RunSettings",
     "SecuritySettings",
     "SimulationSettings",

@@ -10,6 +10,7 @@ import tomli_w
 
 from fedtune.config.federation import ClientDPSettings, DPSettings, FederationSettings, SecuritySettings
 from fedtune.config.names import LINEAR_STRATEGIES
+from fedtune.config.privacy_audit import PrivacyAuditSettings
 from fedtune.config.sections import (
     DataSettings,
     EvalSettings,
@@ -39,6 +40,7 @@ class ExperimentConfig:
     security: SecuritySettings = field(default_factory=SecuritySettings)
     simulation: SimulationSettings = field(default_factory=SimulationSettings)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    privacy_audit: PrivacyAuditSettings = field(default_factory=PrivacyAuditSettings)
 
     def __post_init__(self) -> None:
         if self.data.source == "files" and self.data.partition == "natural":

@@ -242,11 +242,14 @@ def prefixed(say: Callable[[str], None], label: str) -> Callable[[str], None]:
 
 def write_summary(folder: RunFolder) -> str:
     """Write summary.md / summary.json and the plots; return the markdown table."""
+    from fedtune.experiments.audit_report import audit_summary
+
     rounds = round_records(folder)
     baselines = json.loads(folder.baselines_path.read_text()) if folder.baselines_path.is_file() else {}
     cfg = folder.load_config()
     rows = summary_rows(rounds, baselines, folder.sites(), private=cfg.dp.enabled or cfg.client_dp.enabled)
     table = write_table(folder.root, "summary", folder.root.name, rows)
+    table += audit_summary(folder)  # [privacy_audit]: the hospitals' local audit files ("" without)
     plot_rounds(folder, rounds, baselines)
     plot_epsilon(folder, rounds)
     return table

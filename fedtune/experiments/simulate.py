@@ -29,6 +29,7 @@ from fedtune.experiments.report import round_printer, write_summary
 from fedtune.flowerhome import cleanup
 from fedtune.launcher import client_resources, flwr_run, last_error
 from fedtune.models import resolve_model_dir
+from fedtune.privacy.audit_data import SiteAudit, with_audit_data, write_audit_data
 from fedtune.progress import PROGRESS_FILE, RoundOrder, progress_printer
 from fedtune.runfolder import RunFolder, new_folder
 
@@ -90,9 +91,13 @@ def prepare_run(cfg: ExperimentConfig, *, run_dir: Path | None = None) -> RunFol
             f"sites {empty} got no training or no held-out records; use fewer `data.hospitals` "
             "or a larger `data.dirichlet_alpha`"
         )
+    audits: dict[str, SiteAudit] = {}
+    if cfg.privacy_audit.enabled:  # canaries into the training records, extra nonmembers beside them
+        splits, audits = with_audit_data(cfg, splits)
     folder = RunFolder(run_dir.resolve())
     folder.root.mkdir(parents=True, exist_ok=True)
     folder.write_sites(splits)
+    write_audit_data(folder.root, audits)
     if cfg.security.seal:
         folder.write_keys(list(splits))
     atomic_write_bytes(folder.config_path, cfg.to_toml().encode())

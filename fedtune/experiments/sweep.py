@@ -25,6 +25,7 @@ from fedtune import tracking
 from fedtune.atomic import atomic_write_json
 from fedtune.config import ExperimentConfig, replace
 from fedtune.errors import CheckpointError, ConfigError
+from fedtune.experiments.audit_report import final_audit
 from fedtune.experiments.report import prefixed, round_records, save_figure, site_epsilons, write_table
 from fedtune.experiments.simulate import prepare_run, run_simulation
 from fedtune.runfolder import RunFolder, new_folder
@@ -139,11 +140,13 @@ def privacy_utility_rows(root: Path, plan: dict[str, float | None]) -> list[dict
         n = rounds[-1]["round"]
         if target is None:
             row(f"federated, no DP ({n} rounds)", None, None, None, rounds[-1]["eval"])
+            rows[-1].update(final_audit(root / name))  # [privacy_audit]: the final round, pooled over hospitals
             continue
         spent = [e for r in rounds for e in site_epsilons(r).values()]
         noises = [m["dp-noise-multiplier"] for m in rounds[-1]["train"].values() if "dp-noise-multiplier" in m]
         mean_noise = sum(noises) / len(noises) if noises else None
         row(f"federated, DP ({n} rounds)", target, max(spent, default=None), mean_noise, rounds[-1]["eval"])
+        rows[-1].update(final_audit(root / name))
     return rows
 
 

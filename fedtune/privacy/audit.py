@@ -11,6 +11,7 @@ the ROC-AUC (0.5: not at all) and the true-positive rate at 1% false positives, 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -51,6 +52,11 @@ class MembershipAudit:
     def as_dict(self) -> dict[str, float | int]:
         """The fields, and ``fpr_resolution``, as JSON-ready numbers."""
         return {**asdict(self), "fpr_resolution": self.fpr_resolution}
+
+
+def member_subset(count: int, available: int, *, seed: int) -> list[int]:
+    """A seeded random subset of ``count`` (at most ``available``) training record indices, sorted."""
+    return sorted(random.Random(f"privacy-audit/{seed}").sample(range(available), min(count, available)))
 
 
 def from_scores(members: Sequence[float], nonmembers: Sequence[float], *, seed: int = 0) -> MembershipAudit:

@@ -1,11 +1,15 @@
 """What leaves a hospital: every message a client sends in a real `flwr run` is only a
 sealed envelope, its payload holds adapter tensors and the allowed numbers, and no text
 from the hospital's records appears in either form; and the coordinator's witness of
-each hospital's audit trail, recorded in the same run, vouches for exactly that trail."""
+each hospital's audit trail, recorded in the same run, vouches for exactly that trail. The
+hospitals also run the empirical privacy audit (membership inference, canaries) each round:
+its results stay in their local files, and nothing of them (numbers, keys, canary secrets or
+text) appears in what they send."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -24,6 +28,7 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.flower]
 TRAIN_METRICS = {"steps", "train-seconds", "base-model-loads", "dp-epsilon", "dp-budget"}
 TRAIN_METRICS |= {"dp-noise-multiplier", "dp-sample-rate", "dp-steps", "lora-rank"}  # lora-rank: the site's setting
 EVAL_METRICS = {"loss-sum", "tokens", "metric-sum", "exact-sum"}
+AUDIT = {"membership": True, "nonmembers": 8, "canaries": 2, "canary_repeats": 3, "canary_candidates": 20}
 
 
 def _needles(texts: list[str]) -> set[bytes]:
@@ -37,7 +42,7 @@ def _needles(texts: list[str]) -> set[bytes]:
 
 
 def test_only_sealed_envelopes_and_no_patient_text_leave(tiny_cfg, tmp_path: Path, client_app_module) -> None:  # type: ignore[no-untyped-def]
-    cfg = replace(tiny_cfg, dp={"enabled": True, "noise_multiplier": 1.0, "budget_epsilon": 100.0})
+    cfg = replace(tiny_cfg, dp={"enabled": True, "noise_multiplier": 1.0, "budget_epsilon": 100.0}, privacy_audit=AUDIT)
     folder = prepare_run(cfg, run_dir=tmp_path / "run")
     client_app_module("recording_app")
     run_simulation(folder, say=lambda _: None)
@@ -46,7 +51,7 @@ def test_only_sealed_envelopes_and_no_patient_text_leave(tiny_cfg, tmp_path: Pat
     for site in folder.sites():
         for example in [e for split in folder.read_site(site) for e in split]:
             texts += [content for _, content in example.messages if len(content) >= 12]
-    needles = _needles(texts)
+    needles = _needles(texts) | _audit_needles(folder)
     assert len(needles) > 500
     on_disk = b"".join(p.read_bytes() for p in folder.data_dir.rglob("*.jsonl"))
     assert all(json.dumps(t, ensure_ascii=False)[1:-1].encode() in on_disk for t in texts)  # real content
@@ -75,7 +80,50 @@ def test_only_sealed_envelopes_and_no_patient_text_leave(tiny_cfg, tmp_path: Pat
             assert not leaked, f"{path.name} carries training text: {leaked[:3]}"
 
     _the_audit_trails_hold_what_was_sent(folder, sent)
+    _the_privacy_audits_stayed_local(folder)
     _the_trails_verify_against_the_witness_and_a_forgery_does_not(folder, tmp_path)
+
+
+def _audit_needles(folder: RunFolder) -> set[bytes]:
+    """What the hospitals' privacy audits hold: their extra held-out records, every canary's text
+    and secret, the results' keys, numbers (as repr and JSON text) and whole JSON."""
+    from fedtune.experiments.audit_report import audit_records
+    from fedtune.privacy.audit_data import read_audit_data
+
+    texts: list[str] = []
+    secrets: set[bytes] = set()
+    for site in folder.sites():
+        audit = read_audit_data(folder.root, site)
+        texts += [content for e in audit.nonmembers for _, content in e.messages if len(content) >= 12]
+        texts += [c.prompt for c in audit.inserted + audit.fresh]
+        secrets |= {c.secret.encode() for c in audit.inserted + audit.fresh}
+    out = _needles(texts) | secrets
+    for record in audit_records(folder):
+        texts = [json.dumps(record["membership"], sort_keys=True), json.dumps(record["canaries"], sort_keys=True)]
+        numbers = [v for v in record["membership"].values() if isinstance(v, float)]
+        numbers += [v for s in record["membership"]["scores"].values() for v in s]
+        numbers += [v for kind in ("inserted", "fresh") for v in record["canaries"][kind].values()]
+        shown = {repr(float(v)).encode() for v in numbers if len(repr(float(v))) >= 8}
+        assert len(shown) > 10 and all(
+            n in (folder.root / "privacy-audit").joinpath(f"{record['site']}.jsonl").read_bytes() for n in shown
+        )
+        out |= _needles(texts) | shown
+        out |= {k.encode() for k in (*record["membership"], *record["canaries"], "membership") if len(k) >= 7}
+    return out
+
+
+def _the_privacy_audits_stayed_local(folder: RunFolder) -> None:
+    """Each hospital audited each round's adapter into its own file, with real numbers."""
+    from fedtune.experiments.audit_report import audit_records
+
+    records = audit_records(folder)
+    assert [(r["round"], r["site"]) for r in records] == [(rnd, s) for rnd in (1, 2) for s in sorted(folder.sites())]
+    for r in records:
+        m = r["membership"]
+        assert (m["members"], m["nonmembers"]) == (8, 8) and 0 <= m["auc_low"] <= m["auc"] <= m["auc_high"] <= 1
+        assert r["canaries"]["inserted"]["count"] == r["canaries"]["fresh"]["count"] == 2
+        assert 0 <= r["canaries"]["inserted"]["mean"] <= math.log2(21) + 1e-9
+    assert "Empirical privacy audit" in (folder.root / "summary.md").read_text()
 
 
 def _the_audit_trails_hold_what_was_sent(folder: RunFolder, sent: list[Path]) -> None:

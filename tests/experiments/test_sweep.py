@@ -26,6 +26,7 @@ def test_sweep_table_plot_and_resume(tiny_cfg, tmp_path: Path, capsys: pytest.Ca
     out = tmp_path / "sweep"
     argv = ["simulate", "--model", "tiny", "--hospitals", "2", "--rounds", "2", "--local-steps", "2", "--no-baselines"]
     argv += ["--set", 'model.precision="fp32"', "--set", "data.train_per_hospital=24", "--set", "eval.max_new_tokens=4"]
+    argv += ["--set", "privacy_audit.membership=true", "--set", "privacy_audit.nonmembers=8"]  # the audit's column
     assert main([*argv, "--epsilons", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "--- sweep run 1/2: no-dp (without DP)" in printed and "[eps-3] round 2/2" in printed
@@ -35,6 +36,9 @@ def test_sweep_table_plot_and_resume(tiny_cfg, tmp_path: Path, capsys: pytest.Ca
     assert no_dp["epsilon spent (max site)"] is None
     assert dp["target epsilon"] == 3.0 and 0 < dp["epsilon spent (max site)"] <= 3.0
     assert dp["noise multiplier (mean)"] > 0
+    # each federation's final-round audit, pooled over its hospitals (2 x 8 members against 2 x 8 nonmembers)
+    assert no_dp["audit round"] == dp["audit round"] == 2 and "audit AUC [95% CI]" not in rows[0]
+    assert all(float(r["audit AUC [95% CI]"].split()[0]) <= 1.0 for r in (no_dp, dp))
     assert (out / "privacy_utility.png").stat().st_size > 10_000
     assert "| federated, DP (2 rounds) | 3.000 |" in (out / "privacy_utility.md").read_text()
     # every simulated hospital of the DP run kept its own ledger in that run's folder

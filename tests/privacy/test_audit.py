@@ -19,7 +19,14 @@ from fedtune.config import LoraSettings, ModelSettings, TrainSettings
 from fedtune.data import clinical
 from fedtune.data.records import Example
 from fedtune.privacy import audit_stats
-from fedtune.privacy.audit import MembershipAudit, from_scores, membership_audit, record_losses, record_scores
+from fedtune.privacy.audit import (
+    MembershipAudit,
+    from_scores,
+    member_subset,
+    membership_audit,
+    record_losses,
+    record_scores,
+)
 from fedtune.privacy.canaries import canary_exposure, exposure_summary, inserted_records, make_canaries
 from fedtune.runtime import SiteRuntime, site_data
 
@@ -100,6 +107,12 @@ def test_scores_must_be_there_and_finite() -> None:
         audit_stats.auc([], [1.0])
     with pytest.raises(ValueError, match="finite"):
         audit_stats.auc([math.nan], [1.0])
+
+
+def test_members_are_a_seeded_subset() -> None:
+    assert member_subset(5, 12, seed=0) == member_subset(5, 12, seed=0) != member_subset(5, 12, seed=1)
+    assert len(set(member_subset(5, 12, seed=0))) == 5
+    assert member_subset(50, 12, seed=0) == list(range(12))
 
 
 def test_the_report_is_json_numbers() -> None:
