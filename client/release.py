@@ -46,7 +46,7 @@ class Measured:
 
     field_accuracy: float
     loss: float
-    label: str = ""  # how a reason names it: "the adopted adapter's (run X round 2)"
+    label: str = ""  # how a reason names it: "the adopted adapter's", "the base model's"
 
     @classmethod
     def of(cls, result: EvalResult, label: str = "") -> Measured:
@@ -155,11 +155,10 @@ def _state_after_failure(store: ReleaseStore, candidate: Mapping[str, torch.Tens
     """What a failure left: the previous adopted adapter, or this one adopted without its decision line."""
     try:
         adopted = store.adopted()
+        committed = adopted is not None and adopted.get("sha256") == adapter_sha256(candidate)
     except Exception:  # noqa: BLE001 - the state itself is what failed: say nothing more about it
-        return "the adopted adapter is unchanged"
-    if adopted is not None and adopted.get("sha256") == adapter_sha256(candidate):
-        return "it was adopted, but its decision is not in the history"
-    return "the adopted adapter is unchanged"
+        committed = False
+    return "it was adopted, but its decision is not in the history" if committed else "the adopted adapter is unchanged"
 
 
 def _decide(
