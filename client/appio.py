@@ -277,6 +277,7 @@ class AppRuntime:
         from fedtune.client.client_app import SITES, app
 
         SITES.progress_log = self.progress  # training steps into the daemon's log
+        SITES.event_log = self.say  # the release gate's decisions too
         started = time.perf_counter()
         try:
             reply = app(message, app_context)

@@ -4,12 +4,14 @@ What goes in: ``hospital.toml``; the files it names under ``[coordinator]`` and
 ``[keys]`` (and the public halves beside the private keys); the privacy ledger and its
 ``.records/`` folder; the audit trail and its head file; ``runs.json`` (which
 authorizations were used) and ``connection.json`` (the node key last connected) from
-the state folder. Not the data or the model (the hospital's own, backed up as it backs up
-everything else), not the daemon's log, not what the daemon makes afresh at every start.
+the state folder; the release gate's adopted adapter, its record and its decisions.
+Not the data or the model (the hospital's own, backed up as it backs up everything
+else), not the daemon's log, not what the daemon makes afresh at every start.
 
-Consistent: the ledger's and the audit trail's locks are held while they are copied (the
-order the rounds write them in: the ledger first), so the copy is a state that existed,
-never a ledger older than the trail beside it, even while a round runs. The archive is
+Consistent: the ledger's, the audit trail's and the release state's locks are held while
+they are copied (the order the rounds write them in: the ledger first), so the copy is a
+state that existed, never a ledger older than the trail beside it nor an adopted adapter's
+record without its folder, even while a round runs. The archive is
 written 0600 (it holds the private keys), beside its final name and renamed into place;
 an existing file is never overwritten. Names inside are relative to the config's folder;
 a file outside that folder is stored under ``root/`` with its absolute path.
@@ -34,6 +36,7 @@ from fedtune.client.audit import lock_path as audit_lock
 from fedtune.client.hospital import HospitalConfig
 from fedtune.client.ledger import PrivacyLedger
 from fedtune.client.ledger import lock_path as ledger_lock
+from fedtune.client.release_store import ReleaseStore, locked
 from fedtune.errors import ConfigError
 
 
@@ -67,6 +70,7 @@ def state_files(cfg: HospitalConfig) -> list[Path]:
     audit = AuditLog(cfg.audit_path)
     files += [audit.path, audit.head_path]
     files += [cfg.state_dir / "runs.json", cfg.state_dir / "connection.json"]
+    files += ReleaseStore(cfg.release_dir).files()
     seen: set[Path] = set()
     return [p for p in files if p.is_file() and not (p in seen or seen.add(p))]  # type: ignore[func-returns-value]
 
@@ -91,7 +95,11 @@ def backup(cfg: HospitalConfig, out: Path) -> str:
     try:
         with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
             # the rounds write the ledger before the audit trail, never holding both: this order cannot deadlock
-            with _holding(ledger_lock(cfg.ledger_path)), _holding(audit_lock(cfg.audit_path)):
+            with (
+                _holding(ledger_lock(cfg.ledger_path)),
+                _holding(audit_lock(cfg.audit_path)),
+                locked(cfg.release_dir),  # taken alone by the release gate, never with the others
+            ):
                 paths = state_files(cfg)
                 for path in paths:
                     data = path.read_bytes()

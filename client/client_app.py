@@ -24,6 +24,7 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.supercore import log
 
 from fedtune import progress, wire
+from fedtune.client import release
 from fedtune.client.audit import Outgoing
 from fedtune.client.dp_round import open_ledger, private_train_round
 from fedtune.client.ledger_rollback import LedgerRolledBack, check_ledger_current
@@ -234,6 +235,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     own = site.rule.local_start(instruction.state, rank=site.runtime.lora.rank)
     result = site.runtime.evaluate(own, site.data, site.cfg.eval)
     audit_round(site, context, own, instruction)  # [privacy_audit]: written locally, never replied
+    release.consider(site, instruction.server_round, own, result, SITES.event_log)  # the hospital's; nothing is sent
     metrics = {
         "loss-sum": result.loss_sum,
         "tokens": result.tokens,

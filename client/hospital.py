@@ -115,6 +115,44 @@ class AuditSection:
     log: str = "audit.jsonl"
 
 
+RELEASE_METRICS = ("field_accuracy", "loss")
+
+
+@dataclass(frozen=True)
+class ReleasePolicy:
+    """The release gate: which global adapter the hospital adopts for its own use
+    (:mod:`fedtune.client.release`); it decides locally and sends nothing."""
+
+    enabled: bool = True
+    metric: str = "field_accuracy"
+    max_drop: float = 0.02
+    min_metric: float = 0.0
+    max_audit_auc: float = 0.0
+    audit_members: int = 200
+
+    def __post_init__(self) -> None:
+        _require(
+            self.metric in RELEASE_METRICS,
+            f"`release.metric` must be one of {', '.join(RELEASE_METRICS)}, got {self.metric!r}",
+        )
+        _require(
+            0 <= self.max_drop < float("inf"),
+            f"`release.max_drop` must be >= 0 (how much worse than the adopted adapter), got {self.max_drop}",
+        )
+        _require(
+            0 <= self.min_metric <= 1,
+            f"`release.min_metric` must be a field accuracy in [0, 1] (0: no floor), got {self.min_metric}",
+        )
+        _require(
+            self.max_audit_auc == 0 or 0.5 < self.max_audit_auc <= 1,
+            f"`release.max_audit_auc` must be 0 (no audit) or in (0.5, 1] (0.5 is chance), got {self.max_audit_auc}",
+        )
+        _require(
+            10 <= self.audit_members <= 100_000,
+            f"`release.audit_members` must be 10-100000 records per side, got {self.audit_members}",
+        )
+
+
 @dataclass(frozen=True)
 class DaemonSection:
     state_dir: str = "state"
@@ -149,6 +187,7 @@ class HospitalConfig:
     model: HospitalModel = field(default_factory=HospitalModel)
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
     audit: AuditSection = field(default_factory=AuditSection)
+    release: ReleasePolicy = field(default_factory=ReleasePolicy)
     daemon: DaemonSection = field(default_factory=DaemonSection)
     source: Path = Path("hospital.toml")
 
@@ -180,6 +219,11 @@ class HospitalConfig:
     @property
     def audit_path(self) -> Path:
         return self.path(self.audit.log)
+
+    @property
+    def release_dir(self) -> Path:
+        """The release gate's state: the adopted adapter and the decisions."""
+        return self.state_dir / "release"
 
     @property
     def log_path(self) -> Path:

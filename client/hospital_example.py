@@ -50,6 +50,18 @@ ledger = "state/privacy.json"          # back it up, but never restore an older 
 [audit]
 log = "state/audit.jsonl"
 
+[release]                              # which global adapter this hospital adopts for its own use
+enabled = true                         # judge each round's global adapter on the held-out records
+metric = "field_accuracy"              # field_accuracy (higher is better) | loss (held-out answer loss)
+max_drop = 0.02                        # reject one more than this worse than the adopted adapter
+                                       # (the base model's score before the first): accuracy points,
+                                       # or nats per answer token with metric = "loss"
+min_metric = 0.0                       # reject below this held-out field accuracy (0: no floor)
+max_audit_auc = 0.0                    # > 0: also run the membership-inference audit on the
+                                       # candidate; reject when its AUC (point estimate) is above this
+audit_members = 200                    # training and held-out records the audit scores (each side)
+                                       # adopted adapter and decisions: state/release (`fedtune client release`)
+
 [daemon]
 state_dir = "state"                    # also runs.json, connection.json: back it up (README)
 health = "127.0.0.1:9094"              # loopback only: GET /health (state as JSON),

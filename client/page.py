@@ -3,7 +3,8 @@
 What it shows, and nothing more: the link's state (:class:`~fedtune.client.health_routes.Link`),
 the audit trail (every message that left: its run, round, kind, size and SHA-256, and
 whether the chain verifies), the runs those records name, the privacy ledger's spend and
-what is left per dataset (``fedtune client privacy``'s rows), and the last warnings and
+what is left per dataset (``fedtune client privacy``'s rows), the release gate's adopted
+adapter and last decision (``fedtune client release``), and the last warnings and
 errors of the daemon's own log. All of it is already on this machine; the page reads the
 files, never writes them, and answers GET only.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 from fedtune.client.health_routes import Link
 from fedtune.client.hospital import HospitalConfig
+from fedtune.client.release_store import release_view
 from fedtune.errors import FedTuneError
 
 MESSAGES = 200  # the newest audit records shown
@@ -109,5 +111,6 @@ def hospital_state(cfg: HospitalConfig, link: Link) -> dict[str, Any]:
         "runs": audit.pop("runs"),
         "audit": audit,
         "privacy": privacy_view(cfg.ledger_path),
+        "release": release_view(cfg.release_dir),
         "errors": last_errors(cfg.log_path),
     }

@@ -46,6 +46,7 @@ class Site:
     audit_path: Path
     refusal: str = ""  # the hospital's policy refuses this run's rounds, and says why
     progress_file: Path | None = None  # a simulated hospital's training steps go here (fedtune.progress)
+    hospital: HospitalConfig | None = None  # a real hospital's hospital.toml (None: a simulated site)
 
     @property
     def rule(self) -> MergeRule:
@@ -89,6 +90,8 @@ class Sites:
         self.base_model_loads = 0  # how many times this process loaded a base model (1 when residency works)
         # a hospital's daemon: where its training steps are logged (fedtune.progress records)
         self.progress_log: Callable[[dict[str, Any]], None] | None = None
+        # a hospital's daemon: where the release gate's lines go (level, message), beside Flower's log
+        self.event_log: Callable[[str, str], None] | None = None
 
     def once(self, message: object, build: Callable[[], Site]) -> Site:
         """The site of ``message``, built by ``build`` the first time it is asked for.
@@ -183,6 +186,7 @@ class Sites:
             hospital.ledger_path,
             hospital.audit_path,
             refusal,
+            hospital=hospital,
         )
         self._hospital = (key, site)
         return site

@@ -1,4 +1,5 @@
-"""The hospital's side: ``fedtune client ...`` (daemon, config, privacy ledger, audit trail, backup).
+"""The hospital's side: ``fedtune client ...`` (daemon, config, privacy ledger, audit trail, backup,
+release gate).
 
 Each handler imports what it needs only when it runs: ``client example-config`` and
 ``client check`` never load torch, Flower's app runtime or a model library.
@@ -111,6 +112,15 @@ def _backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _release(args: argparse.Namespace) -> int:
+    from fedtune.client.hospital import load_hospital_config
+    from fedtune.client.release_store import release_report
+
+    cfg = load_hospital_config(args.config, check_files=False)
+    print(release_report(cfg.release_dir, history=args.history, as_json=args.json), end="")
+    return 0
+
+
 def _audit_verify(args: argparse.Namespace) -> int:
     from fedtune.client.commands import audit_verify
 
@@ -159,7 +169,7 @@ def _register_audit(client_sub: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``client`` (start, privacy, privacy-audit, example-config, check, backup, audit verify/recover/show)."""
+    """``client`` (start, privacy, privacy-audit, example-config, check, backup, release, audit verify/recover/show)."""
     client = sub.add_parser("client", help="the hospital's side: daemon, config, privacy ledger and audit trail")
     client_sub = client.add_subparsers(dest="client_command", required=True)
     daemon = client_sub.add_parser("start", help="run the hospital's daemon (a SuperNode with TLS and its node key)")
@@ -197,5 +207,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     saved.add_argument("--config", required=True, help=CONFIG_HELP)
     saved.add_argument("--out", required=True, metavar="FILE", help="the archive to write (tar.gz; never overwritten)")
     saved.set_defaults(func=_backup)
+    release = client_sub.add_parser(
+        "release", help="the release gate: the adapter this hospital adopted, and why it took or refused each one"
+    )
+    release.add_argument("--config", required=True, help=CONFIG_HELP)
+    release.add_argument("--history", action="store_true", help="list every decision, not only the last")
+    release.add_argument("--json", action="store_true", help="print the state as JSON")
+    release.set_defaults(func=_release)
     _register_audit(client_sub)
     _register_privacy_audit(client_sub)

@@ -82,6 +82,7 @@ def test_the_page_has_the_whole_walk_through() -> None:
         "fedtune client start", "fedtune run run.toml", "fedtune status", "fedtune server witness",
         "fedtune client audit verify state/audit.jsonl", "fedtune client audit show state/audit.jsonl",
         "fedtune client privacy state/privacy.json", "fedtune client backup",
+        "fedtune client release", "fedtune client release",
     ]  # fmt: skip
     assert steps == expected
 
@@ -196,6 +197,10 @@ def test_the_walk_through_runs_as_written(tmp_path: Path) -> None:
             assert backup.exists() and oct(backup.stat().st_mode & 0o777) == "0o600"
             ledger = json.loads((kit / "state" / "privacy.json").read_text())
             assert ledger["datasets"], "the DP run spent from the hospital's ledger"
+            decided = [
+                json.loads(line) for line in (kit / "state" / "release" / "decisions.jsonl").read_text().splitlines()
+            ]
+            assert [d["round"] for d in decided] == [1, 2], decided  # the release gate judged each round's adapter
     finally:
         codes = [stop(p) for p in reversed(machines.background)]
         left = [p.pid for p in machines.background if p.poll() is None]

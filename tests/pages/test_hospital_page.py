@@ -67,7 +67,8 @@ def test_the_hospital_page_shows_only_its_trail_ledger_and_log(tmp_path: Path) -
     finally:
         health.stop()
 
-    assert set(doc) == {"hospital", "link", "runs", "audit", "privacy", "errors"}
+    assert set(doc) == {"hospital", "link", "runs", "audit", "privacy", "release", "errors"}
+    assert doc["release"] == {"adopted": "adopted adapter: none yet (the hospital uses the base model)", "last": []}
     assert doc["hospital"] == cfg.name and doc["link"] == {**link.snapshot(), "node_id": "42"}
     records = trail.records()
     fields = ("seq", "time", "run", "round", "kind", "bytes", "sha256", "epsilon")

@@ -24,6 +24,9 @@ function render(doc) {
     name: r, color: COLORS[i % COLORS.length],
     points: audit.messages.filter((m) => m.run === r && m.kind === "train" && m.epsilon !== null).reverse().map((m) => [m.round, m.epsilon]),
   })), [], "(no message under DP yet)");
+  const release = doc.release || { adopted: "", last: [] };
+  $("release-adopted").textContent = release.adopted;
+  table($("release-last"), release.last);
   table($("errors"), doc.errors, ["time", "level", "message"]);
 }
 
