@@ -46,6 +46,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=0, help="warm-up steps")
     p.add_argument("--eval", type=int, default=10, help="held-out records evaluated")
     p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--grad-norms", type=int, default=0, help="print N gradient norms at the start, exit")
     return p.parse_args()
 
 
@@ -76,6 +77,9 @@ def main() -> int:
         warmup_steps=a.warmup,
         max_length=a.max_length,
     )
+    if a.grad_norms:
+        print(json.dumps({"grad_norms": _grad_norms(runtime, data.train_tokens[: a.grad_norms])}))
+        return 0
     q = sample_rate(settings, len(data.train_tokens))
     sigma = a.sigma
     if a.target_epsilon is not None:
@@ -124,6 +128,28 @@ def _train(
         pad_id=pad,
     )
     return result, epsilon_spent([Mechanism(sigma, q, a.steps)], delta=a.delta)
+
+
+def _grad_norms(runtime: Any, examples: list[Any]) -> list[float]:
+    """Each record's gradient norm over the trainable (LoRA) values: where to put the clipping bound."""
+    import torch
+
+    from fedtune.data.tokens import collate
+    from fedtune.privacy.dpsgd import per_example_loss
+    from fedtune.train import autocast_dtype
+
+    params = [p for p in runtime.model.parameters() if p.requires_grad]
+    dtype = autocast_dtype(runtime.settings.precision, torch.device("cpu"))
+    pad, norms = int(runtime.base.tokenizer.pad_token_id), []
+    runtime.model.train()
+    for example in examples:
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss = per_example_loss(runtime.model, collate([example], pad_id=pad)).mean()
+        loss.backward()
+        norms.append(round(float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params))), 4))
+        for p in params:
+            p.grad = None
+    return sorted(norms)
 
 
 if __name__ == "__main__":

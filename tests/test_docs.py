@@ -64,3 +64,34 @@ def test_the_readme_fits_a_screen_and_maps_the_docs() -> None:
     assert readme.count("\n") <= 150
     for page in sorted((ROOT / "docs").glob("*.md")):
         assert f"(docs/{page.name})" in readme, f"the README does not link docs/{page.name}"
+
+
+def readme_commands() -> list[str]:
+    """Every `fedtune ...` command the README shows, in code blocks and inline code."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```.*?```", text, flags=re.S)
+    lines = [line.strip() for block in blocks for line in block.strip("`").splitlines()]
+    inline = re.findall(r"`(fedtune [^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    return [c for c in lines + inline if c.startswith("fedtune ") and "[" not in c and "..." not in c]
+
+
+def test_every_fedtune_command_in_the_readme_parses_and_its_files_exist() -> None:
+    """The README's commands as written: each parses with the real CLI, and each repository file
+    it names (a simulations/ config) exists; a renamed option or config breaks this test."""
+    import shlex
+
+    from fedtune.cli import build_parser
+
+    commands = readme_commands()
+    assert any(c.startswith("fedtune simulate simulations/dp_realistic.toml") for c in commands)
+    assert any(c.startswith("fedtune client privacy-audit") for c in commands)
+    parser = build_parser()
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        try:
+            parser.parse_args(argv)
+        except SystemExit as err:
+            raise AssertionError(f"README command does not parse: {command}") from err
+        for arg in argv:
+            if arg.startswith("simulations/"):
+                assert (ROOT / arg).is_file(), f"README command names a missing file: {command}"
