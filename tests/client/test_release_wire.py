@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedtune import wire
 from fedtune.client import client_app, release
@@ -22,6 +22,7 @@ from fedtune.data.clinical import generate_site
 from fedtune.data.records import write_records
 from fedtune.security import pki
 from fedtune.security.keys import AllowList, KeyPair, load_private, load_public, save_keys
+from tests.client.hospital_app import hospital_context
 
 pytestmark = pytest.mark.usefixtures("flower_run_id")
 
@@ -53,14 +54,7 @@ def hospitals(tmp_path: Path) -> dict[str, Path]:
 
 def _evaluate(config: Path, cfg: ExperimentConfig, state: dict[str, torch.Tensor]) -> wire.Reply:
     """One evaluate message through the hospital's ClientApp (its mods included), opened as the coordinator would."""
-    run_dir = config.parent / "runs" / "run-a"
-    context = Context(
-        run_id=1,
-        node_id=7,
-        node_config={"hospital-config": str(config)},
-        state=RecordDict(),
-        run_config={"experiment": cfg.to_toml(), "run-dir": str(run_dir)},
-    )
+    context, run_dir = hospital_context(config, cfg)
     challenge = wire.new_challenge()
     settings = ConfigRecord({"num-rounds": 3, "run-id": run_dir.name, "server-round": 1, "challenge": challenge})
     msg = Message(

@@ -28,6 +28,7 @@ from fedtune.data.records import write_records
 from fedtune.errors import UpdateRejected
 from fedtune.security import pki
 from fedtune.security.keys import AllowList, KeyPair, load_private, load_public, save_keys
+from tests.client.hospital_app import hospital_context
 
 pytestmark = pytest.mark.usefixtures("flower_run_id")
 
@@ -74,14 +75,7 @@ def _run(**dp: Any) -> ExperimentConfig:
 
 def _train(config: Path, cfg: ExperimentConfig, rnd: int, dtype: str = "float32") -> wire.Reply | wire.Refusal:
     """One train message through the hospital's ClientApp (its mods included), opened as the coordinator would."""
-    run_dir = config.parent / "runs" / "run-a"
-    context = Context(
-        run_id=1,
-        node_id=7,
-        node_config={"hospital-config": str(config)},
-        state=RecordDict(),
-        run_config={"experiment": cfg.to_toml(), "run-dir": str(run_dir)},
-    )
+    context, run_dir = hospital_context(config, cfg)
     state = client_app.SITES.hospital(config, cfg.to_toml(), str(run_dir)).runtime.state()
     challenge = wire.new_challenge()
     settings = ConfigRecord(
