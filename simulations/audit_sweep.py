@@ -68,11 +68,14 @@ def main() -> int:
 
 def _records(cfg: Any, folder: Any, runtime: Any) -> dict[str, dict[str, list[Any]]]:
     """Per hospital: the tokenized members (a seeded subset of its training records) and nonmembers."""
+    from fedtune.data import clinical
     from fedtune.privacy.audit import member_subset
     from fedtune.privacy.audit_data import extra_nonmembers
 
     out = {}
     for index, site in enumerate(folder.sites()):
+        if clinical.site_id(index) != site:
+            raise SystemExit(f"{folder.root}: site {index} is {site!r}, not the embedded task's; audit it in the run")
         train, _ = folder.read_site(site)
         nonmembers = extra_nonmembers(cfg, index)
         members = [train[i] for i in member_subset(len(nonmembers), len(train), seed=cfg.run.seed)]
