@@ -29,12 +29,14 @@ def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", type=Path, help="a finished sweep folder (holds sweep.json)")
     p.add_argument("--nonmembers", type=int, default=100, help="new held-out records per hospital (as many members)")
+    p.add_argument("--runs", default="", help="comma-separated sub-runs to audit (default: every finished one)")
     return p.parse_args()
 
 
 def main() -> int:
     a = _args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from fedtune.atomic import atomic_write_json
     from fedtune.checkpoint import latest_round, load_checkpoint
     from fedtune.config import replace
     from fedtune.runfolder import RunFolder
@@ -42,14 +44,21 @@ def main() -> int:
 
     plan = json.loads((a.sweep / "sweep.json").read_text())
     names = [str(r["name"]) for r in plan["runs"] if (a.sweep / str(r["name"]) / "checkpoints").is_dir()]
+    if a.runs:
+        names = [n for n in names if n in a.runs.split(",")]
     first = RunFolder(a.sweep / names[0])
     cfg = first.load_config()
     cfg = replace(cfg, privacy_audit={"membership": True, "nonmembers": a.nonmembers})
     runtime = SiteRuntime(cfg.model, cfg.lora)
     records = _records(cfg, first, runtime)
-    start = time.process_time()
-    base = {site: _losses(runtime, toks, cfg, adapter=False) for site, toks in records.items()}
-    print(f"base model losses: {time.process_time() - start:.0f} CPU-s", flush=True)
+    cache = a.sweep / f"audit-base-losses-{a.nonmembers}.json"  # the base model's: one computation per sweep
+    if cache.is_file():
+        base = json.loads(cache.read_text())
+    else:
+        start = time.process_time()
+        base = {site: _losses(runtime, toks, cfg, adapter=False) for site, toks in records.items()}
+        atomic_write_json(cache, base)
+        print(f"base model losses: {time.process_time() - start:.0f} CPU-s", flush=True)
     for name in names:
         folder = RunFolder(a.sweep / name)
         last = latest_round(folder.root)
