@@ -71,7 +71,8 @@ def readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```.*?```", text, flags=re.S)
     lines = [line.strip() for block in blocks for line in block.strip("`").splitlines()]
-    inline = re.findall(r"`(fedtune [^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    # inline code: the spans written as commands (with options), not mentions like `fedtune server start`
+    inline = [c for c in re.findall(r"`(fedtune [^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S)) if " --" in c]
     return [c for c in lines + inline if c.startswith("fedtune ") and "[" not in c and "..." not in c]
 
 
