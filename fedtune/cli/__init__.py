@@ -58,8 +58,27 @@ def _quiet_libraries(*, models: bool) -> None:
     hf_logging.disable_progress_bar()
 
 
+def _ctrl_c_interrupts() -> None:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt in every command, whatever the parent left.
+
+    A process started in the background by a non-interactive shell (``cmd &`` in a script,
+    some service wrappers) inherits SIGINT ignored, and Python then keeps it ignored: a
+    ``fedtune run`` would train on after a Ctrl-C or ``kill -INT`` without stopping its run
+    at the coordinator, and ``fedtune simulate --watch`` would never close its page. Only the
+    main thread installs handlers, so this is done once, here; commands that handle SIGINT
+    themselves (the client daemon, ``fedtune server start``) replace it later.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # only it may set a handler
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _ctrl_c_interrupts()
     _quiet_libraries(models=args.models)
     try:
         return int(args.func(args))

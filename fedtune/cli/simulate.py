@@ -6,6 +6,7 @@ Each handler imports the experiment code (torch, Flower, transformers) only when
 from __future__ import annotations
 
 import argparse
+import time
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,10 +101,12 @@ WATCH_HOW = "a simulation's page serves this machine only"
 
 
 def _until_interrupted() -> None:
-    import threading
-
+    """Wait for Ctrl-C. A short sleep, not one blocking wait: Python runs a signal's handler
+    in the main thread, and a wait on a lock is cut short only when the kernel hands the
+    signal to the main thread itself (it may pick the page's thread instead)."""
     try:
-        threading.Event().wait()
+        while True:
+            time.sleep(0.5)
     except KeyboardInterrupt:
         return
 

@@ -17,10 +17,11 @@ RUN_TOML = (
 
 
 def slow_run(tmp_path: Path, name: str = "slow") -> Path:
-    """A run whose rounds take seconds (enough local steps), so a test can act mid-run."""
+    """A run whose rounds take long enough (many local steps) that a test acts mid-run, even on a
+    loaded machine where `fedtune status` and `flwr ls` take seconds; every test using it stops it."""
     run_cfg = tmp_path / f"{name}.toml"
     text = RUN_TOML.format(name=name, rounds=3, min_clients=0, timeout=120.0)
-    run_cfg.write_text(text.replace("local_steps = 2", "local_steps = 20"))
+    run_cfg.write_text(text.replace("local_steps = 2", "local_steps = 100"))
     return run_cfg
 
 

@@ -283,8 +283,9 @@ def test_ctrl_c_of_fedtune_run_stops_the_run_at_the_coordinator(fed: Loopback, t
         rows = live["hospitals"]
         assert isinstance(rows, list) and {r["hospital"] for r in rows} == set(NAMES)
         assert all(r["train"] in TRAIN_STATES for r in rows)
+        assert run.poll() is None, (tmp_path / "run.out").read_text()  # still training: the Ctrl-C lands mid-run
         os.killpg(run.pid, signal.SIGINT)  # Ctrl-C in the researcher's terminal
-        assert run.wait(timeout=60) == 130
+        assert run.wait(timeout=60) == 130, (tmp_path / "run.out").read_text()
     finally:
         stop(run)
     said = (tmp_path / "run.out").read_text()

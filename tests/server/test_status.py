@@ -21,6 +21,7 @@ import torch
 from fedtune.atomic import atomic_write_json
 from fedtune.checkpoint import Checkpoint, save_checkpoint
 from fedtune.cli import main
+from fedtune.cli.loopback import until
 from fedtune.config import load_config
 from fedtune.errors import FedTuneError, StoppedEarly
 from fedtune.experiments.report import run_status
@@ -135,6 +136,28 @@ def test_watch_refreshes_until_ctrl_c(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["status", "--home", str(home.root), "--watch", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "`--watch` must be a positive number of seconds, got 0" in err
+
+
+def test_ctrl_c_stops_a_command_even_when_its_parent_left_sigint_ignored(tmp_path: Path) -> None:
+    """A script's `cmd &` starts it with SIGINT ignored, and Python keeps it so: fedtune takes it back."""
+    home, _ = _home(tmp_path)
+    out = tmp_path / "watch.out"
+    with open(out, "wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedtune", "status", "--home", str(home.root), "--watch", "0.2"],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as bash does for `&`
+        )
+    try:
+        until(lambda: out.read_text().count("--- ") >= 2 or proc.poll() is not None, "two frames", 60)
+        assert proc.poll() is None, out.read_text()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0, out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_a_run_that_trained_nothing_or_stopped_early_says_so_and_exits_non_zero(tmp_path: Path) -> None:
