@@ -21,7 +21,7 @@ def slow_run(tmp_path: Path, name: str = "slow") -> Path:
     loaded machine where `fedtune status` and `flwr ls` take seconds; every test using it stops it."""
     run_cfg = tmp_path / f"{name}.toml"
     text = RUN_TOML.format(name=name, rounds=3, min_clients=0, timeout=120.0)
-    run_cfg.write_text(text.replace("local_steps = 2", "local_steps = 100"))
+    run_cfg.write_text(text.replace("local_steps = 2", "local_steps = 60"))
     return run_cfg
 
 
