@@ -107,6 +107,7 @@ def launch(home: CoordinatorHome, folder: RunFolder, *, say: Callable[[str], Non
         )
     cfg = folder.load_config()
     _refuse_if_running(home, folder)
+    _stop_dead_launch(home, folder, say)
     if cfg.security.seal:
         install_run_keys(home, folder)
     # replies then name the hospital, not a Flower node id (refreshed like the allow-list)
@@ -219,6 +220,22 @@ def stop_flower_run(home: CoordinatorHome, folder: RunFolder, *, wait: float = 1
     while process.running(pid, "flwr") and time.monotonic() < deadline:
         time.sleep(0.1)
     return not process.running(pid, "flwr")
+
+
+def _stop_dead_launch(home: CoordinatorHome, folder: RunFolder, say: Callable[[str], None]) -> None:
+    """The run folder's previous launch died mid-round with the coordinator (SIGKILL, power):
+    its Flower run is still RUNNING in the SuperLink's state, and a hospital that pulled one of
+    its messages waits on objects the dead ServerApp never pushed, about a minute, before the
+    new launch's first round reaches it. ``flwr stop`` it first: the hospitals drop it at once."""
+    from fedtune.live import ENDED, read_status
+
+    live = read_status(folder.root) or {}
+    run_id = str(live.get("flower-run-id") or "")
+    if not run_id or live.get("phase") in ENDED or process.running(int(live.get("pid", 0)), "flwr"):
+        return
+    say(f"the previous launch of this run (Flower run {run_id}) died with the coordinator: stopping it first")
+    with contextlib.suppress(FedTuneError, subprocess.TimeoutExpired):
+        flwr_cli(home, "stop", run_id, timeout=30)
 
 
 def _refuse_if_running(home: CoordinatorHome, folder: RunFolder) -> None:

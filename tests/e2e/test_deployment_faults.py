@@ -124,7 +124,9 @@ def test_a_hospital_killed_mid_round(tmp_path: Path, capsys, min_clients: int, c
 def test_the_coordinator_sigkilled_and_resumed_runs_every_round_once(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     from fedtune.experiments.report import round_records
     from fedtune.flowerhome import kill_run_processes
+    from fedtune.live import read_status
     from fedtune.runfolder import RunFolder
+    from fedtune.server.home import flwr_cli
 
     fed = federation(tmp_path, 3)
     first = fed.server
@@ -158,8 +160,13 @@ def test_the_coordinator_sigkilled_and_resumed_runs_every_round_once(tmp_path: P
         until(lambda: fed.health("st-elsewhere", "/health/ready")[0] == 200, "st-elsewhere to reconnect", limit=90)
         assert fed.health("st-elsewhere")[1]["state"] == "connected"
         capsys.readouterr()
+        dead = str((read_status(run_dir) or {})["flower-run-id"])  # the launch that died with the coordinator
         assert main(["run", "--resume", str(run_dir), "--home", str(fed.home.root)]) == 0
-        assert "exported the global adapter" in capsys.readouterr().out
+        said = capsys.readouterr().out
+        assert "exported the global adapter" in said and f"(Flower run {dead}) died with the coordinator" in said
+        # stopped at the SuperLink before the new launch, so no hospital waits on its stale messages
+        (old,) = [r for r in flwr_cli(fed.home, "ls")["runs"] if r["run-id"] == dead]
+        assert "running" not in str(old["status"]).lower(), old
     finally:
         codes = fed.close()
         stop(first)
