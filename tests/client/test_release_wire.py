@@ -15,14 +15,10 @@ from fedtune import wire
 from fedtune.client import client_app, release
 from fedtune.client.audit import AuditLog
 from fedtune.client.hospital import load_hospital_config
-from fedtune.client.hospital_example import EXAMPLE
 from fedtune.client.release_store import ReleaseStore
 from fedtune.config import ExperimentConfig, load_config
-from fedtune.data.clinical import generate_site
-from fedtune.data.records import write_records
-from fedtune.security import pki
-from fedtune.security.keys import AllowList, KeyPair, load_private, load_public, save_keys
-from tests.client.hospital_app import hospital_context
+from fedtune.security.keys import AllowList, load_private, load_public
+from tests.client.hospital_app import hospital_context, hospital_folder
 
 pytestmark = pytest.mark.usefixtures("flower_run_id")
 
@@ -31,20 +27,7 @@ pytestmark = pytest.mark.usefixtures("flower_run_id")
 def hospitals(tmp_path: Path) -> dict[str, Path]:
     """Two copies of hospital `st-elsewhere` (tiny model, real keys and records): the gate on, and off."""
     on = tmp_path / "on"
-    keys = on / "keys"
-    keys.mkdir(parents=True)
-    ca = pki.create_ca(tmp_path / "coordinator")
-    (keys / "ca.pem").write_bytes(ca.cert.read_bytes())
-    save_keys(KeyPair.generate("coordinator", "coordinator"), tmp_path / "coordinator")
-    shutil.copy(tmp_path / "coordinator" / "coordinator.pub", keys / "coordinator.pub")
-    pki.create_node_key(keys, "st-elsewhere")
-    save_keys(KeyPair.generate("st-elsewhere", "hospital"), keys)
-    records = generate_site(0, 14, seed=0)
-    write_records(on / "data" / "train.jsonl", records[:10])
-    write_records(on / "data" / "eval.jsonl", records[10:])
-    text = EXAMPLE.replace('path = "models/SmolLM2-135M-Instruct"', 'path = "tiny"').replace(
-        "threads = 0", "threads = 1"
-    )
+    text = hospital_folder(on, tmp_path / "coordinator", train=10, held_out=4)
     (on / "hospital.toml").write_text(text.replace('metric = "field_accuracy"', 'metric = "loss"    '))
     off = tmp_path / "off"
     shutil.copytree(on, off)

@@ -5,7 +5,6 @@ the hospital already sent (a restored backup) is refused at start and before a D
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +17,13 @@ from fedtune.client import client_app
 from fedtune.client.audit import AuditLog
 from fedtune.client.dp_round import plan_mechanism
 from fedtune.client.hospital import load_hospital_config
-from fedtune.client.hospital_example import EXAMPLE
 from fedtune.client.ledger import PrivacyLedger
 from fedtune.client.ledger_rollback import LedgerRolledBack, check_ledger_current
 from fedtune.client.site import Site, Sites
 from fedtune.config import DPSettings, ExperimentConfig, LoraSettings, ModelSettings, load_config
-from fedtune.data.clinical import generate_site
-from fedtune.data.records import write_records
 from fedtune.errors import UpdateRejected
-from fedtune.security import pki
-from fedtune.security.keys import AllowList, KeyPair, load_private, load_public, save_keys
-from tests.client.hospital_app import hospital_context
+from fedtune.security.keys import AllowList, load_private, load_public
+from tests.client.hospital_app import hospital_context, hospital_folder
 
 pytestmark = pytest.mark.usefixtures("flower_run_id")
 
@@ -39,21 +34,10 @@ TRAIN_RECORDS = 10
 @pytest.fixture()
 def hospital(tmp_path: Path) -> Path:
     """hospital.toml of `st-elsewhere` (tiny model, floor FLOOR), with real keys and records."""
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    ca = pki.create_ca(tmp_path / "coordinator")
-    (keys / "ca.pem").write_bytes(ca.cert.read_bytes())
-    save_keys(KeyPair.generate("coordinator", "coordinator"), tmp_path / "coordinator")
-    shutil.copy(tmp_path / "coordinator" / "coordinator.pub", keys / "coordinator.pub")
-    pki.create_node_key(keys, "st-elsewhere")
-    save_keys(KeyPair.generate("st-elsewhere", "hospital"), keys)
-    records = generate_site(0, TRAIN_RECORDS + 2, seed=0)
-    write_records(tmp_path / "data" / "train.jsonl", records[:TRAIN_RECORDS])
-    write_records(tmp_path / "data" / "eval.jsonl", records[TRAIN_RECORDS:])
-    text = EXAMPLE.replace('path = "models/SmolLM2-135M-Instruct"', 'path = "tiny"')
-    for old, new in (("threads = 0", "threads = 1"), ("min_noise_multiplier = 0.5", f"min_noise_multiplier = {FLOOR}")):
-        assert old in text
-        text = text.replace(old, new)
+    text = hospital_folder(tmp_path, tmp_path / "coordinator", train=TRAIN_RECORDS)
+    old, new = "min_noise_multiplier = 0.5", f"min_noise_multiplier = {FLOOR}"
+    assert old in text
+    text = text.replace(old, new)
     (tmp_path / "hospital.toml").write_text(text)
     return tmp_path / "hospital.toml"
 
