@@ -51,11 +51,6 @@ ACTIVE_PULL = 0.5
 ACTIVE_PUSH = 0.05
 ACTIVE_FOR = 60.0
 OBJECT_RETRY = 0.05
-# Flower's SuperNode tells the coordinator it sends a heartbeat every 30 s, and the coordinator
-# counts it online until 2 intervals after the last one: a hospital that died (SIGKILL, power,
-# a pulled cable) held a round for up to 60 s. 10 s is the shortest interval the SuperLink
-# accepts: it sees a dead hospital within 20 s, for one small request every ~4 s per hospital.
-HEARTBEAT_INTERVAL = 10
 
 
 class Pacer:
@@ -104,16 +99,6 @@ def install(module: ModuleType, pacer: Pacer) -> bool:
         # A message is announced before all its objects have reached the coordinator; Flower
         # then retries each missing object after 1 s, doubling. Retry after 50 ms instead.
         module.pull_objects = functools.partial(objects, initial_backoff=OBJECT_RETRY)  # type: ignore[attr-defined]
-    return True
-
-
-def install_heartbeat(fleet: ModuleType, beat: ModuleType, interval: int = HEARTBEAT_INTERVAL) -> bool:
-    """Announce and send heartbeats every ``interval`` seconds: the interval the SuperNode tells
-    the coordinator (``fleet``: flwr.supernode.fleet_http_connection) and the one its sender waits
-    on (``beat``: flwr.supercore.heartbeat); False, changing nothing, if either lacks the name."""
-    if not all(isinstance(getattr(m, "HEARTBEAT_DEFAULT_INTERVAL", None), int) for m in (fleet, beat)):
-        return False
-    fleet.HEARTBEAT_DEFAULT_INTERVAL = beat.HEARTBEAT_DEFAULT_INTERVAL = interval  # type: ignore[attr-defined]
     return True
 
 
@@ -226,7 +211,6 @@ def leave_with_parent(parent: int) -> None:
 
 
 def main() -> None:
-    import flwr.supercore.heartbeat as beat
     import flwr.supernode.fleet_http_connection as fleet
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli.flower_supernode import flower_supernode
@@ -237,8 +221,6 @@ def main() -> None:
 
     if not install(loop, Pacer()):
         print("WARNING: this Flower's SuperNode loop is not the one fedtune paces; running it unchanged", flush=True)
-    if not install_heartbeat(fleet, beat):
-        print("WARNING: this Flower's heartbeat is not the one fedtune shortens; dead nodes seen in 60 s", flush=True)
     if not install_reporting(fleet):
         print("WARNING: this Flower's Fleet client is not the one fedtune watches; causes go unnamed", flush=True)
     sys.argv[0] = "flower-supernode"

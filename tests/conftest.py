@@ -21,14 +21,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 
-LONGEST_FILES = ("test_secagg.py", "test_deployment_faults.py", "test_walkthrough.py", "test_federation.py")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # the tests that start Flower (the long ones) first, the longest files (docs/testing.md) before
-    # them, so that neither xdist worker is left with a long test at the end while the other
-    # idles; a stable sort keeps each file's order
-    items.sort(key=lambda item: ("flower" not in item.keywords, item.path.name not in LONGEST_FILES))
+    # the tests that start Flower (the long ones) first, so that neither xdist worker is left
+    # with a long test at the end while the other idles; a stable sort keeps each file's order
+    items.sort(key=lambda item: "flower" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -8,13 +8,10 @@ import types
 from pathlib import Path
 
 import flwr
-import flwr.supercore.heartbeat as flower_beat
-import flwr.supernode.fleet_http_connection as flower_fleet
 import flwr.supernode.start_client_internal as flower_loop
-from flwr.common import constant
 
 from fedtune import supernode
-from fedtune.supernode import ACTIVE_FOR, ACTIVE_PULL, ACTIVE_PUSH, Pacer, install, install_heartbeat
+from fedtune.supernode import ACTIVE_FOR, ACTIVE_PULL, ACTIVE_PUSH, Pacer, install
 
 
 def test_the_pinned_flower_loop_is_the_one_paced() -> None:
@@ -25,19 +22,6 @@ def test_the_pinned_flower_loop_is_the_one_paced() -> None:
     assert f"time.sleep({supernode.FLOWER_PUSH_WAIT})" in source
     assert "run_id = _pull_and_store_message(" in source and "obj_contents = pull_objects(" in source
     assert flower_loop.time is time
-
-
-def test_the_heartbeat_is_announced_and_sent_every_10_s() -> None:
-    """Both places Flower reads the interval from; the coordinator accepts 10 s and counts a node
-    online 2 intervals after its last heartbeat, so a dead hospital is seen within 20 s."""
-    assert constant.HEARTBEAT_MIN_INTERVAL <= supernode.HEARTBEAT_INTERVAL and constant.HEARTBEAT_PATIENCE == 2
-    assert "heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL" in inspect.getsource(flower_fleet)
-    assert "next_interval: float = HEARTBEAT_DEFAULT_INTERVAL" in inspect.getsource(flower_beat)
-    fleet, beat = (types.ModuleType(n) for n in ("fleet", "beat"))
-    fleet.HEARTBEAT_DEFAULT_INTERVAL = beat.HEARTBEAT_DEFAULT_INTERVAL = 30  # type: ignore[attr-defined]
-    assert install_heartbeat(fleet, beat)
-    assert fleet.HEARTBEAT_DEFAULT_INTERVAL == beat.HEARTBEAT_DEFAULT_INTERVAL == 10  # type: ignore[attr-defined]
-    assert not install_heartbeat(types.ModuleType("moved"), beat)
 
 
 def test_waits_are_short_only_while_a_run_is_active() -> None:

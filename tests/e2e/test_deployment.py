@@ -314,7 +314,7 @@ def test_a_sigint_of_the_coordinator_mid_run_ends_it_within_10_s_and_fedtune_run
         done = len(round_records_of(folder))
         os.killpg(server.pid, signal.SIGINT)  # Ctrl-C in the coordinator's terminal
         assert server.wait(timeout=10) == 0  # bounded: everything is stopped within 10 s
-        assert run.wait(timeout=10) == 2
+        assert run.wait(timeout=30) == 2  # and `fedtune run` names it (its own exit: loaded CI machines are slow)
     finally:
         stop(run)
     said = (tmp_path / "run.out").read_text().strip().splitlines()[-1]
