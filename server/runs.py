@@ -106,8 +106,7 @@ def launch(home: CoordinatorHome, folder: RunFolder, *, say: Callable[[str], Non
             f"no SuperLink of {home.root} is running; start it with `fedtune server start --home {home.root}`"
         )
     cfg = folder.load_config()
-    _refuse_if_running(home, folder)
-    _stop_dead_launch(home, folder, say)
+    _take_over(home, folder, say)
     if cfg.security.seal:
         install_run_keys(home, folder)
     # replies then name the hospital, not a Flower node id (refreshed like the allow-list)
@@ -222,35 +221,30 @@ def stop_flower_run(home: CoordinatorHome, folder: RunFolder, *, wait: float = 1
     return not process.running(pid, "flwr")
 
 
-def _stop_dead_launch(home: CoordinatorHome, folder: RunFolder, say: Callable[[str], None]) -> None:
-    """The run folder's previous launch died mid-round with the coordinator (SIGKILL, power):
-    its Flower run is still RUNNING in the SuperLink's state, and a hospital that pulled one of
-    its messages waits on objects the dead ServerApp never pushed, about a minute, before the
-    new launch's first round reaches it. ``flwr stop`` it first: the hospitals drop it at once."""
+def _take_over(home: CoordinatorHome, folder: RunFolder, say: Callable[[str], None]) -> None:
+    """Before a launch, settle the run folder's previous one (its ``status.json``).
+
+    Still running: refuse, since a second ServerApp on one run folder would train every round
+    twice. Died mid-round with the coordinator (SIGKILL, power): its Flower run is still
+    RUNNING in the SuperLink's state, and a hospital that pulled one of its messages waits on
+    objects the dead ServerApp never pushed, about a minute, before the new launch's first
+    round reaches it; ``flwr stop`` it first, so the hospitals drop it at once.
+    """
     from fedtune.live import ENDED, read_status
 
     live = read_status(folder.root) or {}
-    run_id = str(live.get("flower-run-id") or "")
-    if not run_id or live.get("phase") in ENDED or process.running(int(live.get("pid", 0)), "flwr"):
+    if not live or live.get("phase") in ENDED:
         return
-    say(f"the previous launch of this run (Flower run {run_id}) died with the coordinator: stopping it first")
-    with contextlib.suppress(FedTuneError, subprocess.TimeoutExpired):
-        flwr_cli(home, "stop", run_id, timeout=30)
-
-
-def _refuse_if_running(home: CoordinatorHome, folder: RunFolder) -> None:
-    """A second ServerApp on one run folder would train every round twice: refuse to start one."""
-    from fedtune.live import ENDED, read_status
-
-    live = read_status(folder.root) or {}
-    pid = int(live.get("pid", 0))
-    if live and live.get("phase") not in ENDED and process.running(pid, "flwr"):
-        run_id = live.get("flower-run-id")
+    pid, run_id = int(live.get("pid", 0)), live.get("flower-run-id")
+    if process.running(pid, "flwr"):
         raise ConfigError(
             f"run {folder.root.name} is still running at the coordinator (Flower run {run_id}, "
             f"round {live.get('round')}, ServerApp pid {pid}); watch it with `fedtune status --home {home.root} "
             f"--watch 5`, or stop it with `FLWR_HOME={home.flwr_home} flwr stop {run_id} {CONNECTION}`"
         )
+    if run_id:
+        say(f"the previous launch of this run (Flower run {run_id}) died with the coordinator: stopping it first")
+        stop_flower_run(home, folder, wait=30.0)
 
 
 def gather_witness(

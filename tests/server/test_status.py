@@ -138,6 +138,22 @@ def test_watch_refreshes_until_ctrl_c(tmp_path: Path, capsys: pytest.CaptureFixt
     assert err.count("\n") == 1 and "`--watch` must be a positive number of seconds, got 0" in err
 
 
+def test_a_launch_refuses_a_live_serverapp_and_stops_a_dead_launchs_flower_run(
+    tmp_path: Path, server_app: subprocess.Popen[bytes]
+) -> None:
+    from fedtune.server.runs import _take_over
+
+    home, folder = _home(tmp_path)
+    LiveStatus(folder.status_path, rounds=3, flower_run_id="4242", pid=server_app.pid).phase(2, "train")
+    said: list[str] = []
+    with pytest.raises(FedTuneError, match=r"still running at the coordinator \(Flower run 4242, round 2"):
+        _take_over(home, folder, said.append)
+    server_app.send_signal(signal.SIGKILL)  # the coordinator died mid-round
+    server_app.wait()
+    _take_over(home, folder, said.append)  # no SuperLink here: the stop is best effort, the launch goes on
+    assert said == ["the previous launch of this run (Flower run 4242) died with the coordinator: stopping it first"]
+
+
 def test_ctrl_c_stops_a_command_even_when_its_parent_left_sigint_ignored(tmp_path: Path) -> None:
     """A script's `cmd &` starts it with SIGINT ignored, and Python keeps it so: fedtune takes it back."""
     home, _ = _home(tmp_path)
